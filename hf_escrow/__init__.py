@@ -1,0 +1,28 @@
+"""hf-escrow: escrow-backed pay-per-use for Hugging Face workloads.
+
+A buyer locks USDC in an escrow before work starts; the seller is paid out of it as the
+work is delivered; whatever is left goes back to the buyer.
+
+Example:
+    >>> import hf_escrow
+    >>> buyer = hf_escrow.connect(agent="buyer-1")
+    >>> buyer.register(); buyer.claim_faucet()
+    >>> e = buyer.create_escrow("seller-1", "1.50", ttl_seconds=600)
+"""
+
+from ._exceptions import (
+    EscrowError, Forbidden, IdempotencyConflict, InsufficientFunds, InvalidAmount, NotFound, RateLimited,
+    StateConflict, TransportError, Unauthorized, ValidationError,
+)
+from ._models import Agent, Escrow, EscrowEvent, Me, Receipt
+from .client import AsyncEscrowClient, EscrowClient, connect, connect_async
+from .pricing import Pricing
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "connect", "connect_async", "EscrowClient", "AsyncEscrowClient",
+    "Agent", "Escrow", "EscrowEvent", "Me", "Receipt", "Pricing",
+    "EscrowError", "ValidationError", "InvalidAmount", "Unauthorized", "Forbidden", "NotFound",
+    "InsufficientFunds", "StateConflict", "IdempotencyConflict", "RateLimited", "TransportError",
+]

@@ -1,0 +1,123 @@
+"""The one error tree of hf-escrow, raised the same by the embedded and the HTTP client.
+
+    EscrowError                      base; `.status_code` is the HTTP status it maps to
+    ├── ValidationError      (422)   a request that can never succeed as written
+    │   └── InvalidAmount    (422)   an amount that is not a positive, finite USDC value
+    ├── Unauthorized         (401)   no key, or a key that matches no agent
+    ├── Forbidden            (403)   a party acting outside its role
+    ├── NotFound             (404)   unknown escrow or agent (or not visible to the caller)
+    ├── InsufficientFunds    (402)   balance or escrow remainder too small; nothing moved
+    ├── StateConflict        (409)   the escrow's state forbids the operation
+    ├── IdempotencyConflict  (409)   a key reused with a different request
+    └── RateLimited          (429)   faucet claimed too often
+    TransportError                   the server could not be reached (HTTP client only)
+
+Every error carries a message a person can act on; errors raised by the HTTP client
+also carry the `response` they were built from.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "EscrowError",
+    "ValidationError",
+    "InvalidAmount",
+    "Unauthorized",
+    "Forbidden",
+    "NotFound",
+    "InsufficientFunds",
+    "StateConflict",
+    "IdempotencyConflict",
+    "RateLimited",
+    "TransportError",
+    "error_for_status",
+]
+
+
+class EscrowError(Exception):
+    """Base of every hf-escrow error."""
+
+    status_code: int = 500
+    code: str = "escrow_error"
+
+    def __init__(self, message: str, *, response: Any = None, details: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        self.response = response
+        self.details = details or {}
+
+    def to_dict(self) -> dict:
+        return {"error": self.code, "message": self.message, **({"details": self.details} if self.details else {})}
+
+
+class ValidationError(EscrowError):
+    status_code = 422
+    code = "validation_error"
+
+
+class InvalidAmount(ValidationError):
+    code = "invalid_amount"
+
+
+class Unauthorized(EscrowError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class Forbidden(EscrowError):
+    status_code = 403
+    code = "forbidden"
+
+
+class NotFound(EscrowError):
+    status_code = 404
+    code = "not_found"
+
+
+class InsufficientFunds(EscrowError):
+    status_code = 402
+    code = "insufficient_funds"
+
+
+class StateConflict(EscrowError):
+    status_code = 409
+    code = "state_conflict"
+
+
+class IdempotencyConflict(EscrowError):
+    status_code = 409
+    code = "idempotency_conflict"
+
+
+class RateLimited(EscrowError):
+    status_code = 429
+    code = "rate_limited"
+
+
+class TransportError(EscrowError):
+    status_code = 503
+    code = "transport_error"
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        ValidationError, InvalidAmount, Unauthorized, Forbidden, NotFound,
+        InsufficientFunds, StateConflict, IdempotencyConflict, RateLimited, TransportError,
+    )
+}
+_BY_STATUS = {401: Unauthorized, 403: Forbidden, 404: NotFound, 402: InsufficientFunds,
+              409: StateConflict, 422: ValidationError, 400: ValidationError, 429: RateLimited}
+
+
+def error_for_status(status_code: int, body: Any, *, response: Any = None) -> EscrowError:
+    """Rebuild the error a server sent: by its `error` code, else by the HTTP status."""
+    code = body.get("error") if isinstance(body, dict) else None
+    message = body.get("message") if isinstance(body, dict) else None
+    if not message:
+        message = f"server answered HTTP {status_code}: {str(body)[:200]}"
+    cls = _BY_CODE.get(code) or _BY_STATUS.get(status_code, EscrowError)
+    details = body.get("details") if isinstance(body, dict) else None
+    return cls(message, response=response, details=details)

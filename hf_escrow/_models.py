@@ -1,0 +1,177 @@
+"""What the clients return: plain, immutable objects with exact Decimal USDC amounts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from decimal import Decimal
+from typing import Any
+
+from .money import to_usdc
+
+
+def _usdc(data: dict, name: str) -> Decimal:
+    return to_usdc(int(data.get(f"{name}_micro", 0)))
+
+
+def _time(ms: int | None) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=timezone.utc)
+
+
+@dataclass(frozen=True)
+class Agent:
+    """A registered agent. `api_key` is only known right after registering."""
+
+    agent_id: str
+    api_key: str | None
+    wallet: str
+    referral_code: str
+    referred_by: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Agent":
+        return cls(data["agent_id"], data.get("api_key"), data["wallet"], data["referral_code"],
+                   data.get("referred_by"))
+
+
+@dataclass(frozen=True)
+class Me:
+    agent_id: str
+    balance: Decimal
+    referral_code: str
+    wallet: str
+    escrows_open: int
+    referred_by: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Me":
+        return cls(data["agent_id"], _usdc(data, "balance"), data["referral_code"], data["wallet"],
+                   int(data["escrows_open"]), data.get("referred_by"))
+
+
+@dataclass(frozen=True)
+class EscrowEvent:
+    kind: str
+    actor: str | None
+    at: datetime
+    data: dict
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EscrowEvent":
+        return cls(data["kind"], data.get("actor"), _time(data["at_ms"]), data.get("data") or {})
+
+
+@dataclass(frozen=True)
+class Escrow:
+    """An escrow as the ledger last saw it. Always ``amount == paid + refunded + remaining``."""
+
+    id: str
+    buyer: str
+    seller: str
+    status: str
+    amount: Decimal
+    remaining: Decimal
+    paid: Decimal          # gross paid to the seller (fees included)
+    fees: Decimal          # platform fee taken from `paid` (referral included)
+    referral: Decimal      # the referrer's share of `fees`
+    refunded: Decimal
+    bonus: Decimal         # the part of `paid` that was bonus
+    expires_at: datetime
+    created_at: datetime
+    closed_at: datetime | None
+    tokens_in: int
+    tokens_out: int
+    model: str | None
+    description: str | None
+    meta: dict | None
+    verifier: str | None
+    referrer: str | None
+    release_condition: dict | None
+    bonus_conditions: dict | None
+    pricing: dict | None
+    result: dict | None
+    events: list[EscrowEvent] = field(default_factory=list)
+
+    def __post_init__(self):
+        assert self.amount == self.paid + self.refunded + self.remaining, self
+
+    @property
+    def is_open(self) -> bool:
+        return self.status in ("active", "awaiting_verification")
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Escrow":
+        return cls(
+            id=data["id"], buyer=data["buyer"], seller=data["seller"], status=data["status"],
+            amount=_usdc(data, "amount"), remaining=_usdc(data, "remaining"), paid=_usdc(data, "paid"),
+            fees=_usdc(data, "fees"), referral=_usdc(data, "referral"), refunded=_usdc(data, "refunded"),
+            bonus=_usdc(data, "bonus"), expires_at=_time(data["expires_at_ms"]),
+            created_at=_time(data["created_at_ms"]), closed_at=_time(data.get("closed_at_ms")),
+            tokens_in=int(data.get("tokens_in", 0)), tokens_out=int(data.get("tokens_out", 0)),
+            model=data.get("model"), description=data.get("description"), meta=data.get("meta"),
+            verifier=data.get("verifier"), referrer=data.get("referrer"),
+            release_condition=data.get("release_condition"), bonus_conditions=data.get("bonus_conditions"),
+            pricing=data.get("pricing"), result=data.get("result"),
+            events=[EscrowEvent.from_dict(e) for e in data.get("events") or []],
+        )
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """What one deduct, release, cancel, submit_result or verify did.
+
+    `gross` left the escrow for the seller: `base` plus `bonus`; the seller got `net`,
+    `fee` went to the platform, of which `referral` went on to the referrer. `refunded`
+    went back to the buyer. `rounded_from` is the amount as sent when it had more than
+    six decimals and was rounded (half-even) to the micro-USDC.
+    """
+
+    kind: str
+    escrow_id: str
+    status: str
+    remaining: Decimal
+    gross: Decimal
+    base: Decimal
+    bonus: Decimal
+    net: Decimal
+    fee: Decimal
+    referral: Decimal
+    refunded: Decimal
+    escrow: Escrow
+    bonus_parts: dict[str, Decimal] = field(default_factory=dict)
+    rounded_from: str | None = None
+    passed: bool | None = None
+    score: float | None = None
+
+    def __post_init__(self):
+        assert self.gross == self.net + self.fee and self.gross == self.base + self.bonus, self
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Receipt":
+        gross = _usdc(data, "gross")
+        return cls(
+            kind=data["kind"], escrow_id=data["escrow_id"], status=data["status"],
+            remaining=_usdc(data, "remaining"), gross=gross,
+            base=to_usdc(int(data.get("base_micro", data.get("gross_micro", 0)) or 0)),
+            bonus=_usdc(data, "bonus"), net=_usdc(data, "net"), fee=_usdc(data, "fee"),
+            referral=_usdc(data, "referral"), refunded=_usdc(data, "refunded"),
+            escrow=Escrow.from_dict(data["escrow"]),
+            bonus_parts={k.removesuffix("_micro"): to_usdc(int(v)) for k, v in (data.get("bonus_parts") or {}).items()},
+            rounded_from=data.get("rounded_from"), passed=data.get("passed"), score=data.get("score"),
+        )
+
+
+def as_dict(value: Any) -> Any:
+    """A JSON-able view of a model (Decimals as strings, times as ISO 8601) for --json output."""
+    from dataclasses import asdict, is_dataclass
+    if is_dataclass(value):
+        return as_dict(asdict(value))
+    if isinstance(value, dict):
+        return {k: as_dict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [as_dict(v) for v in value]
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value

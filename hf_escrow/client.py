@@ -1,0 +1,291 @@
+"""`connect()` and `connect_async()`: one escrow interface, embedded or over HTTP.
+
+One base class holds every method once; the sync `EscrowClient` and the async
+`AsyncEscrowClient` differ only in `_request`, which either returns the parsed result or
+a coroutine of it. A transport turns ``(operation, params)`` into the ledger's dict: the
+embedded one calls the ledger in-process, the HTTP one (`hf_escrow.http_client`) calls
+a server. Both clients therefore return the same objects and raise the same errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Callable
+
+from ._exceptions import Unauthorized
+from ._models import Agent, Escrow, Me, Receipt
+from .ledger import Ledger
+from .money import to_usdc
+
+Amount = str | int | Decimal | float
+
+MUTATIONS = ("claim_faucet", "create_escrow", "deduct", "release", "cancel", "submit_result", "verify")
+
+
+class _BaseClient:
+    """Every escrow operation, written once for both clients."""
+
+    agent: str | None
+
+    def _request(self, op: str, params: dict, parse: Callable[[Any], Any]) -> Any:
+        raise NotImplementedError
+
+    def register(self, agent_id: str | None = None, referral_code: str | None = None) -> Agent:
+        """Register an agent; its API key is in the result, shown only this once.
+
+        Example:
+            >>> esc = hf_escrow.connect(agent="buyer-1")
+            >>> esc.register().agent_id
+            'buyer-1'
+        """
+        agent_id = agent_id or self.agent
+        return self._request("register", {"agent_id": agent_id, "referral_code": referral_code}, self._adopt)
+
+    def claim_faucet(self, idempotency_key: str | None = None) -> Decimal:
+        """Claim free test USDC; returns the amount credited."""
+        return self._request("claim_faucet", {"idempotency_key": idempotency_key},
+                             lambda d: to_usdc(d["amount_micro"]))
+
+    def me(self) -> Me:
+        """This agent's balance, referral code and number of open escrows."""
+        return self._request("me", {}, Me.from_dict)
+
+    def create_escrow(self, seller: str, amount: Amount, ttl_seconds: float = 3600, description: str | None = None,
+                      meta: dict | None = None, release_condition: dict | None = None,
+                      bonus_conditions: dict | None = None, referral_code: str | None = None,
+                      idempotency_key: str | None = None, *, pricing: Any = None) -> Escrow:
+        """As the buyer: lock `amount` USDC for `seller` until released, cancelled or expired.
+
+        Example:
+            >>> e = esc.create_escrow("seller-1", "1.50", ttl_seconds=600, meta={"model": "gemma-3-270m"})
+            >>> e.status, e.remaining
+            ('active', Decimal('1.500000'))
+        """
+        return self._request("create_escrow", dict(
+            seller=seller, amount=amount, ttl_seconds=ttl_seconds, description=description, meta=meta,
+            release_condition=release_condition, bonus_conditions=bonus_conditions, referral_code=referral_code,
+            pricing=_pricing_dict(pricing), idempotency_key=idempotency_key), Escrow.from_dict)
+
+    def deduct(self, escrow_id: str, amount: Amount, reason: str | None = None, idempotency_key: str | None = None,
+               *, usage: dict | None = None) -> Receipt:
+        """As the seller: take `amount` out of the remainder for work delivered (fee applies)."""
+        return self._request("deduct", dict(escrow_id=escrow_id, amount=amount, reason=reason, usage=usage,
+                                            idempotency_key=idempotency_key), Receipt.from_dict)
+
+    def release(self, escrow_id: str, amount: Amount | None = None, refund_remainder: bool = True,
+                usage: dict | None = None, meta: dict | None = None, idempotency_key: str | None = None, *,
+                price_per_token: Amount | None = None, quality_score: float | None = None,
+                throughput_tps: float | None = None) -> Receipt:
+        """As the buyer: pay the seller `amount`, or `usage` x price, plus earned bonuses.
+
+        With `refund_remainder` (the default) the rest goes back to the buyer and the
+        escrow closes. Without amount and usage, the whole remainder is paid.
+
+        Example:
+            >>> r = esc.release(e.id, usage={"prompt_tokens": 12, "completion_tokens": 30})
+            >>> r.gross == r.net + r.fee
+            True
+        """
+        return self._request("release", dict(
+            escrow_id=escrow_id, amount=amount, refund_remainder=refund_remainder, usage=usage, meta=meta,
+            price_per_token=price_per_token, quality_score=quality_score, throughput_tps=throughput_tps,
+            idempotency_key=idempotency_key), Receipt.from_dict)
+
+    def cancel(self, escrow_id: str, reason: str | None = None, idempotency_key: str | None = None) -> Receipt:
+        """As buyer or seller: refund the whole remainder to the buyer and close the escrow."""
+        return self._request("cancel", dict(escrow_id=escrow_id, reason=reason, idempotency_key=idempotency_key),
+                             Receipt.from_dict)
+
+    def submit_result(self, escrow_id: str, metric: str, score: float, artifact: dict | None = None,
+                      idempotency_key: str | None = None) -> Receipt:
+        """As the seller of a benchmark escrow: report the score (and the artifact's repo/sha256)."""
+        return self._request("submit_result", dict(escrow_id=escrow_id, metric=metric, score=score,
+                                                   artifact=artifact, idempotency_key=idempotency_key),
+                             Receipt.from_dict)
+
+    def verify(self, escrow_id: str, score: float, idempotency_key: str | None = None) -> Receipt:
+        """As the named verifier: your own score; pass releases, fail reopens until the TTL."""
+        return self._request("verify", dict(escrow_id=escrow_id, score=score, idempotency_key=idempotency_key),
+                             Receipt.from_dict)
+
+    def get(self, escrow_id: str) -> Escrow:
+        """One of your escrows, with its events."""
+        return self._request("get", {"escrow_id": escrow_id}, Escrow.from_dict)
+
+    def history(self, status: str | None = None, limit: int = 100, *, model: str | None = None,
+                role: str | None = None) -> list[Escrow]:
+        """Your escrows, newest first."""
+        return self._request("history", dict(status=status, limit=limit, model=model, role=role),
+                             lambda rows: [Escrow.from_dict(r) for r in rows])
+
+    def analytics(self) -> dict:
+        """Spend and earnings per model (USDC), tokens in/out, escrow counts, referral earned."""
+        return self._request("analytics", {}, _analytics)
+
+    def _adopt(self, data: dict) -> Agent:
+        agent = Agent.from_dict(data)
+        if self.agent is None:
+            self.agent = agent.agent_id
+        self._transport.adopt(agent)
+        return agent
+
+
+def _pricing_dict(pricing: Any) -> dict | None:
+    from .pricing import Pricing
+    sheet = Pricing.coerce(pricing)
+    return sheet.to_dict() if sheet else None
+
+
+def _analytics(data: dict) -> dict:
+    def convert(rows: list[dict]) -> list[dict]:
+        return [{k.removesuffix("_micro"): to_usdc(v) if k.endswith("_micro") else v for k, v in row.items()}
+                for row in rows]
+    return {"agent_id": data["agent_id"], "spend": convert(data["spend"]), "earnings": convert(data["earnings"]),
+            "referral_earned": to_usdc(data["referral_earned_micro"])}
+
+
+class EscrowClient(_BaseClient):
+    """The synchronous client. Get one from `hf_escrow.connect()`."""
+
+    def __init__(self, transport: Any, agent: str | None = None):
+        self._transport = transport
+        self.agent = agent
+
+    def _request(self, op: str, params: dict, parse: Callable[[Any], Any]) -> Any:
+        return parse(self._transport.handle(self, op, params))
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> "EscrowClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+class AsyncEscrowClient(_BaseClient):
+    """The asynchronous twin of `EscrowClient`: the same methods, awaited."""
+
+    def __init__(self, transport: Any, agent: str | None = None):
+        self._transport = transport
+        self.agent = agent
+
+    async def _request(self, op: str, params: dict, parse: Callable[[Any], Any]) -> Any:
+        return parse(await self._transport.handle(self, op, params))
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+    async def __aenter__(self) -> "AsyncEscrowClient":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.aclose()
+
+
+class EmbeddedTransport:
+    """Calls the ledger in this process; the client's `agent` is the acting identity."""
+
+    def __init__(self, ledger: Ledger):
+        self.ledger = ledger
+
+    def handle(self, client: _BaseClient, op: str, params: dict) -> Any:
+        if op == "register":
+            if not params["agent_id"]:
+                raise Unauthorized("name the agent: connect(agent=...) or register(agent_id)")
+            return self.ledger.register(params["agent_id"], params["referral_code"])
+        if client.agent is None:
+            raise Unauthorized("this client acts for no agent: connect(agent=\"name\") or register one first")
+        if op == "me":
+            return self.ledger.me(client.agent)
+        if op == "analytics":
+            return self.ledger.analytics(client.agent)
+        if op == "get":
+            return self.ledger.get(client.agent, params["escrow_id"])
+        if op == "history":
+            return self.ledger.history(client.agent, **params)
+        if op == "create_escrow":
+            params = dict(params)
+            return self.ledger.create_escrow(client.agent, params.pop("seller"), params.pop("amount"), **params)
+        if op == "claim_faucet":
+            return self.ledger.claim_faucet(client.agent, **params)
+        escrow_id = params["escrow_id"]
+        rest = {k: v for k, v in params.items() if k != "escrow_id"}
+        method = {"deduct": self.ledger.deduct, "release": self.ledger.release, "cancel": self.ledger.cancel,
+                  "submit_result": self.ledger.submit_result, "verify": self.ledger.verify}[op]
+        return method(client.agent, escrow_id, **rest)
+
+    def adopt(self, agent: Agent) -> None:
+        """Embedded, identity is the client's `agent`; there is no key to take up."""
+
+    def close(self) -> None:
+        """The ledger is shared by every embedded client on the same database; it stays open."""
+
+
+class AsyncEmbeddedTransport:
+    """The embedded transport for the async client: ledger calls run in a worker thread."""
+
+    def __init__(self, ledger: Ledger):
+        self._sync = EmbeddedTransport(ledger)
+
+    async def handle(self, client: _BaseClient, op: str, params: dict) -> Any:
+        return await asyncio.to_thread(self._sync.handle, client, op, params)
+
+    def adopt(self, agent: Agent) -> None:
+        self._sync.adopt(agent)
+
+    async def aclose(self) -> None:
+        self._sync.close()
+
+
+_LEDGERS: dict[str, Ledger] = {}
+_LEDGERS_LOCK = threading.Lock()
+
+
+def embedded_ledger(database_url: str | None = None, home: str | Path | None = None) -> Ledger:
+    """The process-wide ledger for a database (opened and migrated once)."""
+    from .ledger.storage import default_database_url
+    url = database_url or default_database_url(Path(home) if home else None)
+    with _LEDGERS_LOCK:
+        if url not in _LEDGERS:
+            _LEDGERS[url] = Ledger(url)
+        return _LEDGERS[url]
+
+
+def connect(url: str | None = None, *, agent: str | None = None, api_key: str | None = None,
+            home: str | Path | None = None, database_url: str | None = None, timeout: float = 30.0,
+            max_retries: int = 3) -> EscrowClient:
+    """An escrow client: over HTTP when given a server URL, else on the embedded ledger.
+
+    Embedded, the ledger is the SQLite file in `$HF_ESCROW_HOME` (or `database_url`, or
+    `$HF_ESCROW_DATABASE_URL`), and `agent` names who acts. Over HTTP the API key decides.
+
+    Example:
+        >>> esc = hf_escrow.connect(agent="buyer-1")                              # embedded
+        >>> esc = hf_escrow.connect("http://127.0.0.1:8787", api_key="hfe_...")   # a server
+    """
+    url = url or (None if agent or database_url or home else os.environ.get("HF_ESCROW_URL"))
+    if url:
+        from .http_client import HTTPTransport
+        return EscrowClient(HTTPTransport(url, api_key=api_key or os.environ.get("HF_ESCROW_API_KEY"),
+                                          timeout=timeout, max_retries=max_retries))
+    return EscrowClient(EmbeddedTransport(embedded_ledger(database_url, home)),
+                        agent=agent or os.environ.get("HF_ESCROW_AGENT"))
+
+
+def connect_async(url: str | None = None, *, agent: str | None = None, api_key: str | None = None,
+                  home: str | Path | None = None, database_url: str | None = None, timeout: float = 30.0,
+                  max_retries: int = 3) -> AsyncEscrowClient:
+    """The async twin of `connect`: the same arguments, a client whose methods are awaited."""
+    url = url or (None if agent or database_url or home else os.environ.get("HF_ESCROW_URL"))
+    if url:
+        from .http_client import AsyncHTTPTransport
+        return AsyncEscrowClient(AsyncHTTPTransport(url, api_key=api_key or os.environ.get("HF_ESCROW_API_KEY"),
+                                                    timeout=timeout, max_retries=max_retries))
+    return AsyncEscrowClient(AsyncEmbeddedTransport(embedded_ledger(database_url, home)),
+                             agent=agent or os.environ.get("HF_ESCROW_AGENT"))

@@ -1,0 +1,677 @@
+"""The escrow engine: every lifecycle operation as one atomic, idempotent transaction.
+
+Each mutation runs in `_mutate`: one database transaction that (1) returns the stored
+result if the idempotency key was seen with the same request, (2) locks the escrow row,
+(3) checks role and state, (4) posts one balanced journal transaction, (5) stores the
+result under the key. Any error rolls all of it back: nothing moved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import secrets
+import threading
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Callable
+
+from sqlalchemy import Connection, exc, func, insert, select, update
+
+from .._exceptions import (
+    Forbidden, InsufficientFunds, NotFound, RateLimited, StateConflict, Unauthorized,
+    ValidationError,
+)
+from ..money import format_usdc, parse_usdc, split_payout, to_decimal, was_rounded
+from ..pricing import Pricing
+from . import idempotency, journal, rules
+from .config import LedgerConfig
+from .journal import Leg, agent_account, escrow_account
+from .records import OPEN_STATUSES, escrow_dict, event_dict, receipt_dict
+from .schema import agents, escrow_events, escrows, transactions
+from .storage import default_database_url, open_engine
+
+AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+MAX_ATTEMPTS = 8
+MAX_HISTORY = 1_000
+MAX_EVENTS = 500
+SWEEP_BATCH = 500
+_PG_RETRYABLE = ("40001", "40P01")  # serialization failure, deadlock detected
+
+
+class _Expired(Exception):
+    """Raised inside a transaction that found its escrow past its TTL."""
+
+    def __init__(self, escrow_id: str):
+        self.escrow_id = escrow_id
+
+
+class Ledger:
+    """The ledger on one database: SQLite file (embedded default) or PostgreSQL.
+
+    Example:
+        >>> ledger = Ledger("sqlite:///:memory:")  # doctest: +SKIP
+        >>> ledger.register("buyer")["api_key"].startswith("hfe_")  # doctest: +SKIP
+        True
+    """
+
+    def __init__(self, url: str | None = None, *, home: Path | None = None, config: LedgerConfig | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.url = url or default_database_url(home)
+        self.engine = open_engine(self.url)
+        self.config = config or LedgerConfig.from_env()
+        self.clock = clock
+        self._run(lambda conn, now: journal.ensure_system_accounts(conn))
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # ---- transactions -------------------------------------------------------------
+
+    def _run(self, fn: Callable[[Connection, int], Any]) -> Any:
+        """Run `fn` in one write transaction, retrying lock conflicts a bounded number of times."""
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                with self.engine.begin() as conn:
+                    return fn(conn, self.now_ms())
+            except exc.IntegrityError:
+                # A concurrent twin committed first (same idempotency key, same agent id):
+                # the retry sees its row and answers from it.
+                if attempt == MAX_ATTEMPTS - 1:
+                    raise
+            except exc.OperationalError as error:
+                if not _retryable(error) or attempt == MAX_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.005 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _read(self, fn: Callable[[Connection, int], Any]) -> Any:
+        with self.engine.connect().execution_options(readonly=True) as conn, conn.begin():
+            return fn(conn, self.now_ms())
+
+    def _mutate(self, agent_id: str, op: str, request: dict, key: str | None,
+                fn: Callable[[Connection, int], dict]) -> dict:
+        key = idempotency.check_key(key)
+        digest = idempotency.request_hash(op, request)
+
+        def transaction(conn: Connection, now_ms: int) -> dict:
+            if key is not None:
+                stored = idempotency.lookup(conn, agent_id, key, digest)
+                if stored is not None:
+                    return stored
+            result = fn(conn, now_ms)
+            if key is not None:
+                idempotency.store(conn, agent_id, key, digest, result, now_ms)
+            return result
+
+        try:
+            return self._run(transaction)
+        except _Expired as expired:
+            self.expire(expired.escrow_id)
+            raise StateConflict(f"escrow {expired.escrow_id} has expired; its remainder was refunded to the buyer")
+
+    # ---- agents -------------------------------------------------------------------
+
+    def register(self, agent_id: str, referral_code: str | None = None) -> dict:
+        """Create an agent with its account; returns its API key, shown only this once."""
+        if not isinstance(agent_id, str) or not AGENT_ID.match(agent_id):
+            raise ValidationError("agent_id must be 1-64 characters of letters, digits, '_', '-' or '.', "
+                                  f"starting with a letter or digit; got {agent_id!r}")
+        api_key = "hfe_" + secrets.token_urlsafe(32)
+
+        def fn(conn: Connection, now_ms: int) -> dict:
+            if conn.scalar(select(agents.c.agent_id).where(agents.c.agent_id == agent_id)):
+                raise StateConflict(f"agent {agent_id!r} is already registered; pick another agent_id")
+            referrer = self._agent_by_code(conn, referral_code) if referral_code else None
+            row = {"agent_id": agent_id, "api_key_hash": hash_key(api_key),
+                   "wallet": "0x" + hashlib.sha256(f"{agent_id}:{secrets.token_hex(16)}".encode()).hexdigest()[:40],
+                   "referral_code": "ref_" + secrets.token_hex(6), "referred_by": referrer,
+                   "created_at_ms": now_ms}
+            conn.execute(insert(agents).values(**row))
+            journal.open_account(conn, agent_account(agent_id), "agent")
+            return {"agent_id": agent_id, "api_key": api_key, "wallet": row["wallet"],
+                    "referral_code": row["referral_code"], "referred_by": referrer}
+
+        return self._run(fn)
+
+    def authenticate(self, api_key: str | None) -> str:
+        """The agent id that owns `api_key`."""
+        if not api_key:
+            raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' (register to get one)")
+        agent_id = self._read(lambda conn, now: conn.scalar(
+            select(agents.c.agent_id).where(agents.c.api_key_hash == hash_key(api_key))))
+        if agent_id is None:
+            raise Unauthorized("unknown API key; check HF_ESCROW_API_KEY or register a new agent")
+        return agent_id
+
+    def resolve_agent(self, name: str) -> str:
+        """An agent id from an agent id or a wallet address (the vLLM guide's recipient_wallet)."""
+        return self._read(lambda conn, now: self._resolve(conn, name, "agent"))
+
+    def me(self, agent_id: str) -> dict:
+        def fn(conn: Connection, now_ms: int) -> dict:
+            agent = self._agent(conn, agent_id)
+            open_count = conn.scalar(select(func.count()).select_from(escrows).where(
+                (escrows.c.buyer == agent_id) | (escrows.c.seller == agent_id), escrows.c.status.in_(OPEN_STATUSES)))
+            return {"agent_id": agent_id, "wallet": agent.wallet, "referral_code": agent.referral_code,
+                    "referred_by": agent.referred_by,
+                    "balance_micro": journal.balance_micro(conn, agent_account(agent_id)),
+                    "escrows_open": int(open_count)}
+        return self._read(fn)
+
+    def claim_faucet(self, agent_id: str, idempotency_key: str | None = None) -> dict:
+        """Credit free test USDC from the mint, at most once per faucet interval."""
+        if not self.config.faucet_enabled:
+            raise Forbidden("the faucet is switched off on this ledger; fund the agent with a deposit")
+
+        def fn(conn: Connection, now_ms: int) -> dict:
+            self._agent(conn, agent_id)
+            since = now_ms - self.config.faucet_interval_s * 1000
+            last = conn.scalar(select(func.max(transactions.c.at_ms)).where(
+                transactions.c.agent_id == agent_id, transactions.c.kind == "faucet", transactions.c.at_ms > since))
+            if last is not None:
+                wait_s = (last + self.config.faucet_interval_s * 1000 - now_ms) // 1000 + 1
+                raise RateLimited(f"agent {agent_id!r} already claimed the faucet; try again in {wait_s} s",
+                                  details={"retry_after_s": wait_s})
+            return self._credit(conn, agent_id, self.config.faucet_amount_micro, "faucet", now_ms)
+
+        return self._mutate(agent_id, "claim_faucet", {}, idempotency_key, fn)
+
+    def deposit(self, agent_id: str, amount: Any, idempotency_key: str | None = None) -> dict:
+        """Credit an agent from the mint (an operator's top-up; not exposed to agents)."""
+        amount_micro = parse_usdc(amount)
+        return self._mutate(agent_id, "deposit", {"amount_micro": amount_micro}, idempotency_key,
+                            lambda conn, now_ms: self._credit(conn, agent_id, amount_micro, "deposit", now_ms))
+
+    def _credit(self, conn: Connection, agent_id: str, amount_micro: int, kind: str, now_ms: int) -> dict:
+        self._agent(conn, agent_id)
+        journal.post(conn, kind, [Leg(journal.MINT, "mint", -amount_micro),
+                                  Leg(agent_account(agent_id), kind, amount_micro)],
+                     at_ms=now_ms, agent_id=agent_id)
+        return {"agent_id": agent_id, "amount_micro": amount_micro,
+                "balance_micro": journal.balance_micro(conn, agent_account(agent_id))}
+
+    # ---- escrow lifecycle ---------------------------------------------------------
+
+    def create_escrow(self, buyer: str, seller: str, amount: Any, *, ttl_seconds: Any = 3600,
+                      description: str | None = None, meta: dict | None = None,
+                      release_condition: dict | None = None, bonus_conditions: dict | None = None,
+                      referral_code: str | None = None, pricing: Any = None,
+                      idempotency_key: str | None = None) -> dict:
+        """Lock `amount` from the buyer's balance in a new escrow for `seller`."""
+        amount_micro = parse_usdc(amount)
+        ttl_ms = rules.check_ttl(ttl_seconds)
+        condition = rules.check_release_condition(release_condition)
+        bonus = rules.check_bonus_conditions(bonus_conditions)
+        price_sheet = Pricing.coerce(pricing)
+        request = {"seller": seller, "amount_micro": amount_micro, "ttl_ms": ttl_ms,
+                   "description": rules.check_text(description, "description"), "meta": _check_meta(meta),
+                   "release_condition": condition, "bonus_conditions": bonus, "referral_code": referral_code,
+                   "pricing": price_sheet.to_dict() if price_sheet else None}
+
+        def fn(conn: Connection, now_ms: int) -> dict:
+            self._agent(conn, buyer)
+            seller_id = self._resolve(conn, seller, "seller")
+            if seller_id == buyer:
+                raise ValidationError("the seller must be another agent than the buyer")
+            verifier = self._verifier(conn, condition, buyer, seller_id)
+            referrer = self._referrer(conn, referral_code, buyer, seller_id)
+            escrow_id = "esc_" + secrets.token_hex(12)
+            model = (request["meta"] or {}).get("model")
+            conn.execute(insert(escrows).values(
+                escrow_id=escrow_id, buyer=buyer, seller=seller_id, verifier=verifier, referrer=referrer,
+                status="active", amount_micro=amount_micro, paid_micro=0, bonus_micro=0, fees_micro=0,
+                referral_micro=0, refunded_micro=0, tokens_in=0, tokens_out=0,
+                model=model if isinstance(model, str) else None, description=request["description"],
+                meta=request["meta"], release_condition=condition, bonus_conditions=bonus,
+                pricing=request["pricing"], created_at_ms=now_ms, expires_at_ms=now_ms + ttl_ms))
+            journal.open_account(conn, escrow_account(escrow_id), "escrow")
+            try:
+                journal.post(conn, "lock", [Leg(agent_account(buyer), "lock", -amount_micro),
+                                            Leg(escrow_account(escrow_id), "lock", amount_micro)],
+                             at_ms=now_ms, escrow_id=escrow_id, agent_id=buyer)
+            except InsufficientFunds:
+                have = journal.balance_micro(conn, agent_account(buyer))
+                raise InsufficientFunds(
+                    f"balance {format_usdc(have)} USDC cannot lock {format_usdc(amount_micro)} USDC; "
+                    "claim the faucet or deposit first", details={"balance_micro": have}) from None
+            self._event(conn, escrow_id, "created", buyer, now_ms, amount_micro=amount_micro,
+                        rounded_from=_rounded(amount))
+            return self._escrow(conn, escrow_id)
+
+        return self._mutate(buyer, "create_escrow", request, idempotency_key, fn)
+
+    def deduct(self, agent_id: str, escrow_id: str, amount: Any, *, reason: str | None = None,
+               usage: dict | None = None, idempotency_key: str | None = None) -> dict:
+        """The seller takes `amount` out of the remainder for work delivered; fee applies."""
+        amount_micro = parse_usdc(amount)
+        tokens_in, tokens_out = _usage_tokens(usage)
+        request = {"escrow_id": escrow_id, "amount_micro": amount_micro,
+                   "reason": rules.check_text(reason, "reason"), "usage": [tokens_in, tokens_out]}
+
+        def fn(conn: Connection, now_ms: int) -> dict:
+            row = self._locked(conn, escrow_id, agent_id, now_ms, role="seller", states=("active",))
+            remaining = journal.balance_micro(conn, escrow_account(escrow_id))
+            if amount_micro > remaining:
+                raise InsufficientFunds(
+                    f"escrow {escrow_id} has {format_usdc(remaining)} USDC left, cannot deduct "
+                    f"{format_usdc(amount_micro)}; the buyer must fund a new escrow",
+                    details={"remaining_micro": remaining})
+            split = self._payout(conn, row, amount_micro, 0, "deduct", now_ms)
+            self._add_tokens(conn, escrow_id, tokens_in, tokens_out)
+            self._event(conn, escrow_id, "deducted", agent_id, now_ms, reason=request["reason"],
+                        rounded_from=_rounded(amount), tokens_in=tokens_in, tokens_out=tokens_out, **_split_data(split))
+            return receipt_dict("deduct", self._escrow(conn, escrow_id), base_micro=amount_micro, bonus_micro=0,
+                                refunded_micro=0, rounded_from=_rounded(amount), **_split_data(split))
+
+        return self._mutate(agent_id, "deduct", request, idempotency_key, fn)
+
+    def release(self, agent_id: str, escrow_id: str, amount: Any = None, *, refund_remainder: bool = True,
+                usage: dict | None = None, price_per_token: Any = None, quality_score: Any = None,
+                throughput_tps: Any = None, meta: dict | None = None,
+                idempotency_key: str | None = None) -> dict:
+        """The buyer pays the seller (an amount, or usage x price, plus earned bonuses).
+
+        Without `amount` or `usage`, the whole remainder is paid. A usage-priced amount is
+        capped at the remainder; an explicit amount above it is refused.
+        """
+        if not isinstance(refund_remainder, bool):
+            raise ValidationError("refund_remainder must be true or false")
+        amount_micro = None if amount is None else parse_usdc(amount, allow_zero=True)
+        tokens_in, tokens_out = _usage_tokens(usage)
+        price = None if price_per_token is None else to_decimal(price_per_token, what="price_per_token")
+        quality = None if quality_score is None else rules.check_score(quality_score, "quality_score")
+        tps = None if throughput_tps is None else rules.check_score(throughput_tps, "throughput_tps")
+        request = {"escrow_id": escrow_id, "amount_micro": amount_micro, "refund_remainder": refund_remainder,
+                   "usage": None if usage is None else [tokens_in, tokens_out],
+                   "price_per_token": None if price is None else str(price), "quality_score": quality,
+                   "throughput_tps": tps, "meta": _check_meta(meta)}
+
+        def fn(conn: Connection, now_ms: int) -> dict:
+            row = self._locked(conn, escrow_id, agent_id, now_ms, role="buyer", states=OPEN_STATUSES)
+            remaining = journal.balance_micro(conn, escrow_account(escrow_id))
+            base = self._release_base(row, remaining, amount_micro, usage, tokens_in, tokens_out, price)
+            bonus = rules.capped(rules.earned_bonus(
+                base, row.bonus_conditions, throughput_tps=tps, quality_score=quality,
+                streak=self._streak(conn, row.seller, now_ms),
+                quality_pct=self.config.quality_bonus_pct, streak_pct=self.config.streak_bonus_pct),
+                remaining - base)
+            split = self._payout(conn, row, base + bonus.total_micro, bonus.total_micro, "release", now_ms)
+            self._add_tokens(conn, escrow_id, tokens_in, tokens_out)
+            refunded = self._close(conn, row, "released", now_ms) if refund_remainder else 0
+            amounts = dict(base_micro=base, bonus_micro=bonus.total_micro,
+                           bonus_parts={"throughput_micro": bonus.throughput_micro,
+                                        "quality_micro": bonus.quality_micro, "streak_micro": bonus.streak_micro},
+                           refunded_micro=refunded, rounded_from=_rounded(amount), **_split_data(split))
+            self._event(conn, escrow_id, "released", agent_id, now_ms, meta=request["meta"],
+                        tokens_in=tokens_in, tokens_out=tokens_out, **amounts)
+            return receipt_dict("release", self._escrow(conn, escrow_id), **amounts)
+
+        return self._mutate(agent_id, "release", request, idempotency_key, fn)
+
+    def cancel(self, agent_id: str, escrow_id: str, *, reason: str | None = None,
+               idempotency_key: str | None = None) -> dict:
+        """Buyer or seller: refund the whole remainder to the buyer and close the escrow."""
+        request = {"escrow_id": escrow_id, "reason": rules.check_text(reason, "reason")}
+
+        def fn(conn: Connection, now_ms: int) -> dict:
+            row = self._locked(conn, escrow_id, agent_id, now_ms, role="party", states=OPEN_STATUSES)
+            refunded = self._close(conn, row, "cancelled", now_ms)
+            self._event(conn, escrow_id, "cancelled", agent_id, now_ms, reason=request["reason"],
+                        refunded_micro=refunded)
+            return receipt_dict("cancel", self._escrow(conn, escrow_id), refunded_micro=refunded,
+                                **_split_data(None))
+
+        return self._mutate(agent_id, "cancel", request, idempotency_key, fn)
+
+    def submit_result(self, agent_id: str, escrow_id: str, *, metric: str, score: Any,
+                      artifact: dict | None = None, idempotency_key: str | None = None) -> dict:
+        """The seller reports a benchmark score; with verifier "self" it settles at once."""
+        value = rules.check_score(score, "score")
+        request = {"escrow_id": escrow_id, "metric": metric, "score": value, "artifact": _check_meta(artifact)}
+
+        def fn(conn: Connection, now_ms: int) -> dict:
+            row = self._locked(conn, escrow_id, agent_id, now_ms, role="seller", states=("active",))
+            condition = row.release_condition
+            if condition is None:
+                raise StateConflict(f"escrow {escrow_id} has no benchmark release_condition; the buyer releases it")
+            if metric != condition["metric"]:
+                raise ValidationError(f"this escrow is gated on {condition['metric']!r}, not {metric!r}")
+            result = {"metric": metric, "score": value, "artifact": request["artifact"], "submitted_at_ms": now_ms}
+            conn.execute(update(escrows).where(escrows.c.escrow_id == escrow_id).values(result=result))
+            self._event(conn, escrow_id, "result_submitted", agent_id, now_ms, metric=metric, score=value,
+                        artifact=request["artifact"])
+            if row.verifier is not None:
+                conn.execute(update(escrows).where(escrows.c.escrow_id == escrow_id)
+                             .values(status="awaiting_verification"))
+                return receipt_dict("submit_result", self._escrow(conn, escrow_id), **_split_data(None))
+            return self._judge(conn, row, value, agent_id, now_ms, "submit_result")
+
+        return self._mutate(agent_id, "submit_result", request, idempotency_key, fn)
+
+    def verify(self, agent_id: str, escrow_id: str, *, score: Any, idempotency_key: str | None = None) -> dict:
+        """The named verifier's own score: pass releases to the seller, fail reopens until TTL."""
+        value = rules.check_score(score, "score")
+        request = {"escrow_id": escrow_id, "score": value}
+
+        def fn(conn: Connection, now_ms: int) -> dict:
+            row = self._locked(conn, escrow_id, agent_id, now_ms, role="verifier", states=("awaiting_verification",))
+            return self._judge(conn, row, value, agent_id, now_ms, "verify")
+
+        return self._mutate(agent_id, "verify", request, idempotency_key, fn)
+
+    def expire(self, escrow_id: str) -> bool:
+        """Refund an escrow past its TTL; True if this call did it (exactly one caller does)."""
+        def fn(conn: Connection, now_ms: int) -> bool:
+            row = conn.execute(select(escrows).where(escrows.c.escrow_id == escrow_id).with_for_update()).first()
+            if row is None or row.status not in OPEN_STATUSES or row.expires_at_ms > now_ms:
+                return False
+            refunded = self._close(conn, row, "expired", now_ms)
+            self._event(conn, escrow_id, "expired", None, now_ms, refunded_micro=refunded)
+            return True
+        return self._run(fn)
+
+    def expire_due(self, limit: int = SWEEP_BATCH) -> int:
+        """The sweeper's step: expire up to `limit` escrows past their TTL; returns how many."""
+        due = self._read(lambda conn, now_ms: list(conn.scalars(
+            select(escrows.c.escrow_id).where(escrows.c.status.in_(OPEN_STATUSES), escrows.c.expires_at_ms <= now_ms)
+            .order_by(escrows.c.expires_at_ms).limit(limit))))
+        expired = sum(1 for escrow_id in due if self.expire(escrow_id))
+        self._run(lambda conn, now_ms: idempotency.purge(conn, now_ms))
+        return expired
+
+    def start_sweeper(self, interval_s: float = 1.0) -> Callable[[], None]:
+        """Expire due escrows in a daemon thread every `interval_s`; returns a stop function."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(interval_s):
+                self.expire_due()
+
+        thread = threading.Thread(target=loop, name="hf-escrow-sweeper", daemon=True)
+        thread.start()
+
+        def stopper() -> None:
+            stop.set()
+            thread.join(timeout=interval_s + 30)
+        return stopper
+
+    # ---- reads --------------------------------------------------------------------
+
+    def get(self, agent_id: str, escrow_id: str, *, events_limit: int = MAX_EVENTS) -> dict:
+        """An escrow with its newest events; only its parties (and verifier) may read it."""
+        row = self._read(lambda conn, now_ms: self._visible(conn, escrow_id, agent_id))
+        if row.status in OPEN_STATUSES and row.expires_at_ms <= self.now_ms():
+            self.expire(escrow_id)
+        return self._read(lambda conn, now_ms: self._escrow(conn, escrow_id, events_limit=events_limit))
+
+    def history(self, agent_id: str, *, status: str | None = None, model: str | None = None,
+                role: str | None = None, since_ms: int | None = None, until_ms: int | None = None,
+                limit: int = 100) -> list[dict]:
+        """The agent's escrows (as buyer or seller), newest first, filtered."""
+        if not isinstance(limit, int) or not 1 <= limit <= MAX_HISTORY:
+            raise ValidationError(f"limit must be between 1 and {MAX_HISTORY}")
+        if status is not None and status not in ("active", "awaiting_verification", "released", "cancelled",
+                                                 "expired"):
+            raise ValidationError(f"unknown status {status!r}")
+        if role not in (None, "buyer", "seller"):
+            raise ValidationError("role must be buyer or seller")
+
+        def fn(conn: Connection, now_ms: int) -> list[dict]:
+            self._agent(conn, agent_id)
+            party = {"buyer": escrows.c.buyer == agent_id, "seller": escrows.c.seller == agent_id}
+            query = select(escrows.c.escrow_id).where(
+                party[role] if role else (party["buyer"] | party["seller"]))
+            for column, value, cmp in ((escrows.c.status, status, "eq"), (escrows.c.model, model, "eq"),
+                                       (escrows.c.created_at_ms, since_ms, "ge"),
+                                       (escrows.c.created_at_ms, until_ms, "lt")):
+                if value is not None:
+                    query = query.where(column == value if cmp == "eq" else column >= value if cmp == "ge"
+                                        else column < value)
+            ids = conn.scalars(query.order_by(escrows.c.created_at_ms.desc(), escrows.c.escrow_id.desc())
+                               .limit(limit))
+            return [self._escrow(conn, escrow_id) for escrow_id in ids]
+
+        return self._read(fn)
+
+    def analytics(self, agent_id: str) -> dict:
+        """Spend (as buyer) and earnings (as seller) per model, with tokens and counts."""
+        def rollup(conn: Connection, column) -> list[dict]:
+            rows = conn.execute(select(
+                escrows.c.model, func.count().label("escrows"), func.sum(escrows.c.paid_micro).label("paid"),
+                func.sum(escrows.c.fees_micro).label("fees"), func.sum(escrows.c.refunded_micro).label("refunded"),
+                func.sum(escrows.c.tokens_in).label("tin"), func.sum(escrows.c.tokens_out).label("tout"),
+            ).where(column == agent_id).group_by(escrows.c.model).order_by(escrows.c.model))
+            return [{"model": r.model, "escrows": int(r.escrows), "paid_micro": int(r.paid or 0),
+                     "fees_micro": int(r.fees or 0), "refunded_micro": int(r.refunded or 0),
+                     "tokens_in": int(r.tin or 0), "tokens_out": int(r.tout or 0)} for r in rows]
+
+        def fn(conn: Connection, now_ms: int) -> dict:
+            self._agent(conn, agent_id)
+            referral = conn.scalar(select(func.coalesce(func.sum(journal.entries.c.amount_micro), 0)).where(
+                journal.entries.c.account_id == agent_account(agent_id), journal.entries.c.role == "referral"))
+            return {"agent_id": agent_id, "spend": rollup(conn, escrows.c.buyer),
+                    "earnings": rollup(conn, escrows.c.seller), "referral_earned_micro": int(referral)}
+
+        return self._read(fn)
+
+    # ---- helpers (inside a transaction) -------------------------------------------
+
+    def _agent(self, conn: Connection, agent_id: str) -> Any:
+        row = conn.execute(select(agents).where(agents.c.agent_id == agent_id)).first()
+        if row is None:
+            raise Unauthorized(f"agent {agent_id!r} is not registered; register it first")
+        return row
+
+    def _resolve(self, conn: Connection, name: Any, what: str) -> str:
+        if not isinstance(name, str) or not name:
+            raise ValidationError(f"{what} must be an agent id or wallet address")
+        column = agents.c.wallet if name.startswith("0x") else agents.c.agent_id
+        agent_id = conn.scalar(select(agents.c.agent_id).where(column == name))
+        if agent_id is None:
+            raise NotFound(f"{what} {name!r} is not a registered agent or wallet; it must register first")
+        return agent_id
+
+    def _agent_by_code(self, conn: Connection, code: Any) -> str:
+        if not isinstance(code, str):
+            raise ValidationError("referral_code must be text such as \"ref_0123abcd\"")
+        agent_id = conn.scalar(select(agents.c.agent_id).where(agents.c.referral_code == code))
+        if agent_id is None:
+            raise ValidationError(f"unknown referral code {code!r}")
+        return agent_id
+
+    def _verifier(self, conn: Connection, condition: dict | None, buyer: str, seller: str) -> str | None:
+        if condition is None or condition["verifier"] == "self":
+            return None
+        verifier = buyer if condition["verifier"] == "buyer" else self._resolve(conn, condition["verifier"], "verifier")
+        if verifier == seller:
+            raise ValidationError("the seller cannot verify its own result; name the buyer or another agent "
+                                  "(or \"self\" to release on the submitted score)")
+        return verifier
+
+    def _referrer(self, conn: Connection, code: str | None, buyer: str, seller: str) -> str | None:
+        if code is None:
+            return conn.scalar(select(agents.c.referred_by).where(agents.c.agent_id == seller))
+        referrer = self._agent_by_code(conn, code)
+        if referrer in (buyer, seller):
+            raise ValidationError("a party cannot refer its own escrow; leave referral_code out")
+        return referrer
+
+    def _visible(self, conn: Connection, escrow_id: Any, agent_id: str) -> Any:
+        self._agent(conn, agent_id)
+        row = None
+        if isinstance(escrow_id, str):
+            row = conn.execute(select(escrows).where(escrows.c.escrow_id == escrow_id)).first()
+        if row is None or agent_id not in (row.buyer, row.seller, row.verifier):
+            # A non-party learns nothing, not even that the escrow exists.
+            raise NotFound(f"escrow {escrow_id!r} not found among your escrows")
+        return row
+
+    def _locked(self, conn: Connection, escrow_id: str, agent_id: str, now_ms: int, *, role: str,
+                states: tuple[str, ...]) -> Any:
+        """The escrow row, locked for update, after role, state and TTL checks."""
+        self._visible(conn, escrow_id, agent_id)
+        row = conn.execute(select(escrows).where(escrows.c.escrow_id == escrow_id).with_for_update()).first()
+        allowed = {"buyer": (row.buyer,), "seller": (row.seller,), "verifier": (row.verifier,),
+                   "party": (row.buyer, row.seller)}[role]
+        if agent_id not in allowed:
+            raise Forbidden(f"only the {'buyer or seller' if role == 'party' else role} of escrow {escrow_id} "
+                            f"may do this; you are {agent_id!r}")
+        if row.status in OPEN_STATUSES and row.expires_at_ms <= now_ms:
+            raise _Expired(escrow_id)
+        if row.status not in states:
+            raise StateConflict(f"escrow {escrow_id} is {row.status}; this needs it {' or '.join(states)}")
+        return row
+
+    def _release_base(self, row: Any, remaining: int, amount_micro: int | None, usage: dict | None,
+                      tokens_in: int, tokens_out: int, price: Decimal | None) -> int:
+        if amount_micro is not None:
+            if amount_micro > remaining:
+                raise InsufficientFunds(f"escrow {row.escrow_id} has {format_usdc(remaining)} USDC left, cannot "
+                                        f"release {format_usdc(amount_micro)}", details={"remaining_micro": remaining})
+            return amount_micro
+        if usage is None:
+            return remaining
+        if price is not None:
+            sheet = Pricing(per_token=price)
+        elif row.pricing:
+            sheet = Pricing.coerce(row.pricing)
+        else:
+            raise ValidationError("usage needs a price: give price_per_token, or create the escrow with pricing")
+        return min(sheet.tokens_micro(tokens_in, tokens_out), remaining)
+
+    def _payout(self, conn: Connection, row: Any, gross_micro: int, bonus_micro: int, kind: str, now_ms: int):
+        """Pay `gross_micro` from the escrow: seller net, platform fee, referral share."""
+        split = split_payout(gross_micro, fee_bps=self.config.fee_bps, referral_bps=self.config.referral_bps,
+                             has_referrer=row.referrer is not None)
+        if gross_micro == 0:
+            return split
+        legs = [Leg(escrow_account(row.escrow_id), "payout", -gross_micro),
+                Leg(agent_account(row.seller), "seller", split.net_micro),
+                Leg(journal.PLATFORM, "fee", split.platform_micro)]
+        if row.referrer is not None:
+            legs.append(Leg(agent_account(row.referrer), "referral", split.referral_micro))
+        journal.post(conn, kind, legs, at_ms=now_ms, escrow_id=row.escrow_id, agent_id=row.seller)
+        conn.execute(update(escrows).where(escrows.c.escrow_id == row.escrow_id).values(
+            paid_micro=escrows.c.paid_micro + gross_micro, bonus_micro=escrows.c.bonus_micro + bonus_micro,
+            fees_micro=escrows.c.fees_micro + split.fee_micro,
+            referral_micro=escrows.c.referral_micro + split.referral_micro))
+        return split
+
+    def _close(self, conn: Connection, row: Any, status: str, now_ms: int) -> int:
+        """Refund the whole remainder to the buyer and close the escrow; returns the refund."""
+        remaining = journal.balance_micro(conn, escrow_account(row.escrow_id))
+        if remaining:
+            journal.post(conn, "refund", [Leg(escrow_account(row.escrow_id), "refund", -remaining),
+                                          Leg(agent_account(row.buyer), "refund", remaining)],
+                         at_ms=now_ms, escrow_id=row.escrow_id, agent_id=row.buyer)
+        conn.execute(update(escrows).where(escrows.c.escrow_id == row.escrow_id).values(
+            status=status, closed_at_ms=now_ms, refunded_micro=escrows.c.refunded_micro + remaining))
+        return remaining
+
+    def _judge(self, conn: Connection, row: Any, score: float, actor: str, now_ms: int, kind: str) -> dict:
+        """Settle a benchmark escrow on `score`: pass pays the remainder, fail reopens it."""
+        if not rules.benchmark_passes(row.release_condition, score):
+            conn.execute(update(escrows).where(escrows.c.escrow_id == row.escrow_id).values(status="active"))
+            self._event(conn, row.escrow_id, "benchmark_failed", actor, now_ms, score=score,
+                        threshold=row.release_condition["threshold"])
+            return receipt_dict(kind, self._escrow(conn, row.escrow_id), passed=False, score=score,
+                                **_split_data(None))
+        remaining = journal.balance_micro(conn, escrow_account(row.escrow_id))
+        split = self._payout(conn, row, remaining, 0, "release", now_ms)
+        self._close(conn, row, "released", now_ms)
+        self._event(conn, row.escrow_id, "benchmark_passed", actor, now_ms, score=score, **_split_data(split))
+        return receipt_dict(kind, self._escrow(conn, row.escrow_id), passed=True, score=score,
+                            base_micro=remaining, bonus_micro=0, refunded_micro=0, **_split_data(split))
+
+    def _streak(self, conn: Connection, seller: str, now_ms: int) -> bool:
+        days = self.config.streak_days
+        if days <= 0:
+            return False
+        today = now_ms // rules.DAY_MS
+        window_start = (today - days) * rules.DAY_MS
+        recent = conn.execute(select(escrows.c.status, escrows.c.closed_at_ms).where(
+            escrows.c.seller == seller, escrows.c.closed_at_ms >= window_start,
+            escrows.c.status.in_(("released", "cancelled"))).limit(100_000)).all()
+        paid_days = {r.closed_at_ms // rules.DAY_MS for r in recent if r.status == "released"}
+        cancelled = any(r.status == "cancelled" for r in recent)
+        return rules.streak_holds(paid_days, today=today, days=days, cancelled=cancelled)
+
+    def _add_tokens(self, conn: Connection, escrow_id: str, tokens_in: int, tokens_out: int) -> None:
+        if tokens_in or tokens_out:
+            conn.execute(update(escrows).where(escrows.c.escrow_id == escrow_id).values(
+                tokens_in=escrows.c.tokens_in + tokens_in, tokens_out=escrows.c.tokens_out + tokens_out))
+
+    def _event(self, conn: Connection, escrow_id: str, kind: str, actor: str | None, now_ms: int, **data: Any) -> None:
+        conn.execute(insert(escrow_events).values(
+            escrow_id=escrow_id, kind=kind, actor=actor, at_ms=now_ms,
+            data={key: value for key, value in data.items() if value is not None}))
+
+    def _escrow(self, conn: Connection, escrow_id: str, *, events_limit: int | None = None) -> dict:
+        row = conn.execute(select(escrows).where(escrows.c.escrow_id == escrow_id)).first()
+        events = None
+        if events_limit is not None:
+            rows = conn.execute(select(escrow_events).where(escrow_events.c.escrow_id == escrow_id)
+                                .order_by(escrow_events.c.event_id.desc()).limit(events_limit)).all()
+            events = [event_dict(r) for r in reversed(rows)]
+        return escrow_dict(row, journal.balance_micro(conn, escrow_account(escrow_id)), events)
+
+
+def hash_key(api_key: str) -> str:
+    """API keys are random 256-bit secrets, so one SHA-256 is enough to store them safely."""
+    return hashlib.sha256(api_key.encode()).hexdigest()
+
+
+def _retryable(error: exc.OperationalError) -> bool:
+    code = getattr(error.orig, "sqlstate", None)
+    return code in _PG_RETRYABLE or "database is locked" in str(error.orig)
+
+
+def _rounded(amount: Any) -> str | None:
+    """The amount as given, when it had more than six decimals (shown in the receipt)."""
+    if amount is None or isinstance(amount, int):
+        return None
+    return str(amount) if was_rounded(amount) else None
+
+
+def _split_data(split) -> dict:
+    if split is None:
+        return {"gross_micro": 0, "net_micro": 0, "fee_micro": 0, "referral_micro": 0}
+    return {"gross_micro": split.gross_micro, "net_micro": split.net_micro, "fee_micro": split.fee_micro,
+            "referral_micro": split.referral_micro}
+
+
+def _usage_tokens(usage: Any) -> tuple[int, int]:
+    if usage is None:
+        return 0, 0
+    if not isinstance(usage, dict):
+        raise ValidationError('usage must be {"prompt_tokens": n, "completion_tokens": m}')
+    counts = []
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10_000_000:
+            raise ValidationError(f"usage.{name} must be a whole number of tokens, got {value!r}")
+        counts.append(value)
+    return counts[0], counts[1]
+
+
+def _check_meta(meta: Any) -> dict | None:
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        raise ValidationError("meta must be a JSON object")
+    try:
+        text = json.dumps(meta, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ValidationError(f"meta must be plain JSON: {error}") from None
+    if len(text) > rules.MAX_JSON_CHARS:
+        raise ValidationError(f"meta is larger than {rules.MAX_JSON_CHARS} characters of JSON")
+    return json.loads(text)
+
+
+__all__ = ["Ledger", "hash_key"]

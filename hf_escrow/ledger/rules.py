@@ -1,0 +1,128 @@
+"""Pure rules of the escrow lifecycle: conditions, bonuses, streaks. No I/O here."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from .._exceptions import ValidationError
+from ..money import round_micro, to_decimal
+
+QUALITY_BONUS_ABOVE = 0.9
+MAX_BONUS_PCT = Decimal(100)
+DAY_MS = 86_400_000
+MAX_TTL_SECONDS = 90 * 86_400
+MAX_TEXT_CHARS = 2_000
+MAX_JSON_CHARS = 16_000
+
+
+def check_score(value: Any, what: str) -> float:
+    """A finite float score (a metric, a quality score, tokens/s)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal, str)):
+        raise ValidationError(f"{what} must be a number, got {value!r}")
+    try:
+        score = float(value)
+    except ValueError:
+        raise ValidationError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(score):
+        raise ValidationError(f"{what} must be finite, got {value!r}")
+    return score
+
+
+def check_ttl(ttl_seconds: Any) -> int:
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)) or not math.isfinite(ttl_seconds):
+        raise ValidationError(f"ttl_seconds must be a number of seconds, got {ttl_seconds!r}")
+    if not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
+        raise ValidationError(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS} (90 days), got {ttl_seconds}")
+    return int(ttl_seconds * 1000)
+
+
+def check_text(value: Any, what: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > MAX_TEXT_CHARS:
+        raise ValidationError(f"{what} must be text of at most {MAX_TEXT_CHARS} characters")
+    return value
+
+
+def check_release_condition(condition: Any) -> dict | None:
+    """Normalise a benchmark release condition; the verifier defaults to "self" (the seeds)."""
+    if condition is None:
+        return None
+    if not isinstance(condition, dict):
+        raise ValidationError("release_condition must be an object such as "
+                              '{"type": "benchmark", "metric": "accuracy", "threshold": 0.85}')
+    if condition.get("type", "benchmark") != "benchmark":
+        raise ValidationError(f"release_condition type {condition.get('type')!r} is not supported; use \"benchmark\"")
+    metric = condition.get("metric")
+    if not isinstance(metric, str) or not metric or len(metric) > 64:
+        raise ValidationError("release_condition.metric must name the metric, e.g. \"accuracy\"")
+    higher = condition.get("higher_is_better", True)
+    if not isinstance(higher, bool):
+        raise ValidationError("release_condition.higher_is_better must be true or false")
+    verifier = condition.get("verifier") or "self"
+    if not isinstance(verifier, str) or len(verifier) > 64:
+        raise ValidationError("release_condition.verifier must be \"self\", \"buyer\" or an agent id")
+    return {"type": "benchmark", "metric": metric,
+            "threshold": check_score(condition.get("threshold"), "release_condition.threshold"),
+            "higher_is_better": higher, "verifier": verifier}
+
+
+def benchmark_passes(condition: dict, score: float) -> bool:
+    threshold = condition["threshold"]
+    return score >= threshold if condition["higher_is_better"] else score <= threshold
+
+
+def check_bonus_conditions(conditions: Any) -> dict | None:
+    """Normalise the vLLM guide's bonus_conditions {throughput_tps_min, bonus_pct}."""
+    if conditions is None:
+        return None
+    if not isinstance(conditions, dict) or set(conditions) - {"throughput_tps_min", "bonus_pct"}:
+        raise ValidationError('bonus_conditions must be {"throughput_tps_min": 100, "bonus_pct": 5}')
+    tps_min = check_score(conditions.get("throughput_tps_min"), "bonus_conditions.throughput_tps_min")
+    pct = to_decimal(conditions.get("bonus_pct"), what="bonus_conditions.bonus_pct")
+    if tps_min < 0 or pct > MAX_BONUS_PCT:
+        raise ValidationError("bonus_conditions need throughput_tps_min >= 0 and 0 <= bonus_pct <= 100")
+    return {"throughput_tps_min": tps_min, "bonus_pct": str(pct)}
+
+
+@dataclass(frozen=True)
+class Bonus:
+    throughput_micro: int = 0
+    quality_micro: int = 0
+    streak_micro: int = 0
+
+    @property
+    def total_micro(self) -> int:
+        return self.throughput_micro + self.quality_micro + self.streak_micro
+
+
+def earned_bonus(base_micro: int, conditions: dict | None, *, throughput_tps: float | None,
+                 quality_score: float | None, streak: bool, quality_pct: Decimal,
+                 streak_pct: Decimal) -> Bonus:
+    """Bonuses on the base payout: throughput above the minimum, quality > 0.9, the streak."""
+    def pct_of(pct: Decimal) -> int:
+        return round_micro(Decimal(base_micro) * pct / 100 / 1_000_000)
+
+    throughput = 0
+    if conditions and throughput_tps is not None and throughput_tps > conditions["throughput_tps_min"]:
+        throughput = pct_of(Decimal(conditions["bonus_pct"]))
+    quality = pct_of(quality_pct) if quality_score is not None and quality_score > QUALITY_BONUS_ABOVE else 0
+    return Bonus(throughput, quality, pct_of(streak_pct) if streak else 0)
+
+
+def streak_holds(paid_days: set[int], *, today: int, days: int, cancelled: bool) -> bool:
+    """A seller's streak: a paid job on each of the `days` days before today, no cancellation."""
+    return not cancelled and all(day in paid_days for day in range(today - days, today))
+
+
+def capped(bonus: Bonus, available_micro: int) -> Bonus:
+    """Cut bonuses to what the escrow has left, in the order throughput, quality, streak."""
+    parts = []
+    for value in (bonus.throughput_micro, bonus.quality_micro, bonus.streak_micro):
+        take = min(value, available_micro)
+        parts.append(take)
+        available_micro -= take
+    return Bonus(*parts)

@@ -1,0 +1,141 @@
+"""Exact USDC amounts as integer micro-USDC, and the fee and referral split.
+
+The rounding rule (the only one in hf-escrow): whenever a USDC value has more than six
+decimals - an input such as the float product ``2048/1000*0.0005`` or a derived share
+such as 1% of 150 micro-USDC - it is rounded to the nearest micro-USDC, ties to even
+(banker's rounding, ``decimal.ROUND_HALF_EVEN``). Every split is then completed by
+subtraction, so ``net + fee == gross`` and ``referral + platform == fee`` hold exactly
+for every amount, one micro-USDC included.
+
+Floats are accepted at the edge (JSON numbers, the seed snippets) and converted through
+their shortest ``repr`` - the number the caller wrote - never through binary arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
+from typing import Any
+
+from ._exceptions import InvalidAmount
+
+MICRO_PER_USDC = 1_000_000
+# A single amount above this is refused: it keeps every amount within 15 significant
+# digits, so a JSON number round-trips through a float exactly.
+MAX_AMOUNT_MICRO = 100_000_000 * MICRO_PER_USDC
+_MICRO = Decimal(1) / MICRO_PER_USDC
+_MAX_TEXT_CHARS = 64
+BPS = 10_000
+
+
+def to_decimal(value: Any, *, what: str = "amount") -> Decimal:
+    """A finite, non-negative Decimal from str/int/Decimal/float; refuses everything else."""
+    if isinstance(value, bool) or value is None:
+        raise InvalidAmount(f"{what} must be a number of USDC such as \"0.25\", got {value!r}")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidAmount(f"{what} must be finite, got {value!r}")
+        value = repr(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if not text or len(text) > _MAX_TEXT_CHARS:
+            raise InvalidAmount(f"{what} must be a number of USDC such as \"0.25\", got {value[:_MAX_TEXT_CHARS]!r}")
+        try:
+            value = Decimal(text)
+        except InvalidOperation:
+            raise InvalidAmount(f"{what} must be a number of USDC such as \"0.25\", got {text!r}") from None
+    elif isinstance(value, int):
+        value = Decimal(value)
+    elif not isinstance(value, Decimal):
+        raise InvalidAmount(f"{what} must be a number of USDC such as \"0.25\", got {type(value).__name__}")
+    if not value.is_finite():
+        raise InvalidAmount(f"{what} must be finite, got {value}")
+    if value < 0:
+        raise InvalidAmount(f"{what} must not be negative, got {value}")
+    if value.adjusted() > 15:
+        raise InvalidAmount(f"{what} is absurdly large: {value}")
+    return value
+
+
+def round_micro(value: Decimal) -> int:
+    """USDC (Decimal) -> integer micro-USDC, half-even: the one rounding rule."""
+    return int((value * MICRO_PER_USDC).to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def parse_usdc(value: Any, *, what: str = "amount", allow_zero: bool = False) -> int:
+    """Parse a USDC amount into micro-USDC.
+
+    Example:
+        >>> parse_usdc("1.50"), parse_usdc(0.0017920000000000002), parse_usdc(Decimal("0.0000185"))
+        (1500000, 1792, 18)
+    """
+    micro = round_micro(to_decimal(value, what=what))
+    if micro > MAX_AMOUNT_MICRO:
+        raise InvalidAmount(f"{what} {value} exceeds the limit of {format_usdc(MAX_AMOUNT_MICRO)} USDC")
+    if micro == 0 and not allow_zero:
+        raise InvalidAmount(
+            f"{what} {value} rounds to 0 micro-USDC (USDC has 6 decimals); send at least 0.000001"
+        )
+    return micro
+
+
+def was_rounded(value: Any) -> bool:
+    """Whether `value` (already valid) had more than six decimals."""
+    exact = to_decimal(value) * MICRO_PER_USDC
+    return exact != exact.to_integral_value()
+
+
+def to_usdc(micro: int) -> Decimal:
+    """Integer micro-USDC -> exact Decimal USDC with six decimals."""
+    assert isinstance(micro, int) and not isinstance(micro, bool), micro
+    return (Decimal(micro) * _MICRO).quantize(_MICRO)
+
+
+def format_usdc(micro: int) -> str:
+    """'1.500000' style text, exact."""
+    return str(to_usdc(micro))
+
+
+def usdc_number(micro: int) -> float:
+    """A JSON number for `micro`; exact when printed, as amounts stay within 15 digits."""
+    return float(to_usdc(micro))
+
+
+def share(amount_micro: int, bps: int) -> int:
+    """`bps` basis points of `amount_micro`, rounded half-even to the micro-USDC."""
+    assert amount_micro >= 0 and 0 <= bps <= BPS, (amount_micro, bps)
+    return round_micro(Decimal(amount_micro * bps) / BPS / MICRO_PER_USDC)
+
+
+@dataclass(frozen=True)
+class Split:
+    """How a gross payout to a seller is divided."""
+
+    gross_micro: int
+    net_micro: int       # to the seller
+    fee_micro: int       # platform fee, of which:
+    referral_micro: int  # to the referrer
+    platform_micro: int  # kept by the platform
+
+
+def split_payout(gross_micro: int, *, fee_bps: int, referral_bps: int, has_referrer: bool) -> Split:
+    """Split a gross payout into seller net, fee, referral and platform shares.
+
+    Example:
+        >>> split_payout(1_500_000, fee_bps=100, referral_bps=1500, has_referrer=True)
+        Split(gross_micro=1500000, net_micro=1485000, fee_micro=15000, referral_micro=2250, platform_micro=12750)
+    """
+    fee = share(gross_micro, fee_bps)
+    referral = share(fee, referral_bps) if has_referrer else 0
+    result = Split(gross_micro, gross_micro - fee, fee, referral, fee - referral)
+    assert result.net_micro + result.fee_micro == gross_micro
+    assert result.referral_micro + result.platform_micro == result.fee_micro
+    assert min(result.net_micro, result.fee_micro, result.referral_micro, result.platform_micro) >= 0
+    return result
+
+
+def cost_micro(quantity: int, unit_price: Decimal, *, per: int = 1) -> int:
+    """Exact cost of `quantity` units at `unit_price` USDC per `per` units, one rounding."""
+    assert quantity >= 0 and per > 0
+    return round_micro(Decimal(quantity) * unit_price / per)
