@@ -1,0 +1,93 @@
+"""Shared fixtures: a fresh ledger database per test on SQLite, and on PostgreSQL when reachable."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import pytest
+
+PG_ADMIN_URL = os.environ.get("HF_ESCROW_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+class FakeClock:
+    """A ledger clock that tests move by hand (TTL, faucet intervals, streak days)."""
+
+    def __init__(self, start: float = 1_800_000_000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def _pg_unreachable_reason() -> str | None:
+    try:
+        import psycopg
+        with psycopg.connect(PG_ADMIN_URL.replace("postgresql+psycopg", "postgresql"), connect_timeout=3):
+            return None
+    except Exception as error:  # any failure means: skip, and say why
+        return f"PostgreSQL at {PG_ADMIN_URL} unreachable: {error}"
+
+
+PG_SKIP_REASON = _pg_unreachable_reason()
+
+
+def fresh_pg_database() -> tuple[str, callable]:
+    """A new, empty PostgreSQL database and a function that drops it."""
+    import psycopg
+    name = "hfe_" + secrets.token_hex(6)
+    admin = PG_ADMIN_URL.replace("postgresql+psycopg", "postgresql")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+
+    def drop() -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name, drop
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request, tmp_path: Path):
+    """A database URL for an empty ledger, on each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'ledger.db'}"
+        return
+    if PG_SKIP_REASON:
+        pytest.skip(PG_SKIP_REASON)
+    url, drop = fresh_pg_database()
+    yield url
+    drop()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'ledger.db'}"
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def ledger(db_url, clock):
+    from hf_escrow.ledger import Ledger, LedgerConfig
+    led = Ledger(db_url, config=LedgerConfig(), clock=clock)
+    yield led
+    led.close()
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """No test touches the user's ~/.cache/hf-escrow or a server named in the environment."""
+    monkeypatch.setenv("HF_ESCROW_HOME", str(tmp_path_factory.mktemp("hf-escrow-home")))
+    for name in ("HF_ESCROW_URL", "HF_ESCROW_API_KEY", "HF_ESCROW_DATABASE_URL", "HF_ESCROW_AGENT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def pytest_report_header(config):
+    return [f"PostgreSQL tests: {'SKIPPED - ' + PG_SKIP_REASON if PG_SKIP_REASON else 'enabled on ' + PG_ADMIN_URL}"]

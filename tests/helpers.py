@@ -1,0 +1,34 @@
+"""Small helpers shared by tests: parties with funds, and a snapshot of every balance."""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+
+from hf_escrow.ledger import Ledger, audit
+from hf_escrow.ledger.schema import accounts, entries, escrows
+
+
+def parties(ledger: Ledger, *names: str, fund: str = "100") -> dict[str, dict]:
+    """Register agents and deposit `fund` USDC to each; returns their registration dicts."""
+    registered = {}
+    for name in names:
+        registered[name] = ledger.register(name)
+        ledger.deposit(name, fund)
+    return registered
+
+
+def snapshot(ledger: Ledger) -> dict:
+    """Every stored balance, escrow row and journal size: equal before and after means nothing moved."""
+    with ledger.engine.connect() as conn:
+        return {
+            "accounts": sorted(map(tuple, conn.execute(select(accounts.c.account_id, accounts.c.balance_micro)))),
+            "escrows": sorted(map(tuple, conn.execute(select(escrows.c.escrow_id, escrows.c.status,
+                                                             escrows.c.paid_micro, escrows.c.refunded_micro)))),
+            "entries": conn.scalar(select(entries.c.entry_id).order_by(entries.c.entry_id.desc()).limit(1)),
+        }
+
+
+def assert_audit_clean(ledger: Ledger) -> dict:
+    report = audit(ledger.engine)
+    assert report["ok"], report["problems"]
+    return report
