@@ -1,0 +1,241 @@
+"""`hf-escrow`: the command line. Tables for people, `--json` for scripts.
+
+Every escrow command works on the embedded ledger (`--agent`, `$HF_ESCROW_AGENT`) or
+against a server (`--url`/`$HF_ESCROW_URL` with `--api-key`/`$HF_ESCROW_API_KEY`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ._exceptions import EscrowError
+from ._models import Escrow, Receipt, as_dict
+from .client import EscrowClient, connect, embedded_ledger
+
+app = typer.Typer(help="Escrow-backed pay-per-use for Hugging Face workloads.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+console = Console()
+err_console = Console(stderr=True)
+
+UrlOpt = typer.Option(None, "--url", envvar="HF_ESCROW_URL", help="Escrow server; embedded ledger if not given.")
+KeyOpt = typer.Option(None, "--api-key", envvar="HF_ESCROW_API_KEY", help="API key for --url.")
+AgentOpt = typer.Option(None, "--agent", envvar="HF_ESCROW_AGENT", help="Acting agent on the embedded ledger.")
+DbOpt = typer.Option(None, "--database-url", envvar="HF_ESCROW_DATABASE_URL",
+                     help="SQLAlchemy URL of the ledger (default: SQLite in $HF_ESCROW_HOME).")
+JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
+KeyIdOpt = typer.Option(None, "--idempotency-key", help="Retry-safe key for this mutation.")
+
+
+def _client(url: str | None, api_key: str | None, agent: str | None, database_url: str | None) -> EscrowClient:
+    if url:
+        return connect(url, api_key=api_key)
+    return connect(agent=agent, database_url=database_url)
+
+
+def _run(action, as_json: bool, render) -> None:
+    """Run one client call; print its result, or its error with the status as exit code."""
+    try:
+        result = action()
+    except EscrowError as error:
+        if as_json:
+            print(json.dumps({"error": error.code, "message": error.message, "status": error.status_code}))
+        else:
+            err_console.print(f"[red]error[/red] ({error.status_code} {error.code}): {error.message}")
+        raise typer.Exit(2) from None
+    if as_json:
+        print(json.dumps(as_dict(result), indent=2, default=str))
+    else:
+        render(result)
+
+
+def _escrow_table(rows: list[Escrow], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("id", "status", "buyer", "seller", "amount", "paid", "refunded", "remaining", "model"):
+        table.add_column(column, justify="right" if column in ("amount", "paid", "refunded", "remaining") else "left")
+    for e in rows:
+        table.add_row(e.id, e.status, e.buyer, e.seller, str(e.amount), str(e.paid), str(e.refunded),
+                      str(e.remaining), e.model or "")
+    return table
+
+
+def _show_escrow(e: Escrow) -> None:
+    console.print(_escrow_table([e], f"escrow {e.id}"))
+    if e.events:
+        table = Table(title="events")
+        for column in ("at", "kind", "actor", "data"):
+            table.add_column(column)
+        for ev in e.events:
+            table.add_row(ev.at.isoformat(timespec="seconds"), ev.kind, ev.actor or "", json.dumps(ev.data))
+        console.print(table)
+
+
+def _show_receipt(r: Receipt) -> None:
+    table = Table(title=f"{r.kind} receipt for {r.escrow_id}")
+    table.add_column("item")
+    table.add_column("USDC", justify="right")
+    for name in ("base", "bonus", "gross", "fee", "referral", "net", "refunded", "remaining"):
+        table.add_row(name, str(getattr(r, name)))
+    console.print(table)
+    if r.rounded_from:
+        console.print(f"amount {r.rounded_from} was rounded half-even to the micro-USDC")
+    console.print(f"status: [bold]{r.status}[/bold]")
+
+
+@app.command()
+def register(agent_id: str, referral_code: Optional[str] = typer.Option(None, "--referral-code"),
+             url: Optional[str] = UrlOpt, database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
+    """Register an agent; prints its API key once."""
+    client = _client(url, None, None, database_url)
+    _run(lambda: client.register(agent_id, referral_code), as_json,
+         lambda a: console.print(f"registered [bold]{a.agent_id}[/bold]\napi_key: {a.api_key}\n"
+                                 f"wallet: {a.wallet}\nreferral_code: {a.referral_code}"))
+
+
+@app.command()
+def claim(url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt,
+          database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
+    """Claim free test USDC from the faucet."""
+    client = _client(url, api_key, agent, database_url)
+    _run(client.claim_faucet, as_json, lambda amount: console.print(f"credited {amount} USDC"))
+
+
+@app.command()
+def balance(url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt,
+            database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
+    """Balance, referral code and open escrows of the acting agent."""
+    client = _client(url, api_key, agent, database_url)
+    _run(client.me, as_json, lambda me: console.print(
+        f"{me.agent_id}: [bold]{me.balance} USDC[/bold], {me.escrows_open} open escrows, "
+        f"referral code {me.referral_code}, wallet {me.wallet}"))
+
+
+@app.command()
+def create(seller: str, amount: str, ttl: float = typer.Option(3600, "--ttl", help="Seconds until refund."),
+           description: Optional[str] = None, meta: Optional[str] = typer.Option(None, help="JSON object."),
+           release_condition: Optional[str] = typer.Option(None, help="JSON benchmark condition."),
+           bonus_conditions: Optional[str] = typer.Option(None, help="JSON bonus conditions."),
+           referral_code: Optional[str] = None, idempotency_key: Optional[str] = KeyIdOpt,
+           url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt,
+           database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
+    """As the buyer: lock AMOUNT USDC in an escrow for SELLER."""
+    client = _client(url, api_key, agent, database_url)
+    _run(lambda: client.create_escrow(
+        seller, amount, ttl_seconds=ttl, description=description, meta=_json_arg(meta, "--meta"),
+        release_condition=_json_arg(release_condition, "--release-condition"),
+        bonus_conditions=_json_arg(bonus_conditions, "--bonus-conditions"), referral_code=referral_code,
+        idempotency_key=idempotency_key), as_json, _show_escrow)
+
+
+@app.command()
+def deduct(escrow_id: str, amount: str, reason: Optional[str] = None, idempotency_key: Optional[str] = KeyIdOpt,
+           url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt,
+           database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
+    """As the seller: take AMOUNT USDC out of the escrow for work delivered."""
+    client = _client(url, api_key, agent, database_url)
+    _run(lambda: client.deduct(escrow_id, amount, reason=reason, idempotency_key=idempotency_key), as_json,
+         _show_receipt)
+
+
+@app.command()
+def release(escrow_id: str, amount: Optional[str] = typer.Argument(None, help="Default: the whole remainder."),
+            keep_open: bool = typer.Option(False, "--keep-open", help="Do not refund the rest; keep it active."),
+            idempotency_key: Optional[str] = KeyIdOpt, url: Optional[str] = UrlOpt,
+            api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt, database_url: Optional[str] = DbOpt,
+            as_json: bool = JsonOpt):
+    """As the buyer: pay the seller and refund the rest."""
+    client = _client(url, api_key, agent, database_url)
+    _run(lambda: client.release(escrow_id, amount, refund_remainder=not keep_open, idempotency_key=idempotency_key),
+         as_json, _show_receipt)
+
+
+@app.command()
+def cancel(escrow_id: str, reason: Optional[str] = None, idempotency_key: Optional[str] = KeyIdOpt,
+           url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt,
+           database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
+    """As buyer or seller: refund the whole remainder to the buyer."""
+    client = _client(url, api_key, agent, database_url)
+    _run(lambda: client.cancel(escrow_id, reason=reason, idempotency_key=idempotency_key), as_json, _show_receipt)
+
+
+@app.command()
+def get(escrow_id: str, url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt,
+        agent: Optional[str] = AgentOpt, database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
+    """One escrow with its events."""
+    client = _client(url, api_key, agent, database_url)
+    _run(lambda: client.get(escrow_id), as_json, _show_escrow)
+
+
+@app.command()
+def history(status: Optional[str] = None, limit: int = 20, url: Optional[str] = UrlOpt,
+            api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt, database_url: Optional[str] = DbOpt,
+            as_json: bool = JsonOpt):
+    """Your escrows, newest first."""
+    client = _client(url, api_key, agent, database_url)
+    _run(lambda: client.history(status=status, limit=limit), as_json,
+         lambda rows: console.print(_escrow_table(rows, "escrows")))
+
+
+@app.command()
+def deposit(agent_id: str, amount: str, database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
+    """Operator: credit AGENT_ID with AMOUNT USDC on the embedded/direct ledger."""
+    from .money import to_usdc
+    _run(lambda: embedded_ledger(database_url).deposit(agent_id, amount), as_json,
+         lambda r: console.print(f"{agent_id}: +{to_usdc(r['amount_micro'])} USDC, "
+                                 f"balance {to_usdc(r['balance_micro'])}"))
+
+
+@app.command()
+def audit(database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
+    """Check the ledger's invariants on a database and print its totals; exit 1 on a problem."""
+    from .ledger import audit as run_audit
+    from .money import format_usdc
+    ledger = embedded_ledger(database_url)
+    report = run_audit(ledger.engine)
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        table = Table(title=f"audit of {ledger.url}")
+        table.add_column("total")
+        table.add_column("value", justify="right")
+        table.add_row("transactions", str(report["transactions"]))
+        for status, count in sorted(report["escrows"].items()):
+            table.add_row(f"escrows {status}", str(count))
+        for name in ("minted", "agent_balances", "escrow_holdings", "platform_fees"):
+            table.add_row(f"{name} (USDC)", format_usdc(report[f"{name}_micro"]))
+        console.print(table)
+        for problem in report["problems"]:
+            err_console.print(f"[red]problem[/red] {problem}")
+        console.print("[green]clean: every transaction balances, all accounts sum to zero[/green]"
+                      if report["ok"] else "[red]NOT clean[/red]")
+    raise typer.Exit(0 if report["ok"] else 1)
+
+
+@app.command()
+def sweep(loop: bool = typer.Option(False, "--loop", help="Keep sweeping until interrupted."),
+          interval: float = typer.Option(5.0, help="Seconds between sweeps with --loop."),
+          database_url: Optional[str] = DbOpt):
+    """Refund escrows past their TTL (safe with several sweepers at once)."""
+    ledger = embedded_ledger(database_url)
+    while True:
+        count = ledger.expire_due()
+        console.print(f"expired {count} escrows")
+        if not loop:
+            return
+        time.sleep(interval)
+
+
+def _json_arg(text: str | None, flag: str) -> Any:
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        err_console.print(f"[red]error[/red]: {flag} must be JSON: {error}")
+        raise typer.Exit(2) from None
+
