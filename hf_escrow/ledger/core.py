@@ -18,7 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import Connection, exc, func, insert, select, update
+from sqlalchemy import Connection, bindparam, exc, func, insert, literal, select, update
 
 from .._exceptions import (
     Forbidden, InsufficientFunds, NotFound, RateLimited, StateConflict, Unauthorized,
@@ -30,7 +30,7 @@ from . import idempotency, journal, rules
 from .config import LedgerConfig
 from .journal import Leg, agent_account, escrow_account
 from .records import OPEN_STATUSES, escrow_dict, event_dict, receipt_dict
-from .schema import agents, escrow_events, escrows, transactions
+from .schema import accounts, agents, escrow_events, escrows, transactions
 from .storage import default_database_url, open_engine
 
 AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -39,6 +39,16 @@ MAX_HISTORY = 1_000
 MAX_EVENTS = 500
 SWEEP_BATCH = 500
 _PG_RETRYABLE = ("40001", "40P01")  # serialization failure, deadlock detected
+
+# Built once: every escrow operation reads its escrow with its remainder in one statement.
+_ESCROW = (select(escrows, accounts.c.balance_micro.label("remaining_micro"))
+           .join(accounts, accounts.c.account_id == literal("escrow:") + escrows.c.escrow_id)
+           .where(escrows.c.escrow_id == bindparam("eid")))
+_ESCROW_FOR_UPDATE = _ESCROW.with_for_update()
+_INSERT_EVENT = insert(escrow_events)
+_PAYOUT = (update(escrows).where(escrows.c.escrow_id == bindparam("eid")).values(
+    paid_micro=escrows.c.paid_micro + bindparam("gross"), bonus_micro=escrows.c.bonus_micro + bindparam("bonus"),
+    fees_micro=escrows.c.fees_micro + bindparam("fee"), referral_micro=escrows.c.referral_micro + bindparam("ref")))
 
 
 class _Expired(Exception):
@@ -256,7 +266,7 @@ class Ledger:
 
         def fn(conn: Connection, now_ms: int) -> dict:
             row = self._locked(conn, escrow_id, agent_id, now_ms, role="seller", states=("active",))
-            remaining = journal.balance_micro(conn, escrow_account(escrow_id))
+            remaining = int(row.remaining_micro)
             if amount_micro > remaining:
                 raise InsufficientFunds(
                     f"escrow {escrow_id} has {format_usdc(remaining)} USDC left, cannot deduct "
@@ -294,7 +304,7 @@ class Ledger:
 
         def fn(conn: Connection, now_ms: int) -> dict:
             row = self._locked(conn, escrow_id, agent_id, now_ms, role="buyer", states=OPEN_STATUSES)
-            remaining = journal.balance_micro(conn, escrow_account(escrow_id))
+            remaining = int(row.remaining_micro)
             base = self._release_base(row, remaining, amount_micro, usage, tokens_in, tokens_out, price)
             bonus = rules.capped(rules.earned_bonus(
                 base, row.bonus_conditions, throughput_tps=tps, quality_score=quality,
@@ -502,12 +512,13 @@ class Ledger:
             raise ValidationError("a party cannot refer its own escrow; leave referral_code out")
         return referrer
 
-    def _visible(self, conn: Connection, escrow_id: Any, agent_id: str) -> Any:
-        self._agent(conn, agent_id)
+    def _visible(self, conn: Connection, escrow_id: Any, agent_id: str, *, lock: bool = False) -> Any:
+        """The escrow row (with `remaining_micro`) if `agent_id` is a party to it."""
         row = None
         if isinstance(escrow_id, str):
-            row = conn.execute(select(escrows).where(escrows.c.escrow_id == escrow_id)).first()
+            row = conn.execute(_ESCROW_FOR_UPDATE if lock else _ESCROW, {"eid": escrow_id}).first()
         if row is None or agent_id not in (row.buyer, row.seller, row.verifier):
+            self._agent(conn, agent_id)
             # A non-party learns nothing, not even that the escrow exists.
             raise NotFound(f"escrow {escrow_id!r} not found among your escrows")
         return row
@@ -515,8 +526,7 @@ class Ledger:
     def _locked(self, conn: Connection, escrow_id: str, agent_id: str, now_ms: int, *, role: str,
                 states: tuple[str, ...]) -> Any:
         """The escrow row, locked for update, after role, state and TTL checks."""
-        self._visible(conn, escrow_id, agent_id)
-        row = conn.execute(select(escrows).where(escrows.c.escrow_id == escrow_id).with_for_update()).first()
+        row = self._visible(conn, escrow_id, agent_id, lock=True)
         allowed = {"buyer": (row.buyer,), "seller": (row.seller,), "verifier": (row.verifier,),
                    "party": (row.buyer, row.seller)}[role]
         if agent_id not in allowed:
@@ -557,10 +567,8 @@ class Ledger:
         if row.referrer is not None:
             legs.append(Leg(agent_account(row.referrer), "referral", split.referral_micro))
         journal.post(conn, kind, legs, at_ms=now_ms, escrow_id=row.escrow_id, agent_id=row.seller)
-        conn.execute(update(escrows).where(escrows.c.escrow_id == row.escrow_id).values(
-            paid_micro=escrows.c.paid_micro + gross_micro, bonus_micro=escrows.c.bonus_micro + bonus_micro,
-            fees_micro=escrows.c.fees_micro + split.fee_micro,
-            referral_micro=escrows.c.referral_micro + split.referral_micro))
+        conn.execute(_PAYOUT, {"eid": row.escrow_id, "gross": gross_micro, "bonus": bonus_micro,
+                               "fee": split.fee_micro, "ref": split.referral_micro})
         return split
 
     def _close(self, conn: Connection, row: Any, status: str, now_ms: int) -> int:
@@ -608,18 +616,17 @@ class Ledger:
                 tokens_in=escrows.c.tokens_in + tokens_in, tokens_out=escrows.c.tokens_out + tokens_out))
 
     def _event(self, conn: Connection, escrow_id: str, kind: str, actor: str | None, now_ms: int, **data: Any) -> None:
-        conn.execute(insert(escrow_events).values(
-            escrow_id=escrow_id, kind=kind, actor=actor, at_ms=now_ms,
-            data={key: value for key, value in data.items() if value is not None}))
+        conn.execute(_INSERT_EVENT, {"escrow_id": escrow_id, "kind": kind, "actor": actor, "at_ms": now_ms,
+                                     "data": {key: value for key, value in data.items() if value is not None}})
 
     def _escrow(self, conn: Connection, escrow_id: str, *, events_limit: int | None = None) -> dict:
-        row = conn.execute(select(escrows).where(escrows.c.escrow_id == escrow_id)).first()
+        row = conn.execute(_ESCROW, {"eid": escrow_id}).first()
         events = None
         if events_limit is not None:
             rows = conn.execute(select(escrow_events).where(escrow_events.c.escrow_id == escrow_id)
                                 .order_by(escrow_events.c.event_id.desc()).limit(events_limit)).all()
             events = [event_dict(r) for r in reversed(rows)]
-        return escrow_dict(row, journal.balance_micro(conn, escrow_account(escrow_id)), events)
+        return escrow_dict(row, int(row.remaining_micro), events)
 
 
 def hash_key(api_key: str) -> str:

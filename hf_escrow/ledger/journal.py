@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from .._exceptions import InsufficientFunds
 from .schema import accounts, entries, transactions
@@ -19,6 +19,13 @@ MINT = "system:mint"
 PLATFORM = "system:platform"
 SYSTEM_ACCOUNTS = (MINT, PLATFORM)
 MAX_ENTRIES_PER_TX = 8
+
+# Built once: the settlement path runs these on every deduct.
+_APPLY = (update(accounts)
+          .where(accounts.c.account_id == bindparam("aid"), accounts.c.balance_micro + bindparam("delta") >= 0)
+          .values(balance_micro=accounts.c.balance_micro + bindparam("delta")))
+_INSERT_TX = insert(transactions)
+_INSERT_ENTRIES = insert(entries)
 
 
 def agent_account(agent_id: str) -> str:
@@ -64,9 +71,9 @@ def post(conn: Connection, kind: str, legs: list[Leg], *, at_ms: int, escrow_id:
         if leg.account_id not in SYSTEM_ACCOUNTS:
             _apply(conn, leg)
     tx_id = conn.execute(
-        insert(transactions).values(kind=kind, escrow_id=escrow_id, agent_id=agent_id, at_ms=at_ms)
+        _INSERT_TX, {"kind": kind, "escrow_id": escrow_id, "agent_id": agent_id, "at_ms": at_ms}
     ).inserted_primary_key[0]
-    conn.execute(insert(entries), [
+    conn.execute(_INSERT_ENTRIES, [
         {"tx_id": tx_id, "account_id": leg.account_id, "role": leg.role, "amount_micro": leg.amount_micro}
         for leg in legs
     ])
@@ -74,12 +81,7 @@ def post(conn: Connection, kind: str, legs: list[Leg], *, at_ms: int, escrow_id:
 
 
 def _apply(conn: Connection, leg: Leg) -> None:
-    balance = accounts.c.balance_micro
-    result = conn.execute(
-        update(accounts)
-        .where(accounts.c.account_id == leg.account_id, balance + leg.amount_micro >= 0)
-        .values(balance_micro=balance + leg.amount_micro)
-    )
+    result = conn.execute(_APPLY, {"aid": leg.account_id, "delta": leg.amount_micro})
     if result.rowcount != 1:
         raise InsufficientFunds(
             f"{leg.account_id} cannot cover {-leg.amount_micro} micro-USDC",
