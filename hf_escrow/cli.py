@@ -239,3 +239,25 @@ def _json_arg(text: str | None, flag: str) -> Any:
         err_console.print(f"[red]error[/red]: {flag} must be JSON: {error}")
         raise typer.Exit(2) from None
 
+
+@app.command()
+def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
+          port: int = typer.Option(8787, help="TCP port."), database_url: Optional[str] = DbOpt,
+          workers: int = typer.Option(1, help="Server processes sharing the ledger."),
+          faucet: bool = typer.Option(True, "--faucet/--no-faucet", help="Offer free test USDC.")):
+    """Run the escrow server (REST, faucet, MCP at /mcp, docs at /docs)."""
+    import os
+    import uvicorn
+    os.environ["HF_ESCROW_FAUCET"] = "1" if faucet else "0"
+    if database_url:
+        os.environ["HF_ESCROW_DATABASE_URL"] = database_url
+    console.print(f"hf-escrow serving on http://{host}:{port} (docs: /docs, MCP: /mcp)")
+    uvicorn.run("hf_escrow.server.app:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level="warning")
+
+
+@app.command("mcp")
+def mcp_stdio(agent: Optional[str] = AgentOpt, database_url: Optional[str] = DbOpt):
+    """Serve the MCP tools over stdio for desktop agents (identity: --agent or $HF_ESCROW_API_KEY)."""
+    from .server.mcp_tools import build_mcp
+    build_mcp(embedded_ledger(database_url), stdio_agent=agent).run()

@@ -1,0 +1,170 @@
+"""HTTP transports for `connect(url)` / `connect_async(url)`, on httpx.
+
+Each call becomes one request to the server's `/api` routes. Every mutation carries an
+`Idempotency-Key` (the caller's, or a fresh one per call); retries after connection
+errors, timeouts and 5xx answers resend the same key, so a retry never moves money twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from typing import Any
+
+import httpx
+
+from ._exceptions import TransportError, error_for_status
+from ._models import Agent
+
+RETRY_STATUSES = (502, 503, 504)
+BACKOFF_S = 0.2
+MAX_BACKOFF_S = 3.0
+_MUTATIONS = {"claim_faucet", "create_escrow", "deduct", "release", "cancel", "submit_result", "verify"}
+
+
+def _amount(value: Any) -> Any:
+    """Decimals travel as strings: exact, and accepted by the server like numbers."""
+    return None if value is None else (value if isinstance(value, (int, float, str)) else str(value))
+
+
+def build_request(op: str, params: dict, agent: str | None) -> tuple[str, str, dict | None, dict | None]:
+    """(method, path, json body, query) for one client operation."""
+    p = dict(params)
+    escrow_id = p.pop("escrow_id", None)
+    p.pop("idempotency_key", None)
+    if op == "register":
+        return "POST", "/register", {"agent_id": p["agent_id"], "referral_code": p["referral_code"]}, None
+    if op == "claim_faucet":
+        return "POST", "/claim", {"agent_id": agent}, None
+    if op == "me":
+        return "GET", "/api/me", None, None
+    if op == "analytics":
+        return "GET", "/api/analytics", None, None
+    if op == "history":
+        return "GET", "/api/escrow", None, {k: v for k, v in p.items() if v is not None}
+    if op == "get":
+        return "GET", f"/api/escrow/{escrow_id}", None, None
+    if op == "create_escrow":
+        body = dict(p, seller_id=p.pop("seller"), amount_usdc=_amount(p.pop("amount")))
+        return "POST", "/api/escrow", body, None
+    if op in ("deduct", "release"):
+        body = dict(p, amount_usdc=_amount(p.pop("amount")))
+        if "price_per_token" in body:
+            body["price_per_token"] = _amount(body["price_per_token"])
+        return "POST", f"/api/escrow/{escrow_id}/{op}", body, None
+    path = {"cancel": "cancel", "submit_result": "submit-result", "verify": "verify"}[op]
+    return "POST", f"/api/escrow/{escrow_id}/{path}", p, None
+
+
+def _drop_usdc(data: Any) -> Any:
+    """The client reads the exact `*_micro` integers; the `*_usdc` numbers are for people."""
+    if isinstance(data, list):
+        return [_drop_usdc(item) for item in data]
+    if isinstance(data, dict):
+        return {k: _drop_usdc(v) for k, v in data.items() if not k.endswith("_usdc")}
+    return data
+
+
+class _Base:
+    def __init__(self, base_url: str, *, api_key: str | None, timeout: float, max_retries: int):
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = timeout
+        self.max_retries = max(0, min(max_retries, 10))
+        self.agent_id: str | None = None
+
+    def adopt(self, agent: Agent) -> None:
+        if self.api_key is None and agent.api_key:
+            self.api_key = agent.api_key
+
+    def _prepare(self, op: str, params: dict, agent: str | None) -> tuple[dict, dict]:
+        method, path, body, query = build_request(op, params, agent or self.agent_id)
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        if op in _MUTATIONS:
+            headers["Idempotency-Key"] = params.get("idempotency_key") or f"hfe-{uuid.uuid4()}"
+        request = {"method": method, "url": self.base_url + path, "json": body, "params": query, "headers": headers}
+        return request, {"retry_on_connect_only": op == "register"}
+
+    def _backoff(self, attempt: int) -> float:
+        return min(MAX_BACKOFF_S, BACKOFF_S * 2 ** attempt) * (0.5 + random.random() / 2)
+
+    def _retryable(self, error: Exception | None, response: httpx.Response | None, connect_only: bool) -> bool:
+        if error is not None:
+            return isinstance(error, httpx.ConnectError) or (not connect_only and isinstance(error, httpx.TimeoutException))
+        return not connect_only and response is not None and response.status_code in RETRY_STATUSES
+
+    def _result(self, op: str, response: httpx.Response) -> Any:
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"message": response.text[:300]}
+        if response.status_code >= 400:
+            raise error_for_status(response.status_code, body, response=response)
+        if op == "me":
+            self.agent_id = body.get("agent_id")
+        return _drop_usdc(body)
+
+    def _unreachable(self, error: Exception) -> TransportError:
+        return TransportError(f"escrow server {self.base_url} unreachable after {self.max_retries + 1} tries: "
+                              f"{type(error).__name__}: {error}")
+
+
+class HTTPTransport(_Base):
+    """Blocking transport for `EscrowClient`."""
+
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 30.0, max_retries: int = 3):
+        super().__init__(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
+        self._http = httpx.Client(timeout=timeout)
+
+    def handle(self, client: Any, op: str, params: dict) -> Any:
+        if op == "claim_faucet" and self.agent_id is None:
+            self._result("me", self._http.get(self.base_url + "/api/me", headers=self._prepare("me", {}, None)[0]["headers"]))
+        request, opts = self._prepare(op, params, client.agent)
+        for attempt in range(self.max_retries + 1):
+            error = response = None
+            try:
+                response = self._http.request(**request)
+            except httpx.TransportError as exc:
+                error = exc
+            if attempt < self.max_retries and self._retryable(error, response, opts["retry_on_connect_only"]):
+                time.sleep(self._backoff(attempt))
+                continue
+            if error is not None:
+                raise self._unreachable(error) from error
+            return self._result(op, response)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self._http.close()
+
+
+class AsyncHTTPTransport(_Base):
+    """Async transport for `AsyncEscrowClient`: the same requests, awaited."""
+
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = 30.0, max_retries: int = 3):
+        super().__init__(base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
+        self._http = httpx.AsyncClient(timeout=timeout)
+
+    async def handle(self, client: Any, op: str, params: dict) -> Any:
+        if op == "claim_faucet" and self.agent_id is None:
+            me = await self._http.get(self.base_url + "/api/me", headers=self._prepare("me", {}, None)[0]["headers"])
+            self._result("me", me)
+        request, opts = self._prepare(op, params, client.agent)
+        for attempt in range(self.max_retries + 1):
+            error = response = None
+            try:
+                response = await self._http.request(**request)
+            except httpx.TransportError as exc:
+                error = exc
+            if attempt < self.max_retries and self._retryable(error, response, opts["retry_on_connect_only"]):
+                await asyncio.sleep(self._backoff(attempt))
+                continue
+            if error is not None:
+                raise self._unreachable(error) from error
+            return self._result(op, response)
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

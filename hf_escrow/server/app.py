@@ -1,0 +1,236 @@
+"""The HTTP face of the ledger: both seed dialects, the faucet, MCP and health, on one app.
+
+Endpoints are plain `def`s: FastAPI runs them in its thread pool, and the ledger's
+transactions are short and blocking by design.
+"""
+
+
+import contextlib
+from typing import Annotated, Optional
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from .._exceptions import EscrowError, ValidationError
+from ..ledger import Ledger, audit
+from . import bodies
+from .wire import escrow_view, receipt_view, with_usdc
+
+KeyHeader = Annotated[Optional[str], Header(alias="Idempotency-Key", description="Retry-safe key for this mutation.")]
+
+
+def create_app(ledger: Ledger | None = None, *, database_url: str | None = None, sweep_interval_s: float = 1.0,
+               mcp: bool = True) -> FastAPI:
+    """The escrow server on `ledger` (or a ledger opened on `database_url` / the default).
+
+    Example:
+        >>> import uvicorn
+        >>> uvicorn.run(create_app(), host="127.0.0.1", port=8787)  # doctest: +SKIP
+    """
+    ledger = ledger or Ledger(database_url)
+    mcp_server = None
+    if mcp:
+        from .mcp_tools import build_mcp
+        mcp_server = build_mcp(ledger)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        stop_sweeper = ledger.start_sweeper(sweep_interval_s) if sweep_interval_s > 0 else None
+        async with contextlib.AsyncExitStack() as stack:
+            if mcp_server is not None:
+                await stack.enter_async_context(mcp_server.session_manager.run())
+            yield
+        if stop_sweeper:
+            stop_sweeper()
+
+    app = FastAPI(title="hf-escrow", version="0.1.0", lifespan=lifespan,
+                  description="Escrow-backed pay-per-use for Hugging Face workloads. Amounts are USDC; every "
+                              "`*_usdc` field has an exact integer `*_micro` twin.")
+    app.state.ledger = ledger
+    app.add_middleware(_JsonBodyMiddleware)
+    _install_error_handlers(app)
+
+    def agent(authorization: Annotated[Optional[str], Header()] = None) -> str:
+        token = None
+        if authorization and authorization.lower().startswith("bearer "):
+            token = authorization[7:].strip()
+        return ledger.authenticate(token)
+
+    Agent = Annotated[str, Depends(agent)]
+    app.include_router(_hf_routes(ledger, Agent))
+    app.include_router(_vllm_routes(ledger, Agent))
+    app.include_router(_faucet_routes(ledger))
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict:
+        return {"ok": True}
+
+    @app.get("/api/audit", tags=["ops"])
+    def audit_report(agent_id: Agent) -> dict:
+        """The ledger's invariant check and totals (any registered agent may ask)."""
+        return audit(ledger.engine)
+
+    if mcp_server is not None:
+        from mcp.server.streamable_http_manager import StreamableHTTPASGIApp
+        from starlette.routing import Route
+        app.router.routes.append(Route("/mcp", endpoint=StreamableHTTPASGIApp(mcp_server.session_manager)))
+    return app
+
+
+def _hf_routes(ledger: Ledger, Agent) -> APIRouter:
+    router = APIRouter(prefix="/api", tags=["escrow (HuggingFace guide)"])
+
+    @router.post("/escrow", status_code=201)
+    def create(body: bodies.CreateEscrow, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
+        """Lock `amount_usdc` from your balance for `seller_id`."""
+        return escrow_view(ledger.create_escrow(
+            agent_id, body.seller_id, body.amount_usdc, ttl_seconds=body.ttl_seconds, description=body.description,
+            meta=body.meta, release_condition=body.release_condition, bonus_conditions=body.bonus_conditions,
+            referral_code=body.referral_code, pricing=body.pricing, idempotency_key=idempotency_key))
+
+    @router.get("/escrow")
+    def list_escrows(agent_id: Agent, status: Optional[str] = None, model: Optional[str] = None,
+                     role: Optional[str] = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict]:
+        """Your escrows, newest first."""
+        return [escrow_view(e) for e in ledger.history(agent_id, status=status, model=model, role=role, limit=limit)]
+
+    @router.get("/escrow/{escrow_id}")
+    def get(escrow_id: str, agent_id: Agent) -> dict:
+        return escrow_view(ledger.get(agent_id, escrow_id))
+
+    @router.post("/escrow/{escrow_id}/deduct")
+    def deduct(escrow_id: str, body: bodies.Deduct, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
+        """As the seller: take `amount_usdc` for work delivered."""
+        return receipt_view(ledger.deduct(agent_id, escrow_id, body.amount_usdc, reason=body.reason,
+                                          usage=_usage(body.usage), idempotency_key=idempotency_key))
+
+    @router.post("/escrow/{escrow_id}/release")
+    def release(escrow_id: str, body: bodies.Release, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
+        """As the buyer: pay the seller; by default refund the rest and close."""
+        return receipt_view(ledger.release(
+            agent_id, escrow_id, body.amount_usdc, refund_remainder=body.refund_remainder, usage=_usage(body.usage),
+            price_per_token=body.price_per_token, quality_score=body.quality_score,
+            throughput_tps=body.throughput_tps, meta=body.meta, idempotency_key=idempotency_key))
+
+    @router.post("/escrow/{escrow_id}/cancel")
+    def cancel(escrow_id: str, agent_id: Agent, body: bodies.Cancel | None = None,
+               idempotency_key: KeyHeader = None) -> dict:
+        return receipt_view(ledger.cancel(agent_id, escrow_id, reason=body.reason if body else None,
+                                          idempotency_key=idempotency_key))
+
+    @router.post("/escrow/{escrow_id}/submit-result")
+    def submit_result(escrow_id: str, body: bodies.SubmitResult, agent_id: Agent,
+                      idempotency_key: KeyHeader = None) -> dict:
+        """As the seller of a benchmark escrow: report the score."""
+        artifact = dict(body.artifact or {})
+        if body.model_repo:
+            artifact.setdefault("repo", body.model_repo)
+        return receipt_view(ledger.submit_result(agent_id, escrow_id, metric=body.metric, score=body.score,
+                                                 artifact=artifact or None, idempotency_key=idempotency_key))
+
+    @router.post("/escrow/{escrow_id}/verify")
+    def verify(escrow_id: str, body: bodies.Verify, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
+        """As the named verifier: your own score; pass releases, fail reopens."""
+        return receipt_view(ledger.verify(agent_id, escrow_id, score=body.score, idempotency_key=idempotency_key))
+
+    @router.get("/me")
+    def me(agent_id: Agent) -> dict:
+        return with_usdc(ledger.me(agent_id))
+
+    @router.get("/analytics")
+    def analytics(agent_id: Agent) -> dict:
+        return with_usdc(ledger.analytics(agent_id))
+
+    return router
+
+
+def _vllm_routes(ledger: Ledger, Agent) -> APIRouter:
+    router = APIRouter(prefix="/escrow", tags=["escrow (vLLM guide)"])
+
+    @router.post("/create", status_code=201)
+    def create(body: bodies.VllmCreate, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
+        """Lock the estimated cost; `recipient_wallet` names the worker (agent id or wallet)."""
+        return escrow_view(ledger.create_escrow(
+            agent_id, body.recipient_wallet, body.amount_usdc, ttl_seconds=body.ttl_seconds,
+            description=body.description, meta=body.metadata, bonus_conditions=body.bonus_conditions,
+            referral_code=body.referral_code, idempotency_key=idempotency_key))
+
+    @router.post("/release")
+    def release(body: bodies.VllmRelease, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
+        """Pay (metadata.prompt_tokens + actual_completion_tokens) x price_per_token, plus bonuses; refund the rest."""
+        usage = None
+        if body.actual_completion_tokens is not None:
+            meta = ledger.get(agent_id, body.escrow_id)["meta"] or {}
+            prompt_tokens = meta.get("prompt_tokens", 0)
+            if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int):
+                raise ValidationError("escrow metadata.prompt_tokens must be a whole number of tokens")
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": body.actual_completion_tokens}
+        return receipt_view(ledger.release(
+            agent_id, body.escrow_id, body.amount_usdc, usage=usage, price_per_token=body.price_per_token,
+            quality_score=body.quality_score, throughput_tps=body.throughput_tps, idempotency_key=idempotency_key))
+
+    @router.post("/cancel")
+    def cancel(body: bodies.VllmCancel, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
+        return receipt_view(ledger.cancel(agent_id, body.escrow_id, reason=body.reason,
+                                          idempotency_key=idempotency_key))
+
+    @router.get("/history")
+    def history(agent_id: Agent, status: Optional[str] = None, model: Optional[str] = None,
+                limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict:
+        """Your escrows with prompt/completion tokens and cost per model."""
+        rows = [escrow_view(e) for e in ledger.history(agent_id, status=status, model=model, limit=limit)]
+        return {"escrows": rows, "count": len(rows), "analytics": with_usdc(ledger.analytics(agent_id))}
+
+    return router
+
+
+def _faucet_routes(ledger: Ledger) -> APIRouter:
+    router = APIRouter(tags=["faucet"])
+
+    @router.post("/register", status_code=201)
+    def register(body: bodies.Register) -> dict:
+        """Register an agent: returns its API key (once), wallet and referral code."""
+        return ledger.register(body.agent_id, body.referral_code)
+
+    @router.post("/claim")
+    def claim(body: bodies.Claim, idempotency_key: KeyHeader = None) -> dict:
+        """Credit free test USDC to `agent_id` (rate-limited per agent)."""
+        return with_usdc(ledger.claim_faucet(body.agent_id, idempotency_key=idempotency_key))
+
+    return router
+
+
+def _usage(usage: bodies.Usage | None) -> dict | None:
+    return usage.model_dump() if usage else None
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(EscrowError)
+    async def escrow_error(request: Request, error: EscrowError) -> JSONResponse:
+        return JSONResponse(error.to_dict(), status_code=error.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = []
+        for item in error.errors()[:10]:
+            where = ".".join(str(part) for part in item.get("loc", ()) if part != "body") or "body"
+            problems.append(f"{where}: {item.get('msg')}")
+        message = "invalid request: " + "; ".join(problems) if problems else "invalid request body"
+        return JSONResponse({"error": "validation_error", "message": message, "details": {"problems": problems}},
+                            status_code=422)
+
+
+class _JsonBodyMiddleware:
+    """Read request bodies as JSON whatever their Content-Type: the seeds' curl lines send
+    JSON with curl's default form type. MCP and other mounted apps are left alone."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH") \
+                and not scope["path"].startswith(("/mcp", "/ui", "/gradio")):
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = dict(scope, headers=headers + [(b"content-type", b"application/json")])
+        await self.app(scope, receive, send)

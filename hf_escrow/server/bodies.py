@@ -1,0 +1,97 @@
+"""Request bodies of both seed dialects. Amounts stay as sent (string, int or float) and
+are parsed by `hf_escrow.money`, so that rounding and refusals are the same everywhere."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+Amount = Union[StrictStr, StrictInt, StrictFloat]
+Score = Union[StrictFloat, StrictInt]
+AMOUNT_DOC = "USDC, as a number or a decimal string; more than 6 decimals are rounded half-even"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class Usage(_Body):
+    prompt_tokens: StrictInt = Field(0, ge=0, le=10_000_000)
+    completion_tokens: StrictInt = Field(0, ge=0, le=10_000_000)
+
+
+class CreateEscrow(_Body):
+    seller_id: StrictStr = Field(description="The seller's agent id or wallet address.")
+    amount_usdc: Amount = Field(description=AMOUNT_DOC)
+    ttl_seconds: Score = 3600
+    description: Optional[StrictStr] = None
+    meta: Optional[dict[str, Any]] = None
+    release_condition: Optional[dict[str, Any]] = None
+    bonus_conditions: Optional[dict[str, Any]] = None
+    referral_code: Optional[StrictStr] = None
+    pricing: Optional[dict[str, Any]] = None
+
+
+class Deduct(_Body):
+    amount_usdc: Amount = Field(description=AMOUNT_DOC)
+    reason: Optional[StrictStr] = None
+    usage: Optional[Usage] = None
+
+
+class Release(_Body):
+    amount_usdc: Optional[Amount] = Field(None, description=AMOUNT_DOC + "; default: usage x price, else all")
+    refund_remainder: StrictBool = True
+    meta: Optional[dict[str, Any]] = None
+    usage: Optional[Usage] = None
+    price_per_token: Optional[Amount] = None
+    quality_score: Optional[Score] = None
+    throughput_tps: Optional[Score] = None
+
+
+class Cancel(_Body):
+    reason: Optional[StrictStr] = None
+
+
+class SubmitResult(_Body):
+    metric: StrictStr
+    score: Score
+    model_repo: Optional[StrictStr] = None
+    artifact: Optional[dict[str, Any]] = None
+
+
+class Verify(_Body):
+    score: Score
+
+
+class VllmCreate(_Body):
+    recipient_wallet: StrictStr = Field(description="The seller: an agent id or wallet address.")
+    amount_usdc: Amount = Field(description=AMOUNT_DOC)
+    metadata: Optional[dict[str, Any]] = None
+    bonus_conditions: Optional[dict[str, Any]] = None
+    referral_code: Optional[StrictStr] = None
+    ttl_seconds: Score = 3600
+    description: Optional[StrictStr] = None
+
+
+class VllmRelease(_Body):
+    escrow_id: StrictStr
+    actual_completion_tokens: Optional[StrictInt] = Field(None, ge=0, le=10_000_000)
+    price_per_token: Optional[Amount] = None
+    quality_score: Optional[Score] = None
+    throughput_tps: Optional[Score] = None
+    amount_usdc: Optional[Amount] = None
+
+
+class VllmCancel(_Body):
+    escrow_id: StrictStr
+    reason: Optional[StrictStr] = None
+
+
+class Register(_Body):
+    agent_id: StrictStr
+    referral_code: Optional[StrictStr] = None
+
+
+class Claim(_Body):
+    agent_id: StrictStr

@@ -1,0 +1,120 @@
+"""MCP tools over the ledger, for agents: streamable HTTP at `/mcp`, or stdio (`hf-escrow mcp`).
+
+Over HTTP the caller's `Authorization: Bearer <key>` decides who acts, as for the REST
+API; over stdio there are no headers, so the key (or, embedded, the agent) comes from the
+environment of the process that the desktop agent starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Optional, Union
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.transport_security import TransportSecuritySettings
+
+from .._exceptions import EscrowError, Unauthorized
+from ..ledger import Ledger
+from .wire import escrow_view, receipt_view, with_usdc
+
+Amount = Union[str, float, int]
+
+
+def build_mcp(ledger: Ledger, *, stdio_agent: str | None = None) -> MCPServer:
+    """An MCP server whose tools act on `ledger`.
+
+    `stdio_agent` names who acts when a call carries no Authorization header (stdio);
+    else `$HF_ESCROW_API_KEY` is used to find the agent.
+    """
+    server = MCPServer("hf-escrow", log_level="WARNING",
+                       instructions="Escrow for pay-per-use AI work: register, claim test USDC, lock funds "
+                                    "for a seller, deduct or release as work is delivered.")
+
+    def caller(ctx: Context | None) -> str:
+        headers = ctx.headers if ctx is not None else None
+        auth = headers.get("authorization") if headers else None
+        if auth and auth.lower().startswith("bearer "):
+            return ledger.authenticate(auth[7:].strip())
+        if headers is None:
+            if stdio_agent:
+                return stdio_agent
+            return ledger.authenticate(os.environ.get("HF_ESCROW_API_KEY"))
+        raise Unauthorized("send 'Authorization: Bearer <key>' with MCP calls (register_agent gives a key)")
+
+    def tool(fn):
+        """Run the ledger call off the event loop; escrow errors become tool errors with their message."""
+        @functools.wraps(fn)
+        async def wrapper(*args, **kwargs):
+            try:
+                return await anyio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+            except EscrowError as error:
+                raise ToolError(f"{error.code} ({error.status_code}): {error.message}") from None
+        return server.tool()(wrapper)
+
+    @tool
+    def register_agent(agent_id: str, referral_code: Optional[str] = None) -> dict[str, Any]:
+        """Register a new agent; returns its api_key (shown once), wallet and referral code."""
+        return ledger.register(agent_id, referral_code)
+
+    @tool
+    def claim_faucet(agent_id: str) -> dict[str, Any]:
+        """Credit free test USDC to a registered agent (rate-limited)."""
+        return with_usdc(ledger.claim_faucet(agent_id))
+
+    @tool
+    def escrow_create(seller_id: str, amount_usdc: Amount, ttl_seconds: float = 3600,
+                      description: Optional[str] = None, meta: Optional[dict[str, Any]] = None,
+                      release_condition: Optional[dict[str, Any]] = None,
+                      bonus_conditions: Optional[dict[str, Any]] = None, referral_code: Optional[str] = None,
+                      idempotency_key: Optional[str] = None, ctx: Context | None = None) -> dict[str, Any]:
+        """As the buyer: lock amount_usdc for seller_id (agent id or wallet) before work starts."""
+        return escrow_view(ledger.create_escrow(
+            caller(ctx), seller_id, amount_usdc, ttl_seconds=ttl_seconds, description=description, meta=meta,
+            release_condition=release_condition, bonus_conditions=bonus_conditions, referral_code=referral_code,
+            idempotency_key=idempotency_key))
+
+    @tool
+    def escrow_deduct(escrow_id: str, amount_usdc: Amount, reason: Optional[str] = None,
+                      idempotency_key: Optional[str] = None, ctx: Context | None = None) -> dict[str, Any]:
+        """As the seller: take amount_usdc out of the escrow for work delivered (1% fee)."""
+        return receipt_view(ledger.deduct(caller(ctx), escrow_id, amount_usdc, reason=reason,
+                                          idempotency_key=idempotency_key))
+
+    @tool
+    def escrow_release(escrow_id: str, amount_usdc: Optional[Amount] = None, refund_remainder: bool = True,
+                       prompt_tokens: Optional[int] = None, completion_tokens: Optional[int] = None,
+                       price_per_token: Optional[Amount] = None, quality_score: Optional[float] = None,
+                       idempotency_key: Optional[str] = None, ctx: Context | None = None) -> dict[str, Any]:
+        """As the buyer: pay amount_usdc (or tokens x price_per_token) and refund the rest."""
+        usage = None
+        if prompt_tokens is not None or completion_tokens is not None:
+            usage = {"prompt_tokens": prompt_tokens or 0, "completion_tokens": completion_tokens or 0}
+        return receipt_view(ledger.release(
+            caller(ctx), escrow_id, amount_usdc, refund_remainder=refund_remainder, usage=usage,
+            price_per_token=price_per_token, quality_score=quality_score, idempotency_key=idempotency_key))
+
+    @tool
+    def escrow_cancel(escrow_id: str, reason: Optional[str] = None, idempotency_key: Optional[str] = None,
+                      ctx: Context | None = None) -> dict[str, Any]:
+        """As buyer or seller: refund the whole remainder to the buyer."""
+        return receipt_view(ledger.cancel(caller(ctx), escrow_id, reason=reason, idempotency_key=idempotency_key))
+
+    @tool
+    def escrow_get(escrow_id: str, ctx: Context | None = None) -> dict[str, Any]:
+        """One of your escrows with its events."""
+        return escrow_view(ledger.get(caller(ctx), escrow_id))
+
+    @tool
+    def escrow_history(status: Optional[str] = None, limit: int = 50,
+                       ctx: Context | None = None) -> dict[str, Any]:
+        """Your escrows, newest first."""
+        rows = ledger.history(caller(ctx), status=status, limit=limit)
+        return {"escrows": [escrow_view(e) for e in rows], "count": len(rows)}
+
+    # Creates the session manager that the FastAPI app mounts at /mcp; requests are
+    # authenticated by bearer key, so the Host-header guard would only refuse proxies.
+    server.streamable_http_app(transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False))
+    return server
