@@ -18,10 +18,19 @@ from ._models import Agent, Escrow, EscrowEvent, Me, Receipt
 from .client import AsyncEscrowClient, EscrowClient, connect, connect_async
 from .pricing import Pricing
 
+
+def __getattr__(name: str):
+    # The adapters import huggingface_hub; load them only when asked for.
+    if name in ("PaidInferenceClient", "AsyncPaidInferenceClient", "paid_inference"):
+        from . import inference
+        return getattr(inference, name)
+    raise AttributeError(f"module 'hf_escrow' has no attribute {name!r}")
+
 __version__ = "0.1.0"
 
 __all__ = [
     "connect", "connect_async", "EscrowClient", "AsyncEscrowClient",
+    "PaidInferenceClient", "AsyncPaidInferenceClient", "paid_inference",
     "Agent", "Escrow", "EscrowEvent", "Me", "Receipt", "Pricing",
     "EscrowError", "ValidationError", "InvalidAmount", "Unauthorized", "Forbidden", "NotFound",
     "InsufficientFunds", "StateConflict", "IdempotencyConflict", "RateLimited", "TransportError",

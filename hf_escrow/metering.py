@@ -1,0 +1,133 @@
+"""The buyer-side meter: reserve the worst case before a call, settle what was delivered.
+
+Pure bookkeeping, shared by the sync and async paid clients; the escrow calls themselves
+happen in `hf_escrow.inference`. A reservation is local (a lock and a sum) so that
+concurrent calls on one escrow never promise more than it holds; the ledger refuses an
+overdraw again when the call is settled.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from ._exceptions import InsufficientFunds, ValidationError
+from .money import format_usdc, to_usdc
+from .pricing import Pricing
+
+MAX_RECEIPTS = 10_000          # the receipt log keeps the newest calls only
+PER_MESSAGE_OVERHEAD_TOKENS = 8  # chat template tokens per message when no tokenizer is known
+
+
+@dataclass(frozen=True)
+class CallReceipt:
+    """What one paid call cost: tokens or units, the money, and how the count was made."""
+
+    escrow_id: str
+    task: str
+    tokens_in: int
+    tokens_out: int
+    units: int
+    gross: Decimal
+    fee: Decimal
+    net: Decimal
+    latency_ms: float
+    billing_ms: float
+    counted_by: str      # "usage" (server), "tokenizer", "chunks", or "units"
+    pricing: dict = field(default_factory=dict)
+
+
+class TokenCounter:
+    """Counts tokens with the model's tokenizer when one is known, else estimates safely."""
+
+    def __init__(self, tokenizer: Any = None):
+        self.tokenizer = _load_tokenizer(tokenizer)
+
+    def prompt_tokens(self, messages: list[dict]) -> tuple[int, bool]:
+        """(tokens, exact): exact with a tokenizer, else an upper bound from UTF-8 bytes."""
+        if self.tokenizer is not None:
+            try:
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                # transformers 5 returns a BatchEncoding (a mapping), older versions a list of ids
+                return len(ids["input_ids"] if hasattr(ids, "keys") else ids), True
+            except (ValueError, TypeError, KeyError):
+                pass  # no chat template: fall through to the plain count
+            return len(self.tokenizer.encode(_messages_text(messages))), True
+        return len(_messages_text(messages).encode()) + PER_MESSAGE_OVERHEAD_TOKENS * len(messages), False
+
+    def text_tokens(self, text: str, fallback: int) -> tuple[int, str]:
+        """Tokens of delivered text: with the tokenizer, else the number of chunks received."""
+        if self.tokenizer is not None:
+            return len(self.tokenizer.encode(text, add_special_tokens=False)), "tokenizer"
+        return fallback, "chunks"
+
+
+def _load_tokenizer(tokenizer: Any) -> Any:
+    if tokenizer is None or not isinstance(tokenizer, str):
+        return tokenizer
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+
+
+def _messages_text(messages: list[dict]) -> str:
+    parts = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):  # multimodal parts: count their text
+            content = " ".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+        parts.append(str(content or ""))
+    return "\n".join(parts)
+
+
+class Meter:
+    """Reservations and receipts for one escrow, safe across threads."""
+
+    def __init__(self, escrow_id: str, pricing: Pricing, remaining_micro: int):
+        self.escrow_id = escrow_id
+        self.pricing = pricing
+        self._remaining_micro = remaining_micro
+        self._reserved: dict[int, int] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self.receipts: list[CallReceipt] = []
+
+    def worst_chat_micro(self, prompt_tokens: int, max_tokens: int) -> int:
+        return self.pricing.tokens_micro(prompt_tokens, max_tokens)
+
+    def unit_micro(self, task: str, unit: str, count: int) -> int:
+        if getattr(self.pricing, unit) is None:
+            raise ValidationError(f"{task} is priced {unit.replace('_', ' ')}, and this price sheet sets no {unit}: "
+                                  "it is not for sale (add it to pricing)")
+        return self.pricing.unit_micro(unit, count)
+
+    def reserve(self, worst_micro: int) -> int:
+        """Hold `worst_micro` of the remainder for one call, or refuse before the model is called."""
+        with self._lock:
+            free = self._remaining_micro - sum(self._reserved.values())
+            if worst_micro > free:
+                raise InsufficientFunds(
+                    f"escrow {self.escrow_id} has {format_usdc(max(free, 0))} USDC free, and this call may cost up "
+                    f"to {format_usdc(worst_micro)} USDC (prompt + max_tokens at the output price); lower "
+                    "max_tokens or fund a larger escrow", details={"free_micro": free, "worst_micro": worst_micro})
+            ticket = next(self._ids)
+            self._reserved[ticket] = worst_micro
+            return ticket
+
+    def release_ticket(self, ticket: int, spent_micro: int) -> None:
+        with self._lock:
+            self._reserved.pop(ticket, None)
+            self._remaining_micro -= spent_micro
+            assert self._remaining_micro >= 0, self._remaining_micro
+
+    def record(self, receipt: CallReceipt) -> CallReceipt:
+        with self._lock:
+            self.receipts.append(receipt)
+            del self.receipts[:-MAX_RECEIPTS]
+        return receipt
+
+    @property
+    def remaining(self) -> Decimal:
+        return to_usdc(self._remaining_micro)
