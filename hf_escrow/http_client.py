@@ -38,7 +38,7 @@ def build_request(op: str, params: dict, agent: str | None) -> tuple[str, str, d
         return "POST", "/register", {"agent_id": p["agent_id"], "referral_code": p["referral_code"]}, None
     if op == "claim_faucet":
         return "POST", "/claim", {"agent_id": agent}, None
-    if op == "me":
+    if op in ("me", "identify"):
         return "GET", "/api/me", None, None
     if op == "analytics":
         return "GET", "/api/analytics", None, None
@@ -81,7 +81,8 @@ class _Base:
 
     def _prepare(self, op: str, params: dict, agent: str | None) -> tuple[dict, dict]:
         method, path, body, query = build_request(op, params, agent or self.agent_id)
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        key = params["api_key"] if op == "identify" else self.api_key
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         if op in _MUTATIONS:
             headers["Idempotency-Key"] = params.get("idempotency_key") or f"hfe-{uuid.uuid4()}"
         request = {"method": method, "url": self.base_url + path, "json": body, "params": query, "headers": headers}
