@@ -261,3 +261,31 @@ def mcp_stdio(agent: Optional[str] = AgentOpt, database_url: Optional[str] = DbO
     """Serve the MCP tools over stdio for desktop agents (identity: --agent or $HF_ESCROW_API_KEY)."""
     from .server.mcp_tools import build_mcp
     build_mcp(embedded_ledger(database_url), stdio_agent=agent).run()
+
+
+model_app = typer.Typer(help="The embedded default model (gemma-3-270m, local).", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("prepare")
+def model_prepare(force: bool = typer.Option(False, help="Convert again even if cached.")):
+    """Convert the packaged GGUF once into a cached transformers folder; prints its path."""
+    from .localmodel import prepare_model
+    with console.status("preparing gemma-3-270m (about a minute the first time)..."):
+        folder = prepare_model(force=force, progress=lambda msg: console.log(msg))
+    console.print(str(folder))
+
+
+@model_app.command("serve")
+def model_serve(port: int = typer.Option(8000, help="TCP port."), host: str = typer.Option("127.0.0.1"),
+                continuous_batching: bool = typer.Option(False, help="Batch concurrent requests.")):
+    """Serve the local model with `transformers serve` (OpenAI-compatible, at /v1)."""
+    from .localmodel import prepare_model, serve_model
+    folder = prepare_model()
+    console.print(f"serving {folder} at http://{host}:{port}/v1 (model name: {folder})")
+    process = serve_model(folder, port=port, host=host, continuous_batching=continuous_batching)
+    try:
+        raise typer.Exit(process.wait())
+    except KeyboardInterrupt:
+        process.terminate()
+        process.wait(10)

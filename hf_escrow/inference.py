@@ -22,7 +22,6 @@ import asyncio
 import functools
 import inspect
 import time
-import uuid
 from typing import Any
 
 import httpx
@@ -101,7 +100,7 @@ class _PaidMixin:
     def _release_args(self, plan: _Plan, tokens_in: int, tokens_out: int, cost_micro: int) -> dict:
         return dict(amount=to_usdc(cost_micro), refund_remainder=False,
                     usage={"prompt_tokens": tokens_in, "completion_tokens": tokens_out},
-                    meta={"task": plan.task}, idempotency_key=f"call-{uuid.uuid4()}")
+                    meta={"task": plan.task})  # over HTTP the transport adds a retry-safe key
 
     def _receipt(self, plan: _Plan, tokens_in: int, tokens_out: int, units: int, cost_micro: int,
                  counted_by: str, settled: Any, billing_started: float) -> CallReceipt:
