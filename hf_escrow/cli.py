@@ -289,3 +289,11 @@ def model_serve(port: int = typer.Option(8000, help="TCP port."), host: str = ty
     except KeyboardInterrupt:
         process.terminate()
         process.wait(10)
+
+
+@app.command()
+def demo(chat: bool = typer.Option(True, "--chat/--no-chat", help="Run the paid chat on the local model.")):
+    """The product end to end on the embedded default: agents, faucet, paid work, receipts, audit."""
+    from .demo import run_demo
+    report = run_demo(chat=chat, console=console)
+    raise typer.Exit(0 if report["ok"] else 1)
