@@ -89,5 +89,24 @@ def _isolated_home(tmp_path_factory, monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(scope="session")
+def gemma_dir() -> Path:
+    """The real gemma-3-270m, converted once into a cache kept across runs."""
+    from hf_escrow.localmodel import prepare_model
+    home = os.environ.get("HF_ESCROW_TEST_MODEL_HOME") or Path.home() / ".cache" / "hf-escrow-test" / "models"
+    return prepare_model(home=Path(home))
+
+
+@pytest.fixture(scope="session")
+def gemma_url(gemma_dir: Path):
+    """One `transformers serve` of the real model for the whole session."""
+    import huggingface_hub.constants
+    from hf_escrow.localmodel import served_model
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        pytest.fail("HF_HUB_OFFLINE is set in the test process: InferenceClient then refuses even 127.0.0.1")
+    with served_model(gemma_dir) as url:
+        yield url
+
+
 def pytest_report_header(config):
     return [f"PostgreSQL tests: {'SKIPPED - ' + PG_SKIP_REASON if PG_SKIP_REASON else 'enabled on ' + PG_ADMIN_URL}"]

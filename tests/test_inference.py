@@ -15,7 +15,7 @@ import pytest
 import hf_escrow
 from hf_escrow import InsufficientFunds, Pricing, ValidationError
 from hf_escrow.ledger import Ledger
-from hf_escrow.localmodel import prepare_model, served_model
+from hf_escrow.localmodel import served_model
 from hf_escrow.money import split_payout, to_usdc
 
 from .helpers import assert_audit_clean
@@ -218,18 +218,6 @@ def test_paid_inference_closes_the_escrow_when_the_body_raises(tiny_url, market)
 
 
 # ---- the real gemma-3-270m --------------------------------------------------------
-
-@pytest.fixture(scope="session")
-def gemma_dir() -> Path:
-    home = Path(os.environ.get("HF_ESCROW_TEST_MODEL_HOME", Path.home() / ".cache" / "hf-escrow-test" / "models"))
-    return prepare_model(home=home)
-
-
-@pytest.fixture(scope="session")
-def gemma_url(gemma_dir):
-    with served_model(gemma_dir) as url:
-        yield url
-
 
 @pytest.mark.model
 def test_real_model_chat_stream_and_abandon(gemma_url, gemma_dir, market):

@@ -25,21 +25,6 @@ from hf_escrow.localmodel import (
 MESSAGES = [{"role": "user", "content": "Write a short story about a robot."}]
 
 
-@pytest.fixture(scope="session")
-def model_dir() -> Path:
-    home = os.environ.get("HF_ESCROW_TEST_MODEL_HOME") or Path.home() / ".cache" / "hf-escrow-test" / "models"
-    return prepare_model(home=Path(home))
-
-
-@pytest.fixture(scope="session")
-def base_url(model_dir: Path):
-    import huggingface_hub.constants
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        pytest.fail("HF_HUB_OFFLINE is set in the test process: InferenceClient then refuses even 127.0.0.1")
-    with served_model(model_dir) as url:
-        yield url
-
-
 # --- fast: no model -------------------------------------------------------------------------------
 
 def test_model_home_follows_hf_escrow_home(monkeypatch, tmp_path):
@@ -103,28 +88,28 @@ def test_wait_healthy_gives_up_when_time_runs_out():
 # --- slow: the real model -------------------------------------------------------------------------
 
 @pytest.mark.model
-def test_prepared_folder_is_plain_bf16_with_a_gemma_chat_template(model_dir: Path):
+def test_prepared_folder_is_plain_bf16_with_a_gemma_chat_template(gemma_dir: Path):
     from transformers import AutoTokenizer
 
     started = time.monotonic()
-    assert prepare_model(home=model_dir.parent) == model_dir
+    assert prepare_model(home=gemma_dir.parent) == gemma_dir
     assert time.monotonic() - started < 1, "a finished folder must be returned without converting"
 
-    config = json.loads((model_dir / "config.json").read_text())
+    config = json.loads((gemma_dir / "config.json").read_text())
     assert "quantization_config" not in config and config["dtype"] == "bfloat16"
-    assert json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"] == [1, 106]
-    prompt = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
+    assert json.loads((gemma_dir / "generation_config.json").read_text())["eos_token_id"] == [1, 106]
+    prompt = AutoTokenizer.from_pretrained(gemma_dir).apply_chat_template(
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
         tokenize=False, add_generation_prompt=True)
     assert prompt == "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n"
 
 
 @pytest.mark.model
-def test_chat_completion_reports_usage(base_url: str, model_dir: Path):
+def test_chat_completion_reports_usage(gemma_url: str, gemma_dir: Path):
     max_tokens = 12
-    reply = InferenceClient(base_url=base_url).chat_completion(MESSAGES, model=str(model_dir), max_tokens=max_tokens)
+    reply = InferenceClient(base_url=gemma_url).chat_completion(MESSAGES, model=str(gemma_dir), max_tokens=max_tokens)
 
-    assert reply.model == str(model_dir)
+    assert reply.model == str(gemma_dir)
     choice = reply.choices[0]
     assert choice.message.role == "assistant"
     assert choice.message.content.strip()
@@ -138,13 +123,13 @@ def test_chat_completion_reports_usage(base_url: str, model_dir: Path):
 
 
 @pytest.mark.model
-def test_streamed_chat_completion_carries_usage_in_the_last_chunk(base_url: str, model_dir: Path):
+def test_streamed_chat_completion_carries_usage_in_the_last_chunk(gemma_url: str, gemma_dir: Path):
     from transformers import AutoTokenizer
 
     max_tokens = 16
     # The stream lives in the client's exit stack: a client dropped before the stream is read closes it.
-    with InferenceClient(base_url=base_url) as client:
-        chunks = list(client.chat_completion(MESSAGES, model=str(model_dir), max_tokens=max_tokens, stream=True))
+    with InferenceClient(base_url=gemma_url) as client:
+        chunks = list(client.chat_completion(MESSAGES, model=str(gemma_dir), max_tokens=max_tokens, stream=True))
 
     assert chunks[0].choices[0].delta.role == "assistant"
     assert all(chunk.usage is None for chunk in chunks[:-1])
@@ -162,11 +147,11 @@ def test_streamed_chat_completion_carries_usage_in_the_last_chunk(base_url: str,
     assert 1 <= len(pieces) <= usage.completion_tokens
     if last.choices[0].finish_reason == "length":
         # A stream cut off before its usage chunk is billed by re-counting its text: that count must agree.
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(gemma_dir)
         assert len(tokenizer(text, add_special_tokens=False).input_ids) == usage.completion_tokens
 
 
 @pytest.mark.model
-def test_the_server_refuses_any_other_model_name(base_url: str):
+def test_the_server_refuses_any_other_model_name(gemma_url: str):
     with pytest.raises(HfHubHTTPError, match="Bad request"):
-        InferenceClient(base_url=base_url).chat_completion(MESSAGES, model="google/gemma-3-270m", max_tokens=4)
+        InferenceClient(base_url=gemma_url).chat_completion(MESSAGES, model="google/gemma-3-270m", max_tokens=4)
