@@ -7,7 +7,6 @@ by default `~/.cache/hf-escrow-test/models`, so later runs start in seconds.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from huggingface_hub.errors import HfHubHTTPError
 
 from hf_escrow import localmodel
 from hf_escrow.localmodel import (
-    ModelServerError, free_port, model_home, prepare_model, served_model, wait_healthy,
+    ModelServerError, free_port, model_home, prepare_model, wait_healthy,
 )
 
 MESSAGES = [{"role": "user", "content": "Write a short story about a robot."}]
