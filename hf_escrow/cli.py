@@ -297,3 +297,36 @@ def demo(chat: bool = typer.Option(True, "--chat/--no-chat", help="Run the paid 
     from .demo import run_demo
     report = run_demo(chat=chat, console=console)
     raise typer.Exit(0 if report["ok"] else 1)
+
+
+@app.command()
+def gateway(upstream: str = typer.Option(..., help="The OpenAI-compatible server, ending in /v1."),
+            seller: Optional[str] = typer.Option(None, "--seller", envvar="HF_ESCROW_AGENT",
+                                                 help="Seller agent id (embedded ledger)."),
+            pricing: str = typer.Option(..., "--pricing", help="TOML price sheet (input_per_1k = \"0.0005\", ...)."),
+            host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8788),
+            escrow_url: Optional[str] = typer.Option(None, "--escrow-url", envvar="HF_ESCROW_URL",
+                                                     help="Escrow server; embedded ledger if not given."),
+            api_key: Optional[str] = KeyOpt, tokenizer: Optional[str] = typer.Option(
+                None, help="Local tokenizer path, to count streams that end without usage.")):
+    """Meter an OpenAI-compatible server: buyers pay per token from their escrows."""
+    import uvicorn
+    from .gateway import create_gateway
+    escrow = connect(escrow_url, api_key=api_key) if escrow_url else connect(agent=seller)
+    if not escrow_url:
+        _ensure_registered(escrow, seller)
+    app_ = create_gateway(upstream, escrow=escrow, pricing=pricing, tokenizer=tokenizer)
+    console.print(f"gateway on http://{host}:{port}/v1 -> {upstream}")
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
+
+
+def _ensure_registered(client: EscrowClient, agent_id: Optional[str]) -> None:
+    """Embedded sellers are registered on first start; a second start finds them."""
+    from ._exceptions import StateConflict
+    if not agent_id:
+        err_console.print("[red]error[/red]: name the seller with --seller (or HF_ESCROW_AGENT)")
+        raise typer.Exit(2)
+    try:
+        client.register(agent_id)
+    except StateConflict:
+        pass
