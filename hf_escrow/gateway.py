@@ -21,6 +21,7 @@ import anyio
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 
 from ._exceptions import EscrowError, Forbidden, StateConflict, ValidationError
 from .metering import Meter, TokenCounter
@@ -145,7 +146,9 @@ def create_gateway(upstream: str, *, escrow: Any, pricing: Any, tokenizer: Any =
             await anyio.to_thread.run_sync(gate.settle, meter, ticket, usage.get("prompt_tokens", prompt_tokens),
                                            usage.get("completion_tokens", 0), "usage")
             return Response(answer.content, status_code=answer.status_code, media_type="application/json")
-        return StreamingResponse(_relay(answer, gate, meter, ticket, counter, prompt_tokens),
+        delivery = _Delivery(gate, meter, ticket, counter, prompt_tokens)
+        # A finished stream settles after its last byte is sent, so billing adds nothing to it.
+        return StreamingResponse(_relay(answer, delivery), background=BackgroundTask(delivery.settle),
                                  media_type=answer.headers.get("content-type", "text/event-stream"))
 
     return app
@@ -160,42 +163,60 @@ def _max_tokens(body: dict, default: int) -> int:
     return value
 
 
-async def _relay(answer: httpx.Response, gate: _Gate, meter: Meter, ticket: int, counter: TokenCounter,
-                 prompt_tokens: int):
+class _Delivery:
+    """What a stream delivered so far, settled once: after the last byte, or on a disconnect."""
+
+    def __init__(self, gate: _Gate, meter: Meter, ticket: int, counter: TokenCounter, prompt_tokens: int):
+        self.gate, self.meter, self.ticket, self.counter = gate, meter, ticket, counter
+        self.prompt_tokens = prompt_tokens
+        self.text: list[str] = []
+        self.chunks = 0
+        self.usage: dict | None = None
+        self.settled = False
+
+    def add(self, line: bytes) -> None:
+        event = _sse_json(line)
+        if event is None:
+            return
+        self.usage = event.get("usage") or self.usage
+        piece = _delta_text(event)
+        if piece:
+            self.text.append(piece)
+            self.chunks += 1
+
+    async def settle(self) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        if self.usage and self.usage.get("completion_tokens") is not None:
+            tokens_in = self.usage.get("prompt_tokens", self.prompt_tokens)
+            tokens_out, how = self.usage["completion_tokens"], "usage"
+        elif self.chunks:
+            tokens_out, how = self.counter.text_tokens("".join(self.text), fallback=self.chunks)
+            tokens_in = self.prompt_tokens
+        else:
+            self.meter.release_ticket(self.ticket, 0)  # nothing delivered, nothing to pay
+            return
+        await anyio.to_thread.run_sync(self.gate.settle, self.meter, self.ticket, tokens_in, tokens_out, how)
+
+
+async def _relay(answer: httpx.Response, delivery: _Delivery):
     """Pass the upstream's bytes through as they come; count what reached the client."""
     pending = b""
-    text: list[str] = []
-    chunks = 0
-    usage: dict | None = None
+    finished = False
     try:
         async for raw in answer.aiter_raw():
             yield raw  # returns only once the client took it: what follows counts as delivered
             pending += raw
             *lines, pending = pending.split(b"\n")
             for line in lines:
-                event = _sse_json(line)
-                if event is None:
-                    continue
-                usage = event.get("usage") or usage
-                piece = _delta_text(event)
-                if piece:
-                    text.append(piece)
-                    chunks += 1
+                delivery.add(line)
+        finished = True
     finally:
         with anyio.CancelScope(shield=True):  # a client that went away still pays what it got
             await answer.aclose()
-            if usage and usage.get("completion_tokens") is not None:
-                tokens_in, tokens_out, how = usage.get("prompt_tokens", prompt_tokens), usage["completion_tokens"], "usage"
-            elif chunks:
-                tokens_out, how = counter.text_tokens("".join(text), fallback=chunks)
-                tokens_in = prompt_tokens
-            else:
-                tokens_in = tokens_out = 0
-                how = "nothing delivered"
-            if tokens_out or usage:
-                await anyio.to_thread.run_sync(gate.settle, meter, ticket, tokens_in, tokens_out, how)
-            else:
-                meter.release_ticket(ticket, 0)
+            if not finished:
+                await delivery.settle()
 
 
 def _sse_json(line: bytes) -> dict | None:
