@@ -6,17 +6,19 @@ transactions are short and blocking by design.
 
 
 import contextlib
+from pathlib import Path
 from typing import Annotated, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from .._exceptions import EscrowError, ValidationError
 from ..ledger import Ledger, audit
 from . import bodies
 from .wire import escrow_view, receipt_view, with_usdc
 
+_DASHBOARD = Path(__file__).with_name("dashboard.html")
 KeyHeader = Annotated[Optional[str], Header(alias="Idempotency-Key", description="Retry-safe key for this mutation.")]
 
 
@@ -61,6 +63,11 @@ def create_app(ledger: Ledger | None = None, *, database_url: str | None = None,
     app.include_router(_hf_routes(ledger, Agent))
     app.include_router(_vllm_routes(ledger, Agent))
     app.include_router(_faucet_routes(ledger))
+
+    @app.get("/dashboard", include_in_schema=False)
+    def dashboard() -> HTMLResponse:
+        """The agent's escrows, spend per model and over time; the page asks for the API key."""
+        return HTMLResponse(_DASHBOARD.read_text())
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict:
