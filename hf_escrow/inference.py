@@ -330,13 +330,27 @@ class AsyncPaidInferenceClient(_PaidMixin, AsyncInferenceClient):
 
     async def feature_extraction(self, text: str, **kwargs: Any) -> Any:
         """`AsyncInferenceClient.feature_extraction`, paid per vector."""
-        plan = self._plan_units("feature_extraction", "per_vector", 1)
+        return await self._unit_call("feature_extraction", "per_vector", _vectors,
+                                     super().feature_extraction(text, **kwargs))
+
+    async def text_to_image(self, prompt: str, **kwargs: Any) -> Any:
+        """`AsyncInferenceClient.text_to_image`, paid per image."""
+        return await self._unit_call("text_to_image", "per_image", lambda image: 1,
+                                     super().text_to_image(prompt, **kwargs))
+
+    async def _unit_call(self, task: str, unit: str, count, call) -> Any:
+        """Reserve one unit, await `call` (a coroutine not started yet), settle the units it returned."""
         try:
-            result = await super().feature_extraction(text, **kwargs)
+            plan = self._plan_units(task, unit, 1)
+        except BaseException:
+            call.close()
+            raise
+        try:
+            result = await call
         except BaseException:
             self._meter.release_ticket(plan.ticket, 0)
             raise
-        await self._settle(plan, 0, 0, _vectors(result), "units")
+        await self._settle(plan, 0, 0, count(result), "units")
         return result
 
     async def _metered_stream(self, plan: _Plan, stream: Any):
@@ -371,17 +385,6 @@ class AsyncPaidInferenceClient(_PaidMixin, AsyncInferenceClient):
                                                       idempotency_key=f"finish-{self.escrow_id}"))
 
 
-    async def text_to_image(self, prompt: str, **kwargs: Any) -> Any:
-        """`AsyncInferenceClient.text_to_image`, paid per image."""
-        plan = self._plan_units("text_to_image", "per_image", 1)
-        try:
-            result = await super().text_to_image(prompt, **kwargs)
-        except BaseException:
-            self._meter.release_ticket(plan.ticket, 0)
-            raise
-        await self._settle(plan, 0, 0, 1, "units")
-        return result
-
     async def text_generation(self, prompt: str, **kwargs: Any) -> Any:
         """Not billed by the async client: use `chat_completion` (or the sync client)."""
         raise ValidationError("AsyncPaidInferenceClient bills chat_completion, feature_extraction, text_to_image and "
@@ -393,14 +396,7 @@ def _async_per_call(name: str):
 
     @functools.wraps(original)
     async def method(self: AsyncPaidInferenceClient, *args: Any, **kwargs: Any) -> Any:
-        plan = self._plan_units(name, "per_call", 1)
-        try:
-            result = await original(self, *args, **kwargs)
-        except BaseException:
-            self._meter.release_ticket(plan.ticket, 0)
-            raise
-        await self._settle(plan, 0, 0, 1, "units")
-        return result
+        return await self._unit_call(name, "per_call", lambda result: 1, original(self, *args, **kwargs))
     return method
 
 
