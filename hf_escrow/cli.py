@@ -57,7 +57,9 @@ def _run(action, as_json: bool, render) -> None:
 def _escrow_table(rows: list[Escrow], title: str) -> Table:
     table = Table(title=title)
     for column in ("id", "status", "buyer", "seller", "amount", "paid", "refunded", "remaining", "model"):
-        table.add_column(column, justify="right" if column in ("amount", "paid", "refunded", "remaining") else "left")
+        # fold, never cut: an id or an amount shown with an ellipsis is worse than a wrapped one
+        table.add_column(column, justify="right" if column in ("amount", "paid", "refunded", "remaining") else "left",
+                         overflow="fold")
     for e in rows:
         table.add_row(e.id, e.status, e.buyer, e.seller, str(e.amount), str(e.paid), str(e.refunded),
                       str(e.remaining), e.model or "")
@@ -330,3 +332,7 @@ def _ensure_registered(client: EscrowClient, agent_id: Optional[str]) -> None:
         client.register(agent_id)
     except StateConflict:
         pass
+
+
+if __name__ == "__main__":
+    app()

@@ -6,6 +6,7 @@ transactions are short and blocking by design.
 
 
 import contextlib
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -165,16 +166,21 @@ def _vllm_routes(ledger: Ledger, Agent) -> APIRouter:
 
     @router.post("/release")
     def release(body: bodies.VllmRelease, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
-        """Pay (metadata.prompt_tokens + actual_completion_tokens) x price_per_token, plus bonuses; refund the rest."""
-        usage = None
+        """Pay (metadata.prompt_tokens + actual_completion_tokens) x price_per_token, plus bonuses; refund the rest.
+
+        Without `price_per_token` (the guide's score-gated release), the price is the one
+        the escrow was sized with: amount / (prompt_tokens + max_completion_tokens).
+        """
+        usage, price = None, body.price_per_token
         if body.actual_completion_tokens is not None:
-            meta = ledger.get(agent_id, body.escrow_id)["meta"] or {}
-            prompt_tokens = meta.get("prompt_tokens", 0)
-            if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int):
-                raise ValidationError("escrow metadata.prompt_tokens must be a whole number of tokens")
+            escrow = ledger.get(agent_id, body.escrow_id)
+            meta = escrow["meta"] or {}
+            prompt_tokens = _meta_tokens(meta, "prompt_tokens")
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": body.actual_completion_tokens}
+            if price is None and body.amount_usdc is None:
+                price = _sizing_price(escrow["amount_micro"], prompt_tokens, _meta_tokens(meta, "max_completion_tokens"))
         return receipt_view(ledger.release(
-            agent_id, body.escrow_id, body.amount_usdc, usage=usage, price_per_token=body.price_per_token,
+            agent_id, body.escrow_id, body.amount_usdc, usage=usage, price_per_token=price,
             quality_score=body.quality_score, throughput_tps=body.throughput_tps, idempotency_key=idempotency_key))
 
     @router.post("/cancel")
@@ -206,6 +212,21 @@ def _faucet_routes(ledger: Ledger) -> APIRouter:
         return with_usdc(ledger.claim_faucet(body.agent_id, idempotency_key=idempotency_key))
 
     return router
+
+
+def _meta_tokens(meta: dict, name: str) -> int:
+    value = meta.get(name, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValidationError(f"escrow metadata.{name} must be a whole number of tokens")
+    return value
+
+
+def _sizing_price(amount_micro: int, prompt_tokens: int, max_completion_tokens: int) -> Decimal:
+    """The per-token price an escrow was sized with (exact Decimal; the cost is rounded once)."""
+    if prompt_tokens + max_completion_tokens == 0:
+        raise ValidationError("give price_per_token: the escrow's metadata has no prompt_tokens or "
+                              "max_completion_tokens to derive it from")
+    return Decimal(amount_micro) / 1_000_000 / (prompt_tokens + max_completion_tokens)
 
 
 def _usage(usage: bodies.Usage | None) -> dict | None:
