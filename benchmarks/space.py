@@ -1,0 +1,162 @@
+"""A paid Space vs the same Space unpaid, in one run: calls/s with concurrent callers, and the gate's latency.
+
+    python benchmarks/space.py [--model tiny|gemma] [--callers 16] [--rounds 3] [--max-tokens 16]
+
+One Gradio app (the paid-chat Space's model and queue settings) serves the same handler
+twice: `/paid` behind `hf_escrow.gate.paid` on an embedded ledger, `/free` without it.
+`gradio_client` callers with escrow headers hit both in alternating rounds, so drift hits
+both alike. Reported: calls/s of each (median of the rounds) and their ratio (goal >= 0.95),
+the p50 latency of a lone caller on each and the difference, and the gate's own time per
+call (p50 of the receipts' `gate_ms`: the key check on first use, the hold, the deduction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+from _table import median, percentile, show  # noqa: E402
+
+PRICE = "0.000001"
+
+
+def load_space_module():
+    spec = importlib.util.spec_from_file_location("paid_chat_app", ROOT / "spaces" / "paid-chat" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_round(client_factory, api_name: str, callers: int, calls_each: int) -> float:
+    """calls/s of `callers` threads, each making `calls_each` sequential calls."""
+    clients = [client_factory() for _ in range(callers)]
+    barrier = threading.Barrier(callers + 1, timeout=120)
+    errors: list[BaseException] = []
+
+    def work(client) -> None:
+        barrier.wait()
+        for i in range(calls_each):
+            try:
+                client.predict(f"question {i}", api_name=api_name)
+            except BaseException as error:  # report, do not hide
+                errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join(timeout=600)
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} calls failed on {api_name}: {errors[0]!r}")
+    return callers * calls_each / elapsed
+
+
+def _list(values: list[float]) -> str:
+    return ", ".join(f"{v:.1f}" for v in values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=["tiny", "gemma"], default="tiny")
+    parser.add_argument("--callers", type=int, default=16)
+    parser.add_argument("--calls-each", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--lone-calls", type=int, default=20)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--concurrency", type=int, default=4)
+    args = parser.parse_args()
+
+    import gradio as gr
+    from gradio_client import Client
+
+    import hf_escrow
+    from hf_escrow.gate import Gate
+    from tests.liveserver import free_port
+
+    space = load_space_module()
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.model == "gemma":
+            from hf_escrow.localmodel import prepare_model
+            model_dir = prepare_model()
+        else:
+            from tests.models import build_tiny_chat_model
+            model_dir = build_tiny_chat_model(Path(tmp) / "tiny")
+        chat = space.LocalChat(str(model_dir), args.max_tokens)
+        db = f"sqlite:///{Path(tmp) / 'ledger.db'}"
+        seller = hf_escrow.connect(agent="paid-chat", database_url=db)
+        seller.register()
+        buyer = hf_escrow.connect(agent="buyer", database_url=db)
+        key = buyer.register().api_key
+        hf_escrow.client.embedded_ledger(db).deposit("buyer", "100")
+        escrow = buyer.create_escrow("paid-chat", "10", ttl_seconds=3600)
+        gate = Gate(seller)
+
+        def answer(message: str) -> str:
+            return chat(message)
+
+        paid_answer = gate.paid(price=PRICE, reason="benchmark")(answer)
+
+        with gr.Blocks() as demo:
+            box, out = gr.Textbox(), gr.Textbox()
+            gr.Button().click(answer, box, out, api_name="free")
+            gr.Button().click(paid_answer, box, out, api_name="paid")
+        port = free_port()
+        demo.queue(default_concurrency_limit=args.concurrency).launch(
+            server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+        url = f"http://127.0.0.1:{port}"
+        headers = {"X-Escrow-Id": escrow.id, "Authorization": f"Bearer {key}"}
+
+        def factory() -> Client:
+            return Client(url, headers=headers, verbose=False)
+
+        try:
+            lone = factory()
+            for name in ("/free", "/paid"):      # warm up both paths (and the gate's key check)
+                for _ in range(3):
+                    lone.predict("warm up", api_name=name)
+            latency = {"/free": [], "/paid": []}
+            for _ in range(args.lone_calls):
+                for name in ("/free", "/paid"):
+                    start = time.perf_counter()
+                    lone.predict("one question", api_name=name)
+                    latency[name].append((time.perf_counter() - start) * 1000)
+            rates = {"/free": [], "/paid": []}
+            for _ in range(args.rounds):
+                for name in ("/free", "/paid"):
+                    rates[name].append(run_round(factory, name, args.callers, args.calls_each))
+        finally:
+            demo.close()
+
+        gate_ms = [r.gate_ms for r in gate.receipts]
+        free_rate, paid_rate = median(rates["/free"]), median(rates["/paid"])
+        p50_free, p50_paid = median(latency["/free"]), median(latency["/paid"])
+        charged = buyer.get(escrow.id)
+        calls = len(gate.receipts)
+        assert charged.paid == hf_escrow.money.to_usdc(calls), (charged.paid, calls)  # 1 micro-USDC per call
+        show(f"paid Space vs unpaid ({args.model} model, {args.max_tokens} tokens, {args.callers} callers, "
+             f"concurrency_limit {args.concurrency})", [
+                 ("ungated calls/s (median of rounds)", f"{free_rate:.1f}", _list(rates["/free"])),
+                 ("gated calls/s (median of rounds)", f"{paid_rate:.1f}", _list(rates["/paid"])),
+                 ("gated / ungated calls/s", f"{paid_rate / free_rate:.3f}", "goal >= 0.95"),
+                 ("lone caller p50, ungated", f"{p50_free:.1f} ms", ""),
+                 ("lone caller p50, gated", f"{p50_paid:.1f} ms", ""),
+                 ("gate's added latency p50 (end to end)", f"{p50_paid - p50_free:.1f} ms", "difference of the p50s"),
+                 ("gate's own time per call p50 / p95", f"{median(gate_ms):.1f} / {percentile(gate_ms, 95):.1f} ms",
+                  "hold + ledger deduction (receipts' gate_ms)"),
+                 ("paid calls, charged exactly", f"{calls}", f"escrow paid {charged.paid} USDC"),
+             ])
+
+
+if __name__ == "__main__":
+    main()
