@@ -17,16 +17,22 @@ import httpx
 
 from ._exceptions import TransportError, error_for_status
 from ._models import Agent
+from .money import to_decimal
 
 RETRY_STATUSES = (502, 503, 504)
 BACKOFF_S = 0.2
 MAX_BACKOFF_S = 3.0
+_LOST = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 _MUTATIONS = {"claim_faucet", "create_escrow", "deduct", "release", "cancel", "submit_result", "verify"}
 
 
-def _amount(value: Any) -> Any:
-    """Decimals travel as strings: exact, and accepted by the server like numbers."""
-    return None if value is None else (value if isinstance(value, (int, float, str)) else str(value))
+def _amount(value: Any, *, required: bool = True) -> Any:
+    """An amount as it travels: checked here first, so that NaN, inf, bools and None raise
+    the same `InvalidAmount` as the embedded client; Decimals go as exact strings."""
+    if value is None and not required:
+        return None
+    to_decimal(value)
+    return value if isinstance(value, (int, float, str)) else str(value)
 
 
 def build_request(op: str, params: dict, agent: str | None) -> tuple[str, str, dict | None, dict | None]:
@@ -50,9 +56,9 @@ def build_request(op: str, params: dict, agent: str | None) -> tuple[str, str, d
         body = dict(p, seller_id=p.pop("seller"), amount_usdc=_amount(p.pop("amount")))
         return "POST", "/api/escrow", body, None
     if op in ("deduct", "release"):
-        body = dict(p, amount_usdc=_amount(p.pop("amount")))
+        body = dict(p, amount_usdc=_amount(p.pop("amount"), required=op == "deduct"))
         if "price_per_token" in body:
-            body["price_per_token"] = _amount(body["price_per_token"])
+            body["price_per_token"] = _amount(body["price_per_token"], required=False)
         return "POST", f"/api/escrow/{escrow_id}/{op}", body, None
     path = {"cancel": "cancel", "submit_result": "submit-result", "verify": "verify"}[op]
     return "POST", f"/api/escrow/{escrow_id}/{path}", p, None
@@ -93,7 +99,9 @@ class _Base:
 
     def _retryable(self, error: Exception | None, response: httpx.Response | None, connect_only: bool) -> bool:
         if error is not None:
-            return isinstance(error, httpx.ConnectError) or (not connect_only and isinstance(error, httpx.TimeoutException))
+            # A request that reached the server may have done its work; only a keyed or a
+            # read-only request may go again, and register (fresh key each time) may not.
+            return isinstance(error, httpx.ConnectError) or (not connect_only and isinstance(error, _LOST))
         return not connect_only and response is not None and response.status_code in RETRY_STATUSES
 
     def _result(self, op: str, response: httpx.Response) -> Any:
@@ -107,8 +115,8 @@ class _Base:
             self.agent_id = body.get("agent_id")
         return _drop_usdc(body)
 
-    def _unreachable(self, error: Exception) -> TransportError:
-        return TransportError(f"escrow server {self.base_url} unreachable after {self.max_retries + 1} tries: "
+    def _unreachable(self, error: Exception, tries: int) -> TransportError:
+        return TransportError(f"escrow server {self.base_url} unreachable after {tries} tr{'y' if tries == 1 else 'ies'}: "
                               f"{type(error).__name__}: {error}")
 
 
@@ -133,7 +141,7 @@ class HTTPTransport(_Base):
                 time.sleep(self._backoff(attempt))
                 continue
             if error is not None:
-                raise self._unreachable(error) from error
+                raise self._unreachable(error, attempt + 1) from error
             return self._result(op, response)
         raise AssertionError("unreachable")
 
@@ -163,7 +171,7 @@ class AsyncHTTPTransport(_Base):
                 await asyncio.sleep(self._backoff(attempt))
                 continue
             if error is not None:
-                raise self._unreachable(error) from error
+                raise self._unreachable(error, attempt + 1) from error
             return self._result(op, response)
         raise AssertionError("unreachable")
 

@@ -111,10 +111,14 @@ def test_faucet_claim_again_is_rate_limited_and_unknown_agent_refused(market):
     faucet = load_snippet("faucet_curl", market["base"])
     for agent_id, status, message in (("hf-buyer", "429", "already claimed"), ("nobody-here", "401", "not registered")):
         argv = [a for a in shlex.split(faucet.CLAIM.replace("vllm-worker-1", agent_id)) if a != "\n"]
-        done = subprocess.run(argv + ["-s", "-w", "\n%{http_code}"], capture_output=True, text=True,
+        done = subprocess.run(argv + ["-s", "-D", "-", "-w", "\n%{http_code}"], capture_output=True, text=True,
                               timeout=CURL_TIMEOUT_S, check=True)
-        body, got = done.stdout.rsplit("\n", 1)
+        head, rest = done.stdout.split("\n\n", 1)  # text mode turned the CRLFs into newlines
+        body, got = rest.rsplit("\n", 1)
         assert got == status and message in json.loads(body)["message"]
+        if status == "429":  # a client may wait exactly this long and then succeed
+            retry_after = json.loads(body)["details"]["retry_after_s"]
+            assert f"retry-after: {retry_after}" in head.lower() and retry_after > 0
 
 
 # ---- hf_inference_escrow.py (seed 003) -------------------------------------------------

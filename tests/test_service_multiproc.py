@@ -309,15 +309,9 @@ TWIN_ROUNDS = 10
 
 
 @pytest.mark.parametrize("op", ["deduct", "deduct_all", "release", "cancel"])
-def test_concurrent_twins_on_both_servers_get_the_same_receipt(cluster, op, request):
+def test_concurrent_twins_on_both_servers_get_the_same_receipt(cluster, op):
     """The same request under the same key, sent to both servers at the same moment (a client
     that timed out and retried elsewhere): one effect, and both copies get the stored receipt."""
-    if cluster.backend == "postgres" and op != "deduct":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "BUG (ledger/core.py _mutate): on PostgreSQL (READ COMMITTED) the twin looks up the key before the "
-            "first commits, then waits on the escrow row lock and fails the state/remainder check "
-            "(409 StateConflict / 402 InsufficientFunds) instead of returning the stored result; "
-            "the effect itself happens once")))
     names, keys = cluster.agents("buyer", "seller", fund="10")
     buyers = [hf_escrow.connect(url, api_key=keys["buyer"]) for url in cluster.urls]
     sellers = [hf_escrow.connect(url, api_key=keys["seller"]) for url in cluster.urls]

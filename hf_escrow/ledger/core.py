@@ -34,6 +34,8 @@ from .schema import accounts, agents, escrow_events, escrows, transactions
 from .storage import default_database_url, open_engine
 
 AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+WALLET = re.compile(r"^0x[0-9a-f]{40}$")
+MAX_MODEL_CHARS = 200
 MAX_ATTEMPTS = 8
 MAX_HISTORY = 1_000
 MAX_EVENTS = 500
@@ -124,14 +126,23 @@ class Ledger:
         except _Expired as expired:
             self.expire(expired.escrow_id)
             raise StateConflict(f"escrow {expired.escrow_id} has expired; its remainder was refunded to the buyer")
+        except (StateConflict, InsufficientFunds):
+            # Under READ COMMITTED a concurrent twin with this key may have committed while
+            # this one waited on the escrow row lock: its stored result is the answer.
+            stored = key and self._read(lambda conn, now: idempotency.lookup(conn, agent_id, key, digest))
+            if stored:
+                return stored
+            raise
 
     # ---- agents -------------------------------------------------------------------
 
     def register(self, agent_id: str, referral_code: str | None = None) -> dict:
         """Create an agent with its account; returns its API key, shown only this once."""
-        if not isinstance(agent_id, str) or not AGENT_ID.match(agent_id):
+        if not isinstance(agent_id, str) or not AGENT_ID.fullmatch(agent_id):
             raise ValidationError("agent_id must be 1-64 characters of letters, digits, '_', '-' or '.', "
                                   f"starting with a letter or digit; got {agent_id!r}")
+        if WALLET.fullmatch(agent_id.lower()):
+            raise ValidationError(f"agent_id {agent_id!r} looks like a wallet address; pick a name")
         api_key = "hfe_" + secrets.token_urlsafe(32)
 
         def fn(conn: Connection, now_ms: int) -> dict:
@@ -185,7 +196,7 @@ class Ledger:
             last = conn.scalar(select(func.max(transactions.c.at_ms)).where(
                 transactions.c.agent_id == agent_id, transactions.c.kind == "faucet", transactions.c.at_ms > since))
             if last is not None:
-                wait_s = (last + self.config.faucet_interval_s * 1000 - now_ms) // 1000 + 1
+                wait_s = -(-(last + self.config.faucet_interval_s * 1000 - now_ms) // 1000)  # ceil: waiting that long is enough
                 raise RateLimited(f"agent {agent_id!r} already claimed the faucet; try again in {wait_s} s",
                                   details={"retry_after_s": wait_s})
             return self._credit(conn, agent_id, self.config.faucet_amount_micro, "faucet", now_ms)
@@ -266,6 +277,10 @@ class Ledger:
 
         def fn(conn: Connection, now_ms: int) -> dict:
             row = self._locked(conn, escrow_id, agent_id, now_ms, role="seller", states=("active",))
+            if row.release_condition is not None:
+                # Paying a gated escrow piecemeal would pay for a result that has not passed.
+                raise StateConflict(f"escrow {escrow_id} pays on a passing benchmark result "
+                                    "(submit_result, then verify), not by deduct")
             remaining = int(row.remaining_micro)
             if amount_micro > remaining:
                 raise InsufficientFunds(
@@ -431,6 +446,8 @@ class Ledger:
             raise ValidationError(f"unknown status {status!r}")
         if role not in (None, "buyer", "seller"):
             raise ValidationError("role must be buyer or seller")
+        model = rules.check_text(model, "model", MAX_MODEL_CHARS)
+        since_ms, until_ms = rules.check_time_ms(since_ms, "since_ms"), rules.check_time_ms(until_ms, "until_ms")
 
         def fn(conn: Connection, now_ms: int) -> list[dict]:
             self._agent(conn, agent_id)
@@ -481,8 +498,10 @@ class Ledger:
     def _resolve(self, conn: Connection, name: Any, what: str) -> str:
         if not isinstance(name, str) or not name:
             raise ValidationError(f"{what} must be an agent id or wallet address")
-        column = agents.c.wallet if name.startswith("0x") else agents.c.agent_id
-        agent_id = conn.scalar(select(agents.c.agent_id).where(column == name))
+        agent_id = None
+        if rules.is_key_text(name, 64):
+            column = agents.c.wallet if WALLET.fullmatch(name) else agents.c.agent_id
+            agent_id = conn.scalar(select(agents.c.agent_id).where(column == name))
         if agent_id is None:
             raise NotFound(f"{what} {name!r} is not a registered agent or wallet; it must register first")
         return agent_id
@@ -490,7 +509,9 @@ class Ledger:
     def _agent_by_code(self, conn: Connection, code: Any) -> str:
         if not isinstance(code, str):
             raise ValidationError("referral_code must be text such as \"ref_0123abcd\"")
-        agent_id = conn.scalar(select(agents.c.agent_id).where(agents.c.referral_code == code))
+        agent_id = None
+        if rules.is_key_text(code, 32):
+            agent_id = conn.scalar(select(agents.c.agent_id).where(agents.c.referral_code == code))
         if agent_id is None:
             raise ValidationError(f"unknown referral code {code!r}")
         return agent_id
@@ -515,7 +536,7 @@ class Ledger:
     def _visible(self, conn: Connection, escrow_id: Any, agent_id: str, *, lock: bool = False) -> Any:
         """The escrow row (with `remaining_micro`) if `agent_id` is a party to it."""
         row = None
-        if isinstance(escrow_id, str):
+        if rules.is_key_text(escrow_id, 40):
             row = conn.execute(_ESCROW_FOR_UPDATE if lock else _ESCROW, {"eid": escrow_id}).first()
         if row is None or agent_id not in (row.buyer, row.seller, row.verifier):
             self._agent(conn, agent_id)
@@ -678,6 +699,10 @@ def _check_meta(meta: Any) -> dict | None:
         raise ValidationError(f"meta must be plain JSON: {error}") from None
     if len(text) > rules.MAX_JSON_CHARS:
         raise ValidationError(f"meta is larger than {rules.MAX_JSON_CHARS} characters of JSON")
+    if "\\u0000" in text:
+        raise ValidationError("meta must not contain NUL characters")
+    if isinstance(meta.get("model"), str):
+        rules.check_text(meta["model"], "meta.model", MAX_MODEL_CHARS)
     return json.loads(text)
 
 

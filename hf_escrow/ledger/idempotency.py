@@ -20,8 +20,8 @@ KEEP_MS = 48 * 3_600_000  # kept at least 24 h, as promised; swept after 48 h
 def check_key(key: Any) -> str | None:
     if key is None:
         return None
-    if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_CHARS:
-        raise ValidationError(f"an idempotency key must be text of 1 to {MAX_KEY_CHARS} characters")
+    if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_CHARS or "\x00" in key:
+        raise ValidationError(f"an idempotency key must be text of 1 to {MAX_KEY_CHARS} characters, without NUL")
     return key
 
 

@@ -39,11 +39,26 @@ def check_ttl(ttl_seconds: Any) -> int:
     return int(ttl_seconds * 1000)
 
 
-def check_text(value: Any, what: str) -> str | None:
+def check_text(value: Any, what: str, max_chars: int = MAX_TEXT_CHARS) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or len(value) > MAX_TEXT_CHARS:
-        raise ValidationError(f"{what} must be text of at most {MAX_TEXT_CHARS} characters")
+    if not isinstance(value, str) or len(value) > max_chars:
+        raise ValidationError(f"{what} must be text of at most {max_chars} characters")
+    if "\x00" in value:  # PostgreSQL text cannot hold NUL; refuse it on every backend alike
+        raise ValidationError(f"{what} must not contain NUL characters")
+    return value
+
+
+def is_key_text(value: Any, max_chars: int) -> bool:
+    """Whether `value` could be a stored id or code at all (a lookup of anything else finds nothing)."""
+    return isinstance(value, str) and 0 < len(value) <= max_chars and "\x00" not in value
+
+
+def check_time_ms(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+        raise ValidationError(f"{what} must be a whole number of milliseconds since the epoch")
     return value
 
 

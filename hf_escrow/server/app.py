@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._exceptions import EscrowError, ValidationError
 from ..ledger import Ledger, audit
@@ -236,7 +237,18 @@ def _usage(usage: bodies.Usage | None) -> dict | None:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EscrowError)
     async def escrow_error(request: Request, error: EscrowError) -> JSONResponse:
-        return JSONResponse(error.to_dict(), status_code=error.status_code)
+        retry_after = (error.details or {}).get("retry_after_s")
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        return JSONResponse(error.to_dict(), status_code=error.status_code, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        # Framework answers (unknown route, wrong method, a body that is not UTF-8) in the
+        # API's own error shape; a body that cannot be read is bad input like any other: 422.
+        code, hint = _HTTP_ERRORS.get(error.status_code, ("http_error", str(error.detail)))
+        status = 422 if error.status_code == 400 else error.status_code
+        return JSONResponse({"error": code, "message": f"{hint} ({request.method} {request.url.path})"},
+                            status_code=status, headers=getattr(error, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -247,6 +259,13 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = "invalid request: " + "; ".join(problems) if problems else "invalid request body"
         return JSONResponse({"error": "validation_error", "message": message, "details": {"problems": problems}},
                             status_code=422)
+
+
+_HTTP_ERRORS = {
+    400: ("validation_error", "the request body could not be read: send UTF-8 JSON"),
+    404: ("not_found", "no such endpoint; the routes are listed at /docs"),
+    405: ("method_not_allowed", "this endpoint does not take that method; see /docs"),
+}
 
 
 class _JsonBodyMiddleware:
