@@ -19,11 +19,19 @@ from .client import AsyncEscrowClient, EscrowClient, connect, connect_async
 from .pricing import Pricing
 
 
+# The adapters import huggingface_hub, datasets or gradio; load them only when asked for.
+_LAZY = {
+    "PaidInferenceClient": "inference", "AsyncPaidInferenceClient": "inference", "paid_inference": "inference",
+    "load_paid_dataset": "datasets", "paid_shards": "datasets",
+    "paid": "gate", "Gate": "gate",
+    "EscrowedEngine": "vllm",
+}
+
+
 def __getattr__(name: str):
-    # The adapters import huggingface_hub; load them only when asked for.
-    if name in ("PaidInferenceClient", "AsyncPaidInferenceClient", "paid_inference"):
-        from . import inference
-        return getattr(inference, name)
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'hf_escrow' has no attribute {name!r}")
 
 __version__ = "0.1.0"
@@ -31,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "connect", "connect_async", "EscrowClient", "AsyncEscrowClient",
     "PaidInferenceClient", "AsyncPaidInferenceClient", "paid_inference",
+    "load_paid_dataset", "paid_shards", "paid", "Gate", "EscrowedEngine",
     "Agent", "Escrow", "EscrowEvent", "Me", "Receipt", "Pricing",
     "EscrowError", "ValidationError", "InvalidAmount", "Unauthorized", "Forbidden", "NotFound",
     "InsufficientFunds", "StateConflict", "IdempotencyConflict", "RateLimited", "TransportError",

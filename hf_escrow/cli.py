@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -16,6 +17,8 @@ from rich.table import Table
 
 from ._exceptions import EscrowError
 from ._models import Escrow, Receipt, as_dict
+from .cli_datasets import datasets_app
+from .cli_jobs import jobs_app
 from .client import EscrowClient, connect, embedded_ledger
 
 app = typer.Typer(help="Escrow-backed pay-per-use for Hugging Face workloads.", no_args_is_help=True,
@@ -267,6 +270,8 @@ def mcp_stdio(agent: Optional[str] = AgentOpt, database_url: Optional[str] = DbO
 
 model_app = typer.Typer(help="The embedded default model (gemma-3-270m, local).", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(jobs_app, name="jobs")
 
 
 @model_app.command("prepare")
@@ -294,10 +299,19 @@ def model_serve(port: int = typer.Option(8000, help="TCP port."), host: str = ty
 
 
 @app.command()
-def demo(chat: bool = typer.Option(True, "--chat/--no-chat", help="Run the paid chat on the local model.")):
+def demo(chat: bool = typer.Option(True, "--chat/--no-chat", help="Paid chat on the local model, per token."),
+         datasets: bool = typer.Option(True, "--datasets/--no-datasets", help="Paid dataset stream, per shard."),
+         space: bool = typer.Option(True, "--space/--no-space", help="Paid Gradio calls, per call."),
+         finetune: bool = typer.Option(True, "--finetune/--no-finetune",
+                                       help="Benchmark-gated LoRA fine-tune (about a minute)."),
+         model_url: Optional[str] = typer.Option(None, help="Chat with this OpenAI-compatible server (…/v1) "
+                                                           "instead of starting the local model."),
+         model_dir: Optional[Path] = typer.Option(None, help="The model folder to serve (or, with --model-url, "
+                                                             "its tokenizer).")):
     """The product end to end on the embedded default: agents, faucet, paid work, receipts, audit."""
     from .demo import run_demo
-    report = run_demo(chat=chat, console=console)
+    report = run_demo(chat=chat, datasets=datasets, space=space, finetune=finetune, model_url=model_url,
+                      model_dir=model_dir, console=console)
     raise typer.Exit(0 if report["ok"] else 1)
 
 

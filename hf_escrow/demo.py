@@ -1,15 +1,27 @@
 """`hf-escrow demo`: the product end to end on the embedded default, in one command.
 
 Registers a buyer, a seller and a referrer on the SQLite ledger in `$HF_ESCROW_HOME`,
-funds the buyer from the faucet, runs a paid streamed chat against the local
-gemma-3-270m served by `transformers serve`, then prints receipts, balances and a clean
-audit. Every step moves real (test) USDC through the same ledger.
+funds the buyer from the faucet, then runs each kind of paid work the toolkit sells:
+
+1. a streamed chat with the local gemma-3-270m served by `transformers serve`, billed per token;
+2. a parquet dataset streamed with `datasets` from a local shard server, billed per shard;
+3. calls to a Gradio app behind the `@paid` gate, made with `gradio_client`, billed per call;
+4. a LoRA fine-tune of all-MiniLM-L6-v2 that is paid only when the buyer's own re-scoring
+   on held-out data passes the benchmark.
+
+It ends with every escrow's money, the balances and a clean audit. Everything stays on
+127.0.0.1 and every step moves real (test) USDC through the same ledger.
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
-from typing import Callable
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.table import Table
@@ -18,10 +30,40 @@ from .client import connect, embedded_ledger
 from .ledger import audit
 
 PRICES = {"input_per_1k": "0.0005", "output_per_1k": "0.0015"}
+SHARDS, ROWS_PER_SHARD, PRICE_PER_SHARD = 4, 250, "0.002"
+PRICE_PER_CALL = "0.001"
+STARTUP_TIMEOUT_S = 60.0
+# A smaller cut of jobs/minilm-negation-sentiment.toml: the same task, about 20 s on 2 cores.
+FINETUNE_JOB = {
+    "name": "demo-minilm-negation-sentiment", "task": "sequence-classification",
+    "base_model": "sentence-transformers/all-MiniLM-L6-v2",
+    "escrow": {"verifier": "buyer", "budget_usdc": "0.50", "ttl_seconds": 3600},
+    "benchmark": {"metric": "accuracy", "threshold": 0.9, "higher_is_better": True},
+    "data": {"train": "train.jsonl", "held_out": "held_out.jsonl", "labels": ["negative", "positive"],
+             "generate": {"generator": "negation-sentiment", "train_seed": 1, "train_rows": 600,
+                          "held_out_seed": 2, "held_out_rows": 200}},
+    "training": {"epochs": 2, "learning_rate": 1e-3, "batch_size": 8, "max_length": 32, "lora_r": 8,
+                 "lora_alpha": 32, "target_modules": ["query", "key", "value", "dense"]},
+}
 
 
-def run_demo(*, chat: bool = True, console: Console | None = None) -> dict:
-    """Run the demo; returns the audit report (its `ok` is what the exit code reflects)."""
+def run_demo(*, chat: bool = True, datasets: bool = True, space: bool = True, finetune: bool = True,
+             model_url: str | None = None, model_dir: Path | None = None, console: Console | None = None) -> dict:
+    """Run the demo; returns `ok` (the audit's verdict, which the exit code reflects), the
+    audit report, the agents' ids and the escrows, one per step run.
+
+    Args:
+        chat, datasets, space, finetune: which kinds of paid work to run.
+        model_url: an OpenAI-compatible server (ending in /v1) to chat with instead of
+            starting `transformers serve` on the local gemma-3-270m.
+        model_dir: the model folder to serve (default: the converted gemma-3-270m); with
+            `model_url`, its tokenizer counts streams that end without usage.
+
+    Example:
+        >>> report = run_demo(chat=False, finetune=False)  # doctest: +SKIP
+        >>> report["ok"]
+        True
+    """
     console = console or Console()
     tag = secrets.token_hex(3)  # a fresh cast each run, so the demo can run again on one ledger
     names = {"buyer": f"demo-buyer-{tag}", "seller": f"demo-seller-{tag}", "referrer": f"demo-referrer-{tag}"}
@@ -32,48 +74,190 @@ def run_demo(*, chat: bool = True, console: Console | None = None) -> dict:
     seller = connect(agent=names["seller"])
     seller.register(referral_code=referrer.referral_code)
     buyer = connect(agent=names["buyer"])
-    buyer.register()
+    buyer_key = buyer.register().api_key
     console.print(f"faucet credited {buyer.claim_faucet()} USDC to {names['buyer']}")
-    steps: list[tuple[str, Callable[[], None]]] = []
+    steps: list[tuple[str, Callable[[], str]]] = []
     if chat:
-        steps.append(("paid chat (streamed) on the local gemma-3-270m", lambda: _chat(buyer, names, console)))
+        steps.append(("paid chat, per token (gemma-3-270m via transformers serve)",
+                      lambda: _chat(buyer, names["seller"], console, model_url, model_dir)))
+    if datasets:
+        steps.append(("paid dataset stream, per shard (datasets streaming)",
+                      lambda: _dataset(buyer, buyer_key, seller, console)))
+    if space:
+        steps.append(("paid Gradio calls, per call (gradio_client)",
+                      lambda: _gradio(buyer, buyer_key, seller, console)))
+    if finetune:
+        steps.append(("benchmark-gated LoRA fine-tune (peft + transformers Trainer)",
+                      lambda: _finetune(buyer, seller, console)))
+    escrow_ids = []
     for title, step in steps:
         console.rule(title)
-        step()
-    console.rule("balances")
-    table = Table()
-    for column in ("agent", "role", "balance (USDC)"):
-        table.add_column(column)
-    for role, name in names.items():
-        table.add_row(name, role, str(connect(agent=name).me().balance))
-    console.print(table)
+        escrow_ids.append(step())
+    console.rule("escrows and balances")
+    console.print(_escrow_table(buyer, escrow_ids))
+    console.print(_balance_table(names))
     report = audit(ledger.engine)
     console.print("[green]audit clean[/green]: every transaction balances, all accounts sum to zero"
                   if report["ok"] else f"[red]audit found problems[/red]: {report['problems']}")
-    return report
+    return {"ok": report["ok"], "audit": report, "agents": names, "escrow_ids": escrow_ids}
 
 
-def _chat(buyer, names: dict, console: Console) -> None:
+# ---- the four kinds of paid work ------------------------------------------------------
+
+
+def _chat(buyer, seller: str, console: Console, model_url: str | None, model_dir: Path | None) -> str:
     from .inference import paid_inference
-    from .localmodel import prepare_model, served_model
-    with console.status("preparing the local model (about a minute the first time)..."):
-        folder = prepare_model()
-    with console.status("starting transformers serve on 127.0.0.1..."):
-        server = served_model(folder)
-        url = server.__enter__()
-    try:
-        with paid_inference(url, escrow=buyer, seller=names["seller"], budget="0.05", pricing=PRICES,
-                            tokenizer=str(folder)) as client:
+    with _model_server(console, model_url, model_dir) as (url, tokenizer):
+        with paid_inference(url, escrow=buyer, seller=seller, budget="0.05", pricing=PRICES,
+                            tokenizer=tokenizer) as client:
             messages = [{"role": "user", "content": "In one sentence: why pay per token?"}]
             for chunk in client.chat_completion(messages, max_tokens=48, stream=True):
                 if chunk.choices and chunk.choices[0].delta.content:
                     console.print(chunk.choices[0].delta.content, end="")
             console.print()
-            escrow_id = client.escrow_id
             receipt = client.receipts[-1]
+    console.print(f"tokens in/out {receipt.tokens_in}/{receipt.tokens_out} (counted by {receipt.counted_by}): "
+                  f"paid {receipt.gross} USDC, the rest of the 0.05 budget refunded")
+    return client.escrow_id
+
+
+@contextlib.contextmanager
+def _model_server(console: Console, model_url: str | None, model_dir: Path | None) -> Iterator[tuple[str, Any]]:
+    if model_url is not None:
+        yield model_url, str(model_dir) if model_dir else None
+        return
+    from .localmodel import prepare_model, served_model
+    with console.status("preparing the local model (about a minute the first time)..."):
+        folder = model_dir or prepare_model()
+    with console.status("starting transformers serve on 127.0.0.1..."):
+        server = served_model(folder)
+        url = server.__enter__()
+    try:
+        yield url, str(folder)
     finally:
         server.__exit__(None, None, None)
-    escrow = buyer.get(escrow_id)
-    console.print(f"tokens in/out: {receipt.tokens_in}/{receipt.tokens_out} (counted by {receipt.counted_by}); "
-                  f"paid {receipt.gross} USDC (seller net {receipt.net}, fee {receipt.fee}); "
-                  f"refunded {escrow.refunded} of the 0.05 budget; escrow {escrow.status}")
+
+
+def _dataset(buyer, buyer_key: str, seller, console: Console) -> str:
+    from .datasets import load_paid_dataset
+    from .shardserver import create_shard_app
+    _quiet_datasets()
+    with tempfile.TemporaryDirectory(prefix="hf-escrow-demo-shards-") as folder:
+        _write_shards(Path(folder))
+        app = create_shard_app(folder, escrow=seller, price_per_shard=PRICE_PER_SHARD)
+        with _serve_in_thread(app) as url:
+            ds = load_paid_dataset(url, escrow=buyer, budget="0.01", api_key=buyer_key, progress=False)
+            rows = sum(len(batch["id"]) for batch in ds.iter(batch_size=100))
+    escrow = buyer.cancel(ds.escrow_id)  # the shards were paid as they opened; the rest goes back
+    console.print(f"streamed {rows} rows from {SHARDS} shards at {PRICE_PER_SHARD} USDC each: "
+                  f"paid {buyer.get(ds.escrow_id).paid} USDC, refunded {escrow.refunded} of the 0.01 budget")
+    return ds.escrow_id
+
+
+def _write_shards(folder: Path) -> None:
+    from datasets import Dataset
+    for shard in range(SHARDS):
+        ids = range(shard * ROWS_PER_SHARD, (shard + 1) * ROWS_PER_SHARD)
+        Dataset.from_dict({"id": list(ids), "text": [f"example {i}" for i in ids]}).to_parquet(
+            folder / f"train-{shard:05d}-of-{SHARDS:05d}.parquet")
+
+
+def _gradio(buyer, buyer_key: str, seller, console: Console) -> str:
+    import gradio as gr
+    from gradio_client import Client
+
+    from .gate import Gate
+    gate = Gate(seller)
+
+    @gate.paid(price=PRICE_PER_CALL, with_receipt=True)
+    def shout(text: str) -> str:
+        return text.upper()
+
+    app = gr.Interface(shout, gr.Textbox(), [gr.Textbox(), gr.JSON()], api_name="shout")
+    escrow = buyer.create_escrow(seller.agent, "0.01", description="demo: Gradio calls")
+    _, url, _ = app.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(url, headers={"X-Escrow-Id": escrow.id, "Authorization": f"Bearer {buyer_key}"},
+                        verbose=False)
+        for text in ("pay", "per", "call"):
+            answer, receipt = client.predict(text, api_name="/shout")
+            console.print(f"{text!r} -> {answer!r}: charged {receipt['charged_usdc']}, "
+                          f"left {receipt['remaining_usdc']} USDC")
+    finally:
+        app.close()
+    closed = buyer.cancel(escrow.id)
+    console.print(f"3 calls at {PRICE_PER_CALL} USDC: refunded {closed.refunded} of the 0.01 budget")
+    return escrow.id
+
+
+def _finetune(buyer, seller, console: Console) -> str:
+    import transformers
+    from .finetune import JobSpec, post_job, run_job, verify_job
+    _quiet_datasets()
+    transformers.utils.logging.set_verbosity_error()  # the fresh classifier head's load report is expected
+    transformers.utils.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory(prefix="hf-escrow-demo-job-") as folder:
+        spec = JobSpec.from_dict(FINETUNE_JOB, base_dir=Path(folder))
+        escrow = post_job(buyer, spec, seller=seller.agent)
+        console.print(f"buyer locked {escrow.amount} USDC; accuracy >= {spec.threshold} on held-out data releases it")
+        with console.status("seller trains the LoRA adapter..."):
+            run = run_job(seller, escrow.id, output_dir=Path(folder) / "adapter")
+        console.print(f"seller's own score {run.result.score:.3f} in {run.seconds:.1f} s; submitted with the "
+                      f"adapter's sha256")
+        with console.status("buyer re-scores the adapter on its held-out data..."):
+            verdict = verify_job(buyer, escrow.id, spec=spec)
+    outcome = "passed: escrow released to the seller" if verdict.passed else "failed: the seller is not paid"
+    console.print(f"buyer's score {verdict.score:.3f} vs threshold {verdict.threshold}: {outcome}")
+    return escrow.id
+
+
+# ---- plumbing ----------------------------------------------------------------------------
+
+
+def _quiet_datasets() -> None:
+    import datasets
+    datasets.disable_progress_bars()  # the demo prints its own one line per step
+
+
+@contextlib.contextmanager
+def _serve_in_thread(app: Any) -> Iterator[str]:
+    """Serve an ASGI app on a free 127.0.0.1 port for the length of a `with` block."""
+    import uvicorn
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the local shard server did not start")
+        time.sleep(0.05)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _escrow_table(buyer, escrow_ids: list[str]) -> Table:
+    table = Table(title="escrows (USDC)")
+    for column in ("escrow", "for", "status", "locked", "paid", "refunded"):
+        table.add_column(column, justify="right" if column in ("locked", "paid", "refunded") else "left")
+    for escrow_id in escrow_ids:
+        e = buyer.get(escrow_id)
+        assert e.amount == e.paid + e.refunded + e.remaining, e  # no money appears or vanishes
+        table.add_row(e.id, (e.model or e.description or (e.meta or {}).get("name") or "")[:40],
+                      e.status, str(e.amount), str(e.paid), str(e.refunded))
+    return table
+
+
+def _balance_table(names: dict) -> Table:
+    table = Table(title="balances")
+    for column in ("agent", "role", "balance (USDC)"):
+        table.add_column(column)
+    for role, name in names.items():
+        table.add_row(name, role, str(connect(agent=name).me().balance))
+    return table
+
+
+__all__ = ["run_demo"]

@@ -334,9 +334,8 @@ def test_cli_serve_embedded(shard_dir):
     from hf_escrow.ledger.storage import default_database_url
     home = Path(os.environ["HF_ESCROW_HOME"])
     port = free_port()
-    code = "from hf_escrow.cli_datasets import datasets_app; datasets_app()"
     process = subprocess.Popen(
-        [sys.executable, "-c", code, "serve", str(shard_dir), "--seller", "data-seller", "--price-per-shard",
+        [sys.executable, "-m", "hf_escrow.cli", "datasets", "serve", str(shard_dir), "--seller", "data-seller", "--price-per-shard",
          "0.002", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"

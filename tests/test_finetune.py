@@ -16,12 +16,11 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 import hf_escrow
 from hf_escrow.client import EmbeddedTransport, EscrowClient, embedded_ledger
-from hf_escrow.cli_jobs import jobs_app
+from hf_escrow.cli import app
 from hf_escrow.finetune import (
     ArtifactError, ArtifactMismatch, JobError, JobSpec, adapter_sha256, job_status, make_data, post_job, run_job,
     submit_job, train_adapter, verify_job,
@@ -34,8 +33,6 @@ REPO = Path(__file__).resolve().parent.parent
 MINILM_SPEC = REPO / "jobs" / "minilm-negation-sentiment.toml"
 GEMMA_SPEC = REPO / "jobs" / "gemma-negation-verdict.toml"
 
-app = typer.Typer()
-app.add_typer(jobs_app, name="jobs")
 runner = CliRunner()
 
 
