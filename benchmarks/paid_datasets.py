@@ -1,6 +1,6 @@
 """Billed vs plain `datasets` streaming over the same shard server code and files, in one run.
 
-    python benchmarks/datasets.py [--shards 6] [--rows 500000] [--repeats 6] [--per-row]
+    python benchmarks/paid_datasets.py [--shards 6] [--rows 500000] [--repeats 6] [--per-row]
 
 Two `hf-escrow datasets serve` processes on the same folder: one sells each shard at
 0.002 USDC from the embedded ledger, the other serves it free (price 0). The buyer reads
