@@ -22,19 +22,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-# benchmarks/datasets.py would shadow the `datasets` library: keep this folder off the import path.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
-
-
-def _load_table():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("_bench_table", HERE / "_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-show = _load_table().show
+sys.path.insert(0, str(HERE))
+from _table import show  # noqa: E402
 
 
 class TimedClient:

@@ -21,7 +21,6 @@ Billing latency: that pay request, p50 and p95 over every shard paid.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import subprocess
 import sys
@@ -32,12 +31,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-# This file is named datasets.py: keep its folder off the path so `import datasets` finds the library.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
-_spec = importlib.util.spec_from_file_location("_table", HERE / "_table.py")
-_table = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_table)
+import _table  # noqa: E402
 
 import datasets  # noqa: E402
 import pyarrow as pa  # noqa: E402
