@@ -28,9 +28,11 @@ def _spawn():
 def test_eight_processes_race_on_the_same_escrows(db_url):
     ledger = Ledger(db_url)
     parties(ledger, "buyer", "seller", fund="10")
-    # Short TTLs on some escrows, so that expiry races with deducts and releases too.
+    # Short TTLs on some escrows, so that expiry races with deducts and releases too. A cancel
+    # or a refunding release closes an escrow after about eight operations on it: 24 escrows
+    # leave enough open work for the race to mean something however slowly the workers start.
     escrow_ids = [ledger.create_escrow("buyer", "seller", "0.000300", ttl_seconds=2 if i % 3 == 0 else 600)["id"]
-                  for i in range(6)]
+                  for i in range(24)]
     with _spawn().Pool(PROCESSES) as pool:
         results = pool.starmap(race_workers.race,
                                [(db_url, seed, escrow_ids, "buyer", "seller", 120) for seed in range(PROCESSES)])
