@@ -19,6 +19,7 @@ from ._exceptions import EscrowError
 from ._models import Escrow, Receipt, as_dict
 from .cli_datasets import datasets_app
 from .cli_jobs import jobs_app
+from .cli_options import AgentOpt, DbOpt, JsonOpt, KeyIdOpt, KeyOpt, UrlOpt
 from .client import EscrowClient, connect, embedded_ledger
 
 app = typer.Typer(help="Escrow-backed pay-per-use for Hugging Face workloads.", no_args_is_help=True,
@@ -26,13 +27,6 @@ app = typer.Typer(help="Escrow-backed pay-per-use for Hugging Face workloads.", 
 console = Console()
 err_console = Console(stderr=True)
 
-UrlOpt = typer.Option(None, "--url", envvar="HF_ESCROW_URL", help="Escrow server; embedded ledger if not given.")
-KeyOpt = typer.Option(None, "--api-key", envvar="HF_ESCROW_API_KEY", help="API key for --url.")
-AgentOpt = typer.Option(None, "--agent", envvar="HF_ESCROW_AGENT", help="Acting agent on the embedded ledger.")
-DbOpt = typer.Option(None, "--database-url", envvar="HF_ESCROW_DATABASE_URL",
-                     help="SQLAlchemy URL of the ledger (default: SQLite in $HF_ESCROW_HOME).")
-JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
-KeyIdOpt = typer.Option(None, "--idempotency-key", help="Retry-safe key for this mutation.")
 
 
 def _client(url: str | None, api_key: str | None, agent: str | None, database_url: str | None) -> EscrowClient:

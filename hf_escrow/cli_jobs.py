@@ -24,6 +24,7 @@ from rich.table import Table
 
 from ._exceptions import EscrowError
 from ._models import Receipt, as_dict
+from .cli_options import AgentOpt, DbOpt, JsonOpt, KeyIdOpt, KeyOpt, UrlOpt
 from .client import EscrowClient, connect
 
 jobs_app = typer.Typer(help="Benchmark-gated LoRA fine-tune jobs: post, run, verify, status.",
@@ -31,13 +32,6 @@ jobs_app = typer.Typer(help="Benchmark-gated LoRA fine-tune jobs: post, run, ver
 console = Console()
 err_console = Console(stderr=True, log_path=False)
 
-UrlOpt = typer.Option(None, "--url", envvar="HF_ESCROW_URL", help="Escrow server; embedded ledger if not given.")
-KeyOpt = typer.Option(None, "--api-key", envvar="HF_ESCROW_API_KEY", help="API key for --url.")
-AgentOpt = typer.Option(None, "--agent", envvar="HF_ESCROW_AGENT", help="Acting agent on the embedded ledger.")
-DbOpt = typer.Option(None, "--database-url", envvar="HF_ESCROW_DATABASE_URL",
-                     help="SQLAlchemy URL of the ledger (default: SQLite in $HF_ESCROW_HOME).")
-JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts.")
-KeyIdOpt = typer.Option(None, "--idempotency-key", help="Retry-safe key for this mutation.")
 BaseModelOpt = typer.Option(None, "--base-model", help="Local folder of the job's base model (default: resolve "
                                                        "the job's model name; packaged models need no network).")
 
