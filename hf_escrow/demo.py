@@ -50,7 +50,7 @@ FINETUNE_JOB = {
 def run_demo(*, chat: bool = True, datasets: bool = True, space: bool = True, finetune: bool = True,
              model_url: str | None = None, model_dir: Path | None = None, console: Console | None = None) -> dict:
     """Run the demo; returns `ok` (the audit's verdict, which the exit code reflects), the
-    audit report, the agents' ids and the escrows, one per step run.
+    audit report, the agents' ids, the escrows (one per step run) and the buyer's API key.
 
     Args:
         chat, datasets, space, finetune: which kinds of paid work to run.
@@ -99,7 +99,9 @@ def run_demo(*, chat: bool = True, datasets: bool = True, space: bool = True, fi
     report = audit(ledger.engine)
     console.print("[green]audit clean[/green]: every transaction balances, all accounts sum to zero"
                   if report["ok"] else f"[red]audit found problems[/red]: {report['problems']}")
-    return {"ok": report["ok"], "audit": report, "agents": names, "escrow_ids": escrow_ids}
+    console.print(f"see them on the dashboard: hf-escrow serve, open http://127.0.0.1:8787/dashboard "
+                  f"and enter the buyer's key {buyer_key}")
+    return {"ok": report["ok"], "audit": report, "agents": names, "escrow_ids": escrow_ids, "buyer_key": buyer_key}
 
 
 # ---- the four kinds of paid work ------------------------------------------------------
@@ -174,7 +176,7 @@ def _gradio(buyer, buyer_key: str, seller, console: Console) -> str:
         return text.upper()
 
     app = gr.Interface(shout, gr.Textbox(), [gr.Textbox(), gr.JSON()], api_name="shout")
-    escrow = buyer.create_escrow(seller.agent, "0.01", description="demo: Gradio calls")
+    escrow = buyer.create_escrow(seller.agent, "0.01", description="demo: Gradio calls", meta={"model": "gradio:shout"})
     _, url, _ = app.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
         client = Client(url, headers={"X-Escrow-Id": escrow.id, "Authorization": f"Bearer {buyer_key}"},
