@@ -176,7 +176,8 @@ def _gradio(buyer, buyer_key: str, seller, console: Console) -> str:
         return text.upper()
 
     app = gr.Interface(shout, gr.Textbox(), [gr.Textbox(), gr.JSON()], api_name="shout")
-    escrow = buyer.create_escrow(seller.agent, "0.01", description="demo: Gradio calls", meta={"model": "gradio:shout"})
+    escrow = buyer.create_escrow(seller.agent, "0.01", description="demo: Gradio calls",
+                                 meta={"model": "gradio:shout"})
     _, url, _ = app.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
         client = Client(url, headers={"X-Escrow-Id": escrow.id, "Authorization": f"Bearer {buyer_key}"},
