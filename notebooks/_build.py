@@ -298,7 +298,8 @@ NOTEBOOKS = {
         """),
         md("""
             A caller without an escrow is refused before the function runs, and a call whose
-            function fails is not charged: Gradio reports the error and the escrow is as it was.
+            function fails is not charged: the caller gets the error, the escrow is as it was, and
+            the app logs the handler's traceback for the seller (printed below, as a server would).
         """),
         code("""
             from gradio_client.exceptions import AppError
@@ -349,9 +350,10 @@ NOTEBOOKS = {
             import datasets, transformers
             import hf_escrow
 
-            # quiet the per-step bars and the expected "classifier newly initialized" notice:
+            # quiet the loading bars and the expected "classifier newly initialized" notice:
             # that head is exactly what the job trains
             datasets.disable_progress_bars()
+            transformers.logging.disable_progress_bar()
             transformers.logging.set_verbosity_error()
 
             buyer, seller = hf_escrow.connect(agent='nb-buyer'), hf_escrow.connect(agent='nb-trainer')
@@ -373,7 +375,7 @@ NOTEBOOKS = {
 
             SPEC = """
             name = "minilm-negation-sentiment"
-            description = "LoRA fine-tune of all-MiniLM-L6-v2: sentiment with negations, accuracy >= 0.9 on held-out reviews"
+            description = "LoRA on all-MiniLM-L6-v2: sentiment with negations, accuracy >= 0.9 held out"
             task = "sequence-classification"
             base_model = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -425,6 +427,7 @@ NOTEBOOKS = {
             job_dir = Path(tempfile.mkdtemp())
             spec_path = job_dir / 'minilm-negation-sentiment.toml'
             spec_path.write_text(SPEC)
+            print(spec_path)
         '''),
         md("""
             ## The buyer posts it
