@@ -27,7 +27,7 @@ from hf_escrow.finetune import (
 )
 from hf_escrow.ledger import Ledger, LedgerConfig
 
-from .helpers import assert_audit_clean
+from .helpers import assert_audit_clean, snapshot
 
 REPO = Path(__file__).resolve().parent.parent
 MINILM_SPEC = REPO / "jobs" / "minilm-negation-sentiment.toml"
@@ -239,6 +239,15 @@ def test_undertrained_job_fails_verification_and_is_refunded_at_ttl(market, tmp_
     with pytest.raises(hf_escrow.StateConflict):
         submit_job(c["seller-1"], escrow.id, run.result)
     assert_audit_clean(ledger)
+
+
+def test_a_dry_run_on_an_escrow_submits_nothing(market, tmp_path):
+    ledger, clock, c = market
+    escrow = post_job(c["buyer-1"], posted_spec(tmp_path), ttl_seconds=3600)
+    before = snapshot(ledger)
+    run = run_job(c["seller-1"], escrow.id, output_dir=tmp_path / "dry", training={"max_steps": 1}, submit=False)
+    assert run.result.steps == 1 and run.receipt is None and run.escrow_id == escrow.id
+    assert c["buyer-1"].get(escrow.id).status == "active" and snapshot(ledger) == before
 
 
 def test_inflated_self_reported_score_is_caught_by_the_verifier(market, tmp_path, brief_adapter):

@@ -177,7 +177,7 @@ def run_job(client: Any, target: str | Path | JobSpec, *, output_dir: str | Path
     else:
         escrow = client.get(str(target))
         spec = JobSpec.from_meta(escrow.meta)
-    if escrow is not None:
+    if escrow is not None and submit:
         me = whoami(client)
         if escrow.seller != me:
             raise Forbidden(f"only the seller {escrow.seller!r} runs escrow {escrow.id}; you are {me!r}")
@@ -191,7 +191,7 @@ def run_job(client: Any, target: str | Path | JobSpec, *, output_dir: str | Path
     result = train_adapter(spec, work, train_path=train_path, base_model=base_model, progress=progress, log=say)
     say(f"{spec.metric} on the validation split: {result.score:.4f} (threshold {spec.threshold}); "
         f"adapter sha256 {result.sha256}")
-    receipt = submit_job(client, escrow.id, result) if escrow is not None else None
+    receipt = submit_job(client, escrow.id, result) if escrow is not None and submit else None
     return JobRun(escrow.id if escrow else None, spec, result, receipt, time.perf_counter() - started)
 
 
