@@ -116,7 +116,8 @@ class _Base:
         return _drop_usdc(body)
 
     def _unreachable(self, error: Exception, tries: int) -> TransportError:
-        return TransportError(f"escrow server {self.base_url} unreachable after {tries} tr{'y' if tries == 1 else 'ies'}: "
+        times = "1 try" if tries == 1 else f"{tries} tries"
+        return TransportError(f"escrow server {self.base_url} unreachable after {times}: "
                               f"{type(error).__name__}: {error}")
 
 

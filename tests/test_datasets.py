@@ -335,8 +335,8 @@ def test_cli_serve_embedded(shard_dir):
     home = Path(os.environ["HF_ESCROW_HOME"])
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "hf_escrow.cli", "datasets", "serve", str(shard_dir), "--seller", "data-seller", "--price-per-shard",
-         "0.002", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        [sys.executable, "-m", "hf_escrow.cli", "datasets", "serve", str(shard_dir), "--seller", "data-seller",
+         "--price-per-shard", "0.002", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/", timeout_s=60)

@@ -196,7 +196,8 @@ class Ledger:
             last = conn.scalar(select(func.max(transactions.c.at_ms)).where(
                 transactions.c.agent_id == agent_id, transactions.c.kind == "faucet", transactions.c.at_ms > since))
             if last is not None:
-                wait_s = -(-(last + self.config.faucet_interval_s * 1000 - now_ms) // 1000)  # ceil: waiting that long is enough
+                # Rounded up: waiting exactly this long is always enough.
+                wait_s = -(-(last + self.config.faucet_interval_s * 1000 - now_ms) // 1000)
                 raise RateLimited(f"agent {agent_id!r} already claimed the faucet; try again in {wait_s} s",
                                   details={"retry_after_s": wait_s})
             return self._credit(conn, agent_id, self.config.faucet_amount_micro, "faucet", now_ms)
