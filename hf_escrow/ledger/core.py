@@ -621,16 +621,19 @@ class Ledger:
 
     def _streak(self, conn: Connection, seller: str, now_ms: int) -> bool:
         days = self.config.streak_days
-        if days <= 0:
+        if days <= 0 or self.config.streak_bonus_pct <= 0:
             return False
         today = now_ms // rules.DAY_MS
         window_start = (today - days) * rules.DAY_MS
-        recent = conn.execute(select(escrows.c.status, escrows.c.closed_at_ms).where(
-            escrows.c.seller == seller, escrows.c.closed_at_ms >= window_start,
-            escrows.c.status.in_(("released", "cancelled"))).limit(100_000)).all()
-        paid_days = {r.closed_at_ms // rules.DAY_MS for r in recent if r.status == "released"}
-        cancelled = any(r.status == "cancelled" for r in recent)
-        return rules.streak_holds(paid_days, today=today, days=days, cancelled=cancelled)
+        # Two bounded reads on (seller, closed_at_ms): however many escrows a seller closes
+        # a day, this costs at most `days` rows and one probe.
+        recent = (escrows.c.seller == seller) & (escrows.c.closed_at_ms >= window_start)
+        if conn.scalar(select(literal(1)).where(recent, escrows.c.status == "cancelled").limit(1)):
+            return False
+        day = escrows.c.closed_at_ms // rules.DAY_MS
+        paid_days = set(conn.scalars(select(day).distinct().where(
+            recent, escrows.c.closed_at_ms < today * rules.DAY_MS, escrows.c.status == "released").limit(days)))
+        return rules.streak_holds(paid_days, today=today, days=days, cancelled=False)
 
     def _add_tokens(self, conn: Connection, escrow_id: str, tokens_in: int, tokens_out: int) -> None:
         if tokens_in or tokens_out:

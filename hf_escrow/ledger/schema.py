@@ -94,6 +94,7 @@ escrows = Table(
     ),
     Index("ix_escrows_buyer", "buyer", "created_at_ms"),
     Index("ix_escrows_seller", "seller", "created_at_ms"),
+    Index("ix_escrows_seller_closed", "seller", "closed_at_ms"),
     Index("ix_escrows_due", "status", "expires_at_ms"),
 )
 
