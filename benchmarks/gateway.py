@@ -23,7 +23,7 @@ import hf_escrow  # noqa: E402
 from hf_escrow.gateway import create_gateway  # noqa: E402
 from hf_escrow.ledger import Ledger  # noqa: E402
 from hf_escrow.localmodel import prepare_model, served_model  # noqa: E402
-from tests.liveserver import serve_app  # noqa: E402
+from hf_escrow.serving import serve_in_thread  # noqa: E402
 
 PRICES = {"input_per_1k": "0.0005", "output_per_1k": "0.0015"}
 MSGS = [{"role": "user", "content": "Write one sentence about escrow."}]
@@ -63,7 +63,7 @@ def main() -> None:
         with served_model(folder) as upstream:
             app = create_gateway(upstream, escrow=hf_escrow.connect(agent="seller", database_url=db),
                                  pricing=PRICES, tokenizer=str(folder))
-            with serve_app(app) as gateway:
+            with serve_in_thread(app) as gateway:
                 direct = InferenceClient(base_url=upstream)
                 metered = InferenceClient(base_url=f"{gateway}/v1", api_key=key, headers={"X-Escrow-Id": escrow.id})
                 stream_once(direct, str(folder), 4)

@@ -88,8 +88,8 @@ def main() -> None:
             paid.finish()
             embedded_ms = billing_overhead_ms(embedded, url, args.overhead_calls)
             from hf_escrow.server import create_app
-            from tests.liveserver import serve_app
-            with serve_app(create_app(ledger, sweep_interval_s=0, mcp=False)) as escrow_url:
+            from hf_escrow.serving import serve_in_thread
+            with serve_in_thread(create_app(ledger, sweep_interval_s=0, mcp=False)) as escrow_url:
                 http_ms = billing_overhead_ms(hf_escrow.connect(escrow_url, api_key=buyer_key), url,
                                               args.overhead_calls)
         del seller_key

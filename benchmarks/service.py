@@ -25,7 +25,8 @@ from _table import median, percentile, show  # noqa: E402
 import hf_escrow  # noqa: E402
 from hf_escrow.ledger import Ledger  # noqa: E402
 from hf_escrow.server import create_app  # noqa: E402
-from tests.liveserver import free_port, serve_app, wait_http  # noqa: E402
+from hf_escrow.serving import serve_in_thread  # noqa: E402
+from tests.liveserver import free_port, wait_http  # noqa: E402
 
 THREADS = 4
 
@@ -81,7 +82,7 @@ def main() -> None:
         keys = {name: ledger.register(name)["api_key"] for name in ("buyer", "seller")}
         ledger.deposit("buyer", "1000")
         embedded = pair_latencies_ms(hf_escrow.connect(agent="buyer", database_url=db), "seller", args.pairs)
-        with serve_app(create_app(ledger, sweep_interval_s=0, mcp=False)) as url:
+        with serve_in_thread(create_app(ledger, sweep_interval_s=0, mcp=False)) as url:
             http = pair_latencies_ms(hf_escrow.connect(url, api_key=keys["buyer"]), "seller", args.pairs)
         escrow_ids = [ledger.create_escrow("buyer", "seller", "10")["id"] for _ in range(8)]
         rates = {}

@@ -19,20 +19,13 @@ from ._exceptions import EscrowError
 from ._models import Escrow, Receipt, as_dict
 from .cli_datasets import datasets_app
 from .cli_jobs import jobs_app
-from .cli_options import AgentOpt, DbOpt, JsonOpt, KeyIdOpt, KeyOpt, UrlOpt
-from .client import EscrowClient, connect, embedded_ledger
+from .cli_options import AgentOpt, DbOpt, JsonOpt, KeyIdOpt, KeyOpt, UrlOpt, ensure_registered, open_client
+from .client import connect, embedded_ledger
 
 app = typer.Typer(help="Escrow-backed pay-per-use for Hugging Face workloads.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 console = Console()
 err_console = Console(stderr=True)
-
-
-
-def _client(url: str | None, api_key: str | None, agent: str | None, database_url: str | None) -> EscrowClient:
-    if url:
-        return connect(url, api_key=api_key)
-    return connect(agent=agent, database_url=database_url)
 
 
 def _run(action, as_json: bool, render) -> None:
@@ -90,7 +83,7 @@ def _show_receipt(r: Receipt) -> None:
 def register(agent_id: str, referral_code: Optional[str] = typer.Option(None, "--referral-code"),
              url: Optional[str] = UrlOpt, database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
     """Register an agent; prints its API key once."""
-    client = _client(url, None, None, database_url)
+    client = open_client(url, None, None, database_url)
     _run(lambda: client.register(agent_id, referral_code), as_json,
          lambda a: console.print(f"registered [bold]{a.agent_id}[/bold]\napi_key: {a.api_key}\n"
                                  f"wallet: {a.wallet}\nreferral_code: {a.referral_code}"))
@@ -100,7 +93,7 @@ def register(agent_id: str, referral_code: Optional[str] = typer.Option(None, "-
 def claim(url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt,
           database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
     """Claim free test USDC from the faucet."""
-    client = _client(url, api_key, agent, database_url)
+    client = open_client(url, api_key, agent, database_url)
     _run(client.claim_faucet, as_json, lambda amount: console.print(f"credited {amount} USDC"))
 
 
@@ -108,7 +101,7 @@ def claim(url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: O
 def balance(url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt,
             database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
     """Balance, referral code and open escrows of the acting agent."""
-    client = _client(url, api_key, agent, database_url)
+    client = open_client(url, api_key, agent, database_url)
     _run(client.me, as_json, lambda me: console.print(
         f"{me.agent_id}: [bold]{me.balance} USDC[/bold], {me.escrows_open} open escrows, "
         f"referral code {me.referral_code}, wallet {me.wallet}"))
@@ -123,7 +116,7 @@ def create(seller: str, amount: str, ttl: float = typer.Option(3600, "--ttl", he
            url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt,
            database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
     """As the buyer: lock AMOUNT USDC in an escrow for SELLER."""
-    client = _client(url, api_key, agent, database_url)
+    client = open_client(url, api_key, agent, database_url)
     _run(lambda: client.create_escrow(
         seller, amount, ttl_seconds=ttl, description=description, meta=_json_arg(meta, "--meta"),
         release_condition=_json_arg(release_condition, "--release-condition"),
@@ -136,7 +129,7 @@ def deduct(escrow_id: str, amount: str, reason: Optional[str] = None, idempotenc
            url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt,
            database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
     """As the seller: take AMOUNT USDC out of the escrow for work delivered."""
-    client = _client(url, api_key, agent, database_url)
+    client = open_client(url, api_key, agent, database_url)
     _run(lambda: client.deduct(escrow_id, amount, reason=reason, idempotency_key=idempotency_key), as_json,
          _show_receipt)
 
@@ -148,7 +141,7 @@ def release(escrow_id: str, amount: Optional[str] = typer.Argument(None, help="D
             api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt, database_url: Optional[str] = DbOpt,
             as_json: bool = JsonOpt):
     """As the buyer: pay the seller and refund the rest."""
-    client = _client(url, api_key, agent, database_url)
+    client = open_client(url, api_key, agent, database_url)
     _run(lambda: client.release(escrow_id, amount, refund_remainder=not keep_open, idempotency_key=idempotency_key),
          as_json, _show_receipt)
 
@@ -158,7 +151,7 @@ def cancel(escrow_id: str, reason: Optional[str] = None, idempotency_key: Option
            url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt,
            database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
     """As buyer or seller: refund the whole remainder to the buyer."""
-    client = _client(url, api_key, agent, database_url)
+    client = open_client(url, api_key, agent, database_url)
     _run(lambda: client.cancel(escrow_id, reason=reason, idempotency_key=idempotency_key), as_json, _show_receipt)
 
 
@@ -166,7 +159,7 @@ def cancel(escrow_id: str, reason: Optional[str] = None, idempotency_key: Option
 def get(escrow_id: str, url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt,
         agent: Optional[str] = AgentOpt, database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
     """One escrow with its events."""
-    client = _client(url, api_key, agent, database_url)
+    client = open_client(url, api_key, agent, database_url)
     _run(lambda: client.get(escrow_id), as_json, _show_escrow)
 
 
@@ -175,7 +168,7 @@ def history(status: Optional[str] = None, limit: int = 20, url: Optional[str] = 
             api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt, database_url: Optional[str] = DbOpt,
             as_json: bool = JsonOpt):
     """Your escrows, newest first."""
-    client = _client(url, api_key, agent, database_url)
+    client = open_client(url, api_key, agent, database_url)
     _run(lambda: client.history(status=status, limit=limit), as_json,
          lambda rows: console.print(_escrow_table(rows, "escrows")))
 
@@ -324,22 +317,10 @@ def gateway(upstream: str = typer.Option(..., help="The OpenAI-compatible server
     from .gateway import create_gateway
     escrow = connect(escrow_url, api_key=api_key) if escrow_url else connect(agent=seller)
     if not escrow_url:
-        _ensure_registered(escrow, seller)
+        ensure_registered(escrow, seller)
     app_ = create_gateway(upstream, escrow=escrow, pricing=pricing, tokenizer=tokenizer)
     console.print(f"gateway on http://{host}:{port}/v1 -> {upstream}")
     uvicorn.run(app_, host=host, port=port, log_level="warning")
-
-
-def _ensure_registered(client: EscrowClient, agent_id: Optional[str]) -> None:
-    """Embedded sellers are registered on first start; a second start finds them."""
-    from ._exceptions import StateConflict
-    if not agent_id:
-        err_console.print("[red]error[/red]: name the seller with --seller (or HF_ESCROW_AGENT)")
-        raise typer.Exit(2)
-    try:
-        client.register(agent_id)
-    except StateConflict:
-        pass
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from ._exceptions import EscrowError, StateConflict
+from ._exceptions import EscrowError
+from .cli_options import ensure_registered
 
 datasets_app = typer.Typer(help="Sell dataset shards: buyers stream them with `datasets` and pay per shard.",
                            no_args_is_help=True, pretty_exceptions_enable=False)
@@ -54,14 +55,8 @@ def serve(folder: Path = typer.Argument(..., help="Folder of parquet/jsonl/csv/a
                 raise typer.Exit(2)
             escrow = connect(escrow_url, api_key=api_key)
         else:
-            if not seller:
-                err_console.print("[red]error[/red]: name the seller with --seller (or HF_ESCROW_AGENT)")
-                raise typer.Exit(2)
             escrow = connect(agent=seller, database_url=database_url)
-            try:
-                escrow.register(seller)
-            except StateConflict:
-                pass  # registered on an earlier start
+            ensure_registered(escrow, seller)
         app = create_shard_app(folder, escrow=escrow, price_per_shard=price_per_shard)
         count = len(app.state.shards.files())
         name = app.state.gate.seller if app.state.gate else "free"

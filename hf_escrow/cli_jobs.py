@@ -24,8 +24,7 @@ from rich.table import Table
 
 from ._exceptions import EscrowError
 from ._models import Receipt, as_dict
-from .cli_options import AgentOpt, DbOpt, JsonOpt, KeyIdOpt, KeyOpt, UrlOpt
-from .client import EscrowClient, connect
+from .cli_options import AgentOpt, DbOpt, JsonOpt, KeyIdOpt, KeyOpt, UrlOpt, open_client
 
 jobs_app = typer.Typer(help="Benchmark-gated LoRA fine-tune jobs: post, run, verify, status.",
                        no_args_is_help=True, pretty_exceptions_enable=False)
@@ -34,12 +33,6 @@ err_console = Console(stderr=True, log_path=False)
 
 BaseModelOpt = typer.Option(None, "--base-model", help="Local folder of the job's base model (default: resolve "
                                                        "the job's model name; packaged models need no network).")
-
-
-def _client(url: str | None, api_key: str | None, agent: str | None, database_url: str | None) -> EscrowClient:
-    if url:
-        return connect(url, api_key=api_key)
-    return connect(agent=agent, database_url=database_url)
 
 
 def _guard(action: Callable[[], Any], as_json: bool) -> Any:
@@ -57,20 +50,6 @@ def _guard(action: Callable[[], Any], as_json: bool) -> Any:
         else:
             err_console.print(f"[red]error[/red] ({code}): {message}")
         raise typer.Exit(2) from None
-
-
-def _quiet_libraries() -> None:
-    """Training libraries log a lot; the CLI shows its own progress instead."""
-    import warnings
-
-    import datasets
-    import transformers
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*pin_memory.*")
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
 
 
 def _receipt_lines(receipt: Receipt | None) -> str:
@@ -124,7 +103,7 @@ def post_cmd(spec: Path = typer.Argument(..., help="Job spec (TOML)."),
              agent: Optional[str] = AgentOpt, database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
     """As the buyer: lock the job's budget in an escrow released only on a passing benchmark."""
     from .finetune import post_job
-    client = _client(url, api_key, agent, database_url)
+    client = open_client(url, api_key, agent, database_url)
     escrow = _guard(lambda: post_job(client, spec, seller=seller, verifier=verifier, budget=budget, ttl_seconds=ttl,
                                      idempotency_key=idempotency_key), as_json)
     if as_json:
@@ -155,9 +134,9 @@ def run_cmd(target: str = typer.Argument(..., help="Escrow id, or a job spec (fi
             database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
     """As the seller: train the LoRA adapter, save it with its sha256, submit the score."""
     from .finetune import run_job
-    from .finetune.progress import RichProgress
-    _quiet_libraries()
-    client = _client(url, api_key, agent, database_url)
+    from .finetune.progress import RichProgress, quiet_training_logs
+    quiet_training_logs()
+    client = open_client(url, api_key, agent, database_url)
     training = {"epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate, "batch_size": batch_size,
                 "seed": seed, "threads": threads}
     log = None if as_json else (lambda message: err_console.log(message))
@@ -198,8 +177,9 @@ def verify_cmd(escrow_id: str = typer.Argument(..., help="The escrow awaiting ve
                database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
     """As the verifier: check the adapter's sha256, re-score it on held-out data; pass releases, fail reopens."""
     from .finetune import ArtifactMismatch, verify_job
-    _quiet_libraries()
-    client = _client(url, api_key, agent, database_url)
+    from .finetune.progress import quiet_training_logs
+    quiet_training_logs()
+    client = open_client(url, api_key, agent, database_url)
     log = None if as_json else (lambda message: err_console.log(message))
     try:
         verdict = _guard(lambda: verify_job(client, escrow_id, held_out=held_out, spec=spec, base_model=base_model,
@@ -229,7 +209,7 @@ def status_cmd(escrow_id: Optional[str] = typer.Argument(None, help="One job's e
                database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
     """Your fine-tune jobs: state, scores claimed and verified, money moved."""
     from .finetune import job_status
-    client = _client(url, api_key, agent, database_url)
+    client = open_client(url, api_key, agent, database_url)
     rows = _guard(lambda: job_status(client, escrow_id, limit=limit), as_json)
     if as_json:
         _print_json(rows)

@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import secrets
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -32,7 +30,6 @@ from .ledger import audit
 PRICES = {"input_per_1k": "0.0005", "output_per_1k": "0.0015"}
 SHARDS, ROWS_PER_SHARD, PRICE_PER_SHARD = 4, 250, "0.002"
 PRICE_PER_CALL = "0.001"
-STARTUP_TIMEOUT_S = 60.0
 # A smaller cut of jobs/minilm-negation-sentiment.toml: the same task, about 20 s on 2 cores.
 FINETUNE_JOB = {
     "name": "demo-minilm-negation-sentiment", "task": "sequence-classification",
@@ -131,28 +128,28 @@ def _model_server(console: Console, model_url: str | None, model_dir: Path | Non
     from .localmodel import prepare_model, served_model
     with console.status("preparing the local model (about a minute the first time)..."):
         folder = model_dir or prepare_model()
-    with console.status("starting transformers serve on 127.0.0.1..."):
-        server = served_model(folder)
-        url = server.__enter__()
-    try:
+    with contextlib.ExitStack() as stack:
+        with console.status("starting transformers serve on 127.0.0.1..."):
+            url = stack.enter_context(served_model(folder))
         yield url, str(folder)
-    finally:
-        server.__exit__(None, None, None)
 
 
 def _dataset(buyer, buyer_key: str, seller, console: Console) -> str:
+    import datasets
+
     from .datasets import load_paid_dataset
+    from .serving import serve_in_thread
     from .shardserver import create_shard_app
-    _quiet_datasets()
+    datasets.disable_progress_bars()  # the demo prints its own one line per step
     with tempfile.TemporaryDirectory(prefix="hf-escrow-demo-shards-") as folder:
         _write_shards(Path(folder))
         app = create_shard_app(folder, escrow=seller, price_per_shard=PRICE_PER_SHARD)
-        with _serve_in_thread(app) as url:
+        with serve_in_thread(app) as url:
             ds = load_paid_dataset(url, escrow=buyer, budget="0.01", api_key=buyer_key, progress=False)
             rows = sum(len(batch["id"]) for batch in ds.iter(batch_size=100))
-    escrow = buyer.cancel(ds.escrow_id)  # the shards were paid as they opened; the rest goes back
+    closed = buyer.cancel(ds.escrow_id)  # the shards were paid as they opened; the rest goes back
     console.print(f"streamed {rows} rows from {SHARDS} shards at {PRICE_PER_SHARD} USDC each: "
-                  f"paid {buyer.get(ds.escrow_id).paid} USDC, refunded {escrow.refunded} of the 0.01 budget")
+                  f"paid {buyer.get(ds.escrow_id).paid} USDC, refunded {closed.refunded} of the 0.01 budget")
     return ds.escrow_id
 
 
@@ -194,11 +191,9 @@ def _gradio(buyer, buyer_key: str, seller, console: Console) -> str:
 
 
 def _finetune(buyer, seller, console: Console) -> str:
-    import transformers
     from .finetune import JobSpec, post_job, run_job, verify_job
-    _quiet_datasets()
-    transformers.utils.logging.set_verbosity_error()  # the fresh classifier head's load report is expected
-    transformers.utils.logging.disable_progress_bar()
+    from .finetune.progress import quiet_training_logs
+    quiet_training_logs()  # e.g. the fresh classifier head's load report is expected, not news
     with tempfile.TemporaryDirectory(prefix="hf-escrow-demo-job-") as folder:
         spec = JobSpec.from_dict(FINETUNE_JOB, base_dir=Path(folder))
         escrow = post_job(buyer, spec, seller=seller.agent)
@@ -215,31 +210,6 @@ def _finetune(buyer, seller, console: Console) -> str:
 
 
 # ---- plumbing ----------------------------------------------------------------------------
-
-
-def _quiet_datasets() -> None:
-    import datasets
-    datasets.disable_progress_bars()  # the demo prints its own one line per step
-
-
-@contextlib.contextmanager
-def _serve_in_thread(app: Any) -> Iterator[str]:
-    """Serve an ASGI app on a free 127.0.0.1 port for the length of a `with` block."""
-    import uvicorn
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the local shard server did not start")
-        time.sleep(0.05)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def _escrow_table(buyer, escrow_ids: list[str]) -> Table:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 import time
 
 import httpx
-import uvicorn
 
-STARTUP_TIMEOUT_S = 30
+from hf_escrow.serving import serve_in_thread
 
 
 def free_port() -> int:
@@ -19,23 +17,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@contextlib.contextmanager
 def serve_app(app, port: int | None = None):
     """Serve an ASGI app on 127.0.0.1; yields its base URL; stops it on exit."""
-    port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
+    return serve_in_thread(app, port=port or 0)
 
 
 def wait_http(url: str, timeout_s: float = 60) -> None:

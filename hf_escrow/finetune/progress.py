@@ -9,6 +9,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import TrainerCallback
 
 
+def quiet_training_logs() -> None:
+    """Training libraries log a lot (load reports, per-map bars); callers show their own progress."""
+    import warnings
+
+    import datasets
+    import transformers
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+
+
 class RichProgress(TrainerCallback):
     """Steps done / total, loss, elapsed and remaining time, on a rich console."""
 
