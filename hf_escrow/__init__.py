@@ -8,13 +8,17 @@ Example:
     >>> buyer = hf_escrow.connect(agent="buyer-1")
     >>> buyer.register(); buyer.claim_faucet()
     >>> e = buyer.create_escrow("seller-1", "1.50", ttl_seconds=600)
+    >>> seller = hf_escrow.connect(agent="seller-1")
+    >>> h = seller.hold(e.spend_token, "0.05")         # reserve, then pay what the work cost
+    >>> seller.capture(h.id, "0.0123", final=True).net
+    Decimal('0.012177')
 """
 
 from ._exceptions import (
     EscrowError, Forbidden, IdempotencyConflict, InsufficientFunds, InvalidAmount, NotFound, RateLimited,
     StateConflict, TransportError, Unauthorized, ValidationError,
 )
-from ._models import Agent, Escrow, EscrowEvent, Me, Receipt
+from ._models import Agent, CaptureResult, Escrow, EscrowEvent, Hold, Me, Receipt
 from .client import AsyncEscrowClient, EscrowClient, connect, connect_async
 from .pricing import Pricing
 
@@ -40,7 +44,7 @@ __all__ = [
     "connect", "connect_async", "EscrowClient", "AsyncEscrowClient",
     "PaidInferenceClient", "AsyncPaidInferenceClient", "paid_inference",
     "load_paid_dataset", "paid_shards", "paid", "Gate", "EscrowedEngine",
-    "Agent", "Escrow", "EscrowEvent", "Me", "Receipt", "Pricing",
+    "Agent", "Escrow", "EscrowEvent", "Me", "Receipt", "Hold", "CaptureResult", "Pricing",
     "EscrowError", "ValidationError", "InvalidAmount", "Unauthorized", "Forbidden", "NotFound",
     "InsufficientFunds", "StateConflict", "IdempotencyConflict", "RateLimited", "TransportError",
 ]

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any
 
+from ._exceptions import EscrowError, error_for_status
 from .money import to_usdc
 
 
@@ -63,7 +64,11 @@ class EscrowEvent:
 
 @dataclass(frozen=True)
 class Escrow:
-    """An escrow as the ledger last saw it. Always ``amount == paid + refunded + remaining``."""
+    """An escrow as the ledger last saw it. Always ``amount == paid + refunded + held + remaining``.
+
+    `held` is reserved by open holds; `remaining` is what can still be spent or held.
+    `spend_token` is only set on the answer to the create that made the escrow (shown once).
+    """
 
     id: str
     buyer: str
@@ -91,9 +96,11 @@ class Escrow:
     pricing: dict | None
     result: dict | None
     events: list[EscrowEvent] = field(default_factory=list)
+    held: Decimal = Decimal(0)
+    spend_token: str | None = field(default=None, repr=False)  # a secret: kept out of logged reprs
 
     def __post_init__(self):
-        assert self.amount == self.paid + self.refunded + self.remaining, self
+        assert self.amount == self.paid + self.refunded + self.held + self.remaining, self
 
     @property
     def is_open(self) -> bool:
@@ -113,17 +120,64 @@ class Escrow:
             release_condition=data.get("release_condition"), bonus_conditions=data.get("bonus_conditions"),
             pricing=data.get("pricing"), result=data.get("result"),
             events=[EscrowEvent.from_dict(e) for e in data.get("events") or []],
+            held=_usdc(data, "held"), spend_token=data.get("spend_token"),
+        )
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Part of an escrow's remainder reserved by `holder` for one piece of work.
+
+    Captures pay the escrow's seller out of it; `open` is what can still be captured
+    (0 once the hold is captured in full, voided or expired).
+
+    Example:
+        >>> h = seller.hold(e.spend_token, "0.05", ttl_seconds=60)
+        >>> h.status, h.amount, h.open
+        ('open', Decimal('0.050000'), Decimal('0.050000'))
+    """
+
+    id: str
+    escrow_id: str
+    holder: str
+    status: str            # open | captured | voided | expired
+    amount: Decimal        # reserved when the hold was made
+    captured: Decimal      # paid out of it so far (gross, fees included)
+    open: Decimal
+    created_at: datetime
+    expires_at: datetime
+    closed_at: datetime | None
+    escrow_status: str
+    escrow_remaining: Decimal
+
+    def __post_init__(self):
+        assert self.captured <= self.amount, self
+        assert self.open == (self.amount - self.captured if self.status == "open" else 0), self
+
+    @property
+    def is_open(self) -> bool:
+        return self.status == "open"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Hold":
+        return cls(
+            id=data["id"], escrow_id=data["escrow_id"], holder=data["holder"], status=data["status"],
+            amount=_usdc(data, "amount"), captured=_usdc(data, "captured"), open=_usdc(data, "open"),
+            created_at=_time(data["created_at_ms"]), expires_at=_time(data["expires_at_ms"]),
+            closed_at=_time(data.get("closed_at_ms")), escrow_status=data["escrow_status"],
+            escrow_remaining=_usdc(data, "escrow_remaining"),
         )
 
 
 @dataclass(frozen=True)
 class Receipt:
-    """What one deduct, release, cancel, submit_result or verify did.
+    """What one deduct, release, cancel, submit_result, verify, capture or void did.
 
     `gross` left the escrow for the seller: `base` plus `bonus`; the seller got `net`,
     `fee` went to the platform, of which `referral` went on to the referrer. `refunded`
     went back to the buyer. `rounded_from` is the amount as sent when it had more than
-    six decimals and was rounded (half-even) to the micro-USDC.
+    six decimals and was rounded (half-even) to the micro-USDC. A capture's or a void's
+    receipt carries the `hold` as the operation left it.
     """
 
     kind: str
@@ -142,6 +196,7 @@ class Receipt:
     rounded_from: str | None = None
     passed: bool | None = None
     score: float | None = None
+    hold: Hold | None = None
 
     def __post_init__(self):
         assert self.gross == self.net + self.fee and self.gross == self.base + self.bonus, self
@@ -158,7 +213,33 @@ class Receipt:
             escrow=Escrow.from_dict(data["escrow"]),
             bonus_parts={k.removesuffix("_micro"): to_usdc(int(v)) for k, v in (data.get("bonus_parts") or {}).items()},
             rounded_from=data.get("rounded_from"), passed=data.get("passed"), score=data.get("score"),
+            hold=Hold.from_dict(data["hold"]) if data.get("hold") else None,
         )
+
+
+@dataclass(frozen=True)
+class CaptureResult:
+    """One item of a `capture_many` batch: its receipt, or the error that refused it alone.
+
+    Example:
+        >>> [r.ok for r in seller.capture_many([(h1.id, "0.01", True), (h2.id, "99", True)])]
+        [True, False]
+    """
+
+    ok: bool
+    receipt: Receipt | None = None
+    error: EscrowError | None = None
+
+    def __post_init__(self):
+        assert (self.receipt is not None) == self.ok and (self.error is None) == self.ok, self
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CaptureResult":
+        if data["ok"]:
+            return cls(True, receipt=Receipt.from_dict(data["receipt"]))
+        # The same error class a single capture raises: rebuilt from its code and status.
+        return cls(False, error=error_for_status(int(data["status"]),
+                                                 {"error": data.get("error"), "message": data.get("message")}))
 
 
 def as_dict(value: Any) -> Any:
