@@ -10,7 +10,7 @@ from sqlalchemy import Engine, case, func, literal, select
 
 from .journal import MINT, PLATFORM
 from .records import OPEN_STATUSES
-from .schema import accounts, entries, escrows
+from .schema import accounts, entries, escrows, holds
 
 MAX_REPORTED = 20
 
@@ -45,9 +45,14 @@ def audit(engine: Engine) -> dict:
             func.sum(case((entries.c.role == "refund", -entries.c.amount_micro), else_=0)).label("refunded"),
             func.sum(entries.c.amount_micro).label("remaining"),
         ).where(entries.c.account_id.like("escrow:%")).group_by(entries.c.account_id).subquery()
-        rows = conn.execute(select(escrows, escrow_sums.c.paid, escrow_sums.c.refunded, escrow_sums.c.remaining)
+        hold_sums = select(holds.c.escrow_id,
+                           func.sum(holds.c.amount_micro - holds.c.captured_micro).label("open_holds"),
+                           ).where(holds.c.status == "open").group_by(holds.c.escrow_id).subquery()
+        rows = conn.execute(select(escrows, escrow_sums.c.paid, escrow_sums.c.refunded, escrow_sums.c.remaining,
+                                   hold_sums.c.open_holds)
                             .select_from(escrows.outerjoin(
-                                escrow_sums, escrow_sums.c.account_id == literal("escrow:") + escrows.c.escrow_id)))
+                                escrow_sums, escrow_sums.c.account_id == literal("escrow:") + escrows.c.escrow_id)
+                                .outerjoin(hold_sums, hold_sums.c.escrow_id == escrows.c.escrow_id)))
         for row in rows:
             problems += _escrow_problems(row)
             if len(problems) > MAX_REPORTED:
@@ -65,6 +70,7 @@ def audit(engine: Engine) -> dict:
                                                     .where(accounts.c.kind == "agent"))),
             "escrow_holdings_micro": int(conn.scalar(select(func.coalesce(func.sum(accounts.c.balance_micro), 0))
                                                      .where(accounts.c.kind == "escrow"))),
+            "held_micro": int(conn.scalar(select(func.coalesce(func.sum(escrows.c.held_micro), 0)))),
         }
 
 
@@ -74,14 +80,18 @@ def _sum(conn, account_id: str) -> int:
 
 
 def _escrow_problems(row) -> list[str]:
-    paid, refunded, remaining = int(row.paid or 0), int(row.refunded or 0), int(row.remaining or 0)
+    # `balance` is what the journal leaves in the escrow's account: held + spendable.
+    paid, refunded, balance = int(row.paid or 0), int(row.refunded or 0), int(row.remaining or 0)
+    held, open_holds = int(row.held_micro), int(row.open_holds or 0)
     problems = []
     if (paid, refunded) != (row.paid_micro, row.refunded_micro):
         problems.append(f"escrow {row.escrow_id} records paid={row.paid_micro} refunded={row.refunded_micro} "
                         f"but its journal shows paid={paid} refunded={refunded}")
-    if row.amount_micro != paid + refunded + remaining:
+    if row.amount_micro != paid + refunded + balance:
         problems.append(f"escrow {row.escrow_id}: amount {row.amount_micro} != paid {paid} + refunded "
-                        f"{refunded} + remaining {remaining}")
-    if remaining < 0 or (row.status not in OPEN_STATUSES and remaining != 0):
-        problems.append(f"escrow {row.escrow_id} is {row.status} with remainder {remaining}")
+                        f"{refunded} + held and remaining {balance}")
+    if held != open_holds:
+        problems.append(f"escrow {row.escrow_id} records {held} held but its open holds reserve {open_holds}")
+    if balance < held or (row.status not in OPEN_STATUSES and balance != held):
+        problems.append(f"escrow {row.escrow_id} is {row.status} with {balance - held} spendable beside {held} held")
     return problems

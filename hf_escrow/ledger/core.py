@@ -29,8 +29,10 @@ from ..pricing import Pricing
 from . import idempotency, journal, rules
 from .config import LedgerConfig
 from .journal import Leg, agent_account, escrow_account
-from .records import OPEN_STATUSES, escrow_dict, event_dict, receipt_dict
-from .schema import accounts, agents, escrow_events, escrows, transactions
+from .holds import SPEND_TOKEN_PREFIX, HoldOperations
+from .records import OPEN_STATUSES, escrow_dict, event_dict, receipt_dict, split_data
+from .queries import ESCROW, ESCROW_FOR_UPDATE, INSERT_EVENT, PAYOUT
+from .schema import agents, escrow_events, escrows, holds, spend_tokens, transactions
 from .storage import default_database_url, open_engine
 
 AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
@@ -41,26 +43,11 @@ MAX_HISTORY = 1_000
 MAX_EVENTS = 500
 SWEEP_BATCH = 500
 _PG_RETRYABLE = ("40001", "40P01")  # serialization failure, deadlock detected
-
-# Built once: every escrow operation reads its escrow with its remainder in one statement.
-_ESCROW = (select(escrows, accounts.c.balance_micro.label("remaining_micro"))
-           .join(accounts, accounts.c.account_id == literal("escrow:") + escrows.c.escrow_id)
-           .where(escrows.c.escrow_id == bindparam("eid")))
-_ESCROW_FOR_UPDATE = _ESCROW.with_for_update()
-_INSERT_EVENT = insert(escrow_events)
-_PAYOUT = (update(escrows).where(escrows.c.escrow_id == bindparam("eid")).values(
-    paid_micro=escrows.c.paid_micro + bindparam("gross"), bonus_micro=escrows.c.bonus_micro + bindparam("bonus"),
-    fees_micro=escrows.c.fees_micro + bindparam("fee"), referral_micro=escrows.c.referral_micro + bindparam("ref")))
+SECRET_FIELDS = ("spend_token",)   # shown once: never stored with an idempotent result
 
 
-class _Expired(Exception):
-    """Raised inside a transaction that found its escrow past its TTL."""
 
-    def __init__(self, escrow_id: str):
-        self.escrow_id = escrow_id
-
-
-class Ledger:
+class Ledger(HoldOperations):
     """The ledger on one database: SQLite file (embedded default) or PostgreSQL.
 
     Example:
@@ -118,14 +105,13 @@ class Ledger:
                     return stored
             result = fn(conn, now_ms)
             if key is not None:
-                idempotency.store(conn, agent_id, key, digest, result, now_ms)
+                idempotency.store(conn, agent_id, key, digest, _without_secrets(result), now_ms)
             return result
 
         try:
             return self._run(transaction)
-        except _Expired as expired:
-            self.expire(expired.escrow_id)
-            raise StateConflict(f"escrow {expired.escrow_id} has expired; its remainder was refunded to the buyer")
+        except rules.Expired as expired:
+            raise self._expired_now(expired) from None
         except (StateConflict, InsufficientFunds):
             # Under READ COMMITTED a concurrent twin with this key may have committed while
             # this one waited on the escrow row lock: its stored result is the answer.
@@ -210,6 +196,14 @@ class Ledger:
         return self._mutate(agent_id, "deposit", {"amount_micro": amount_micro}, idempotency_key,
                             lambda conn, now_ms: self._credit(conn, agent_id, amount_micro, "deposit", now_ms))
 
+    def _expired_now(self, expired: rules.Expired) -> StateConflict:
+        """Settle what a refused operation found past its TTL (in its own transaction)."""
+        if expired.hold_id is not None:
+            self.expire_hold(expired.hold_id)
+            return StateConflict(f"hold {expired.hold_id} has expired; what it reserved was freed")
+        self.expire(expired.escrow_id)
+        return StateConflict(f"escrow {expired.escrow_id} has expired; its remainder was refunded to the buyer")
+
     def _credit(self, conn: Connection, agent_id: str, amount_micro: int, kind: str, now_ms: int) -> dict:
         self._agent(conn, agent_id)
         journal.post(conn, kind, [Leg(journal.MINT, "mint", -amount_micro),
@@ -264,7 +258,7 @@ class Ledger:
                     "claim the faucet or deposit first", details={"balance_micro": have}) from None
             self._event(conn, escrow_id, "created", buyer, now_ms, amount_micro=amount_micro,
                         rounded_from=_rounded(amount))
-            return self._escrow(conn, escrow_id)
+            return {**self._escrow(conn, escrow_id), "spend_token": self._new_spend_token(conn, escrow_id, now_ms)}
 
         return self._mutate(buyer, "create_escrow", request, idempotency_key, fn)
 
@@ -272,7 +266,7 @@ class Ledger:
                usage: dict | None = None, idempotency_key: str | None = None) -> dict:
         """The seller takes `amount` out of the remainder for work delivered; fee applies."""
         amount_micro = parse_usdc(amount)
-        tokens_in, tokens_out = _usage_tokens(usage)
+        tokens_in, tokens_out = rules.usage_tokens(usage)
         request = {"escrow_id": escrow_id, "amount_micro": amount_micro,
                    "reason": rules.check_text(reason, "reason"), "usage": [tokens_in, tokens_out]}
 
@@ -291,9 +285,9 @@ class Ledger:
             split = self._payout(conn, row, amount_micro, 0, "deduct", now_ms)
             self._add_tokens(conn, escrow_id, tokens_in, tokens_out)
             self._event(conn, escrow_id, "deducted", agent_id, now_ms, reason=request["reason"],
-                        rounded_from=_rounded(amount), tokens_in=tokens_in, tokens_out=tokens_out, **_split_data(split))
+                        rounded_from=_rounded(amount), tokens_in=tokens_in, tokens_out=tokens_out, **split_data(split))
             return receipt_dict("deduct", self._escrow(conn, escrow_id), base_micro=amount_micro, bonus_micro=0,
-                                refunded_micro=0, rounded_from=_rounded(amount), **_split_data(split))
+                                refunded_micro=0, rounded_from=_rounded(amount), **split_data(split))
 
         return self._mutate(agent_id, "deduct", request, idempotency_key, fn)
 
@@ -309,7 +303,7 @@ class Ledger:
         if not isinstance(refund_remainder, bool):
             raise ValidationError("refund_remainder must be true or false")
         amount_micro = None if amount is None else parse_usdc(amount, allow_zero=True)
-        tokens_in, tokens_out = _usage_tokens(usage)
+        tokens_in, tokens_out = rules.usage_tokens(usage)
         price = None if price_per_token is None else to_decimal(price_per_token, what="price_per_token")
         quality = None if quality_score is None else rules.check_score(quality_score, "quality_score")
         tps = None if throughput_tps is None else rules.check_score(throughput_tps, "throughput_tps")
@@ -333,7 +327,7 @@ class Ledger:
             amounts = dict(base_micro=base, bonus_micro=bonus.total_micro,
                            bonus_parts={"throughput_micro": bonus.throughput_micro,
                                         "quality_micro": bonus.quality_micro, "streak_micro": bonus.streak_micro},
-                           refunded_micro=refunded, rounded_from=_rounded(amount), **_split_data(split))
+                           refunded_micro=refunded, rounded_from=_rounded(amount), **split_data(split))
             self._event(conn, escrow_id, "released", agent_id, now_ms, meta=request["meta"],
                         tokens_in=tokens_in, tokens_out=tokens_out, **amounts)
             return receipt_dict("release", self._escrow(conn, escrow_id), **amounts)
@@ -351,7 +345,7 @@ class Ledger:
             self._event(conn, escrow_id, "cancelled", agent_id, now_ms, reason=request["reason"],
                         refunded_micro=refunded)
             return receipt_dict("cancel", self._escrow(conn, escrow_id), refunded_micro=refunded,
-                                **_split_data(None))
+                                **split_data(None))
 
         return self._mutate(agent_id, "cancel", request, idempotency_key, fn)
 
@@ -375,7 +369,7 @@ class Ledger:
             if row.verifier is not None:
                 conn.execute(update(escrows).where(escrows.c.escrow_id == escrow_id)
                              .values(status="awaiting_verification"))
-                return receipt_dict("submit_result", self._escrow(conn, escrow_id), **_split_data(None))
+                return receipt_dict("submit_result", self._escrow(conn, escrow_id), **split_data(None))
             return self._judge(conn, row, value, agent_id, now_ms, "submit_result")
 
         return self._mutate(agent_id, "submit_result", request, idempotency_key, fn)
@@ -408,6 +402,7 @@ class Ledger:
             select(escrows.c.escrow_id).where(escrows.c.status.in_(OPEN_STATUSES), escrows.c.expires_at_ms <= now_ms)
             .order_by(escrows.c.expires_at_ms).limit(limit))))
         expired = sum(1 for escrow_id in due if self.expire(escrow_id))
+        expired += self.expire_due_holds(limit)
         self._run(lambda conn, now_ms: idempotency.purge(conn, now_ms))
         return expired
 
@@ -538,7 +533,7 @@ class Ledger:
         """The escrow row (with `remaining_micro`) if `agent_id` is a party to it."""
         row = None
         if rules.is_key_text(escrow_id, 40):
-            row = conn.execute(_ESCROW_FOR_UPDATE if lock else _ESCROW, {"eid": escrow_id}).first()
+            row = conn.execute(ESCROW_FOR_UPDATE if lock else ESCROW, {"eid": escrow_id}).first()
         if row is None or agent_id not in (row.buyer, row.seller, row.verifier):
             self._agent(conn, agent_id)
             # A non-party learns nothing, not even that the escrow exists.
@@ -554,10 +549,7 @@ class Ledger:
         if agent_id not in allowed:
             raise Forbidden(f"only the {'buyer or seller' if role == 'party' else role} of escrow {escrow_id} "
                             f"may do this; you are {agent_id!r}")
-        if row.status in OPEN_STATUSES and row.expires_at_ms <= now_ms:
-            raise _Expired(escrow_id)
-        if row.status not in states:
-            raise StateConflict(f"escrow {escrow_id} is {row.status}; this needs it {' or '.join(states)}")
+        rules.check_state(row, now_ms, states)
         return row
 
     def _release_base(self, row: Any, remaining: int, amount_micro: int | None, usage: dict | None,
@@ -589,20 +581,42 @@ class Ledger:
         if row.referrer is not None:
             legs.append(Leg(agent_account(row.referrer), "referral", split.referral_micro))
         journal.post(conn, kind, legs, at_ms=now_ms, escrow_id=row.escrow_id, agent_id=row.seller)
-        conn.execute(_PAYOUT, {"eid": row.escrow_id, "gross": gross_micro, "bonus": bonus_micro,
+        conn.execute(PAYOUT, {"eid": row.escrow_id, "gross": gross_micro, "bonus": bonus_micro,
                                "fee": split.fee_micro, "ref": split.referral_micro})
         return split
 
     def _close(self, conn: Connection, row: Any, status: str, now_ms: int) -> int:
-        """Refund the whole remainder to the buyer and close the escrow; returns the refund."""
-        remaining = journal.balance_micro(conn, escrow_account(row.escrow_id))
-        if remaining:
-            journal.post(conn, "refund", [Leg(escrow_account(row.escrow_id), "refund", -remaining),
-                                          Leg(agent_account(row.buyer), "refund", remaining)],
-                         at_ms=now_ms, escrow_id=row.escrow_id, agent_id=row.buyer)
+        """Refund the spendable remainder to the buyer and close the escrow; returns the refund.
+
+        Open holds stay open for work already delivered: each may still capture until
+        min(its TTL, now + the hold grace); the sweeper frees and refunds the rest then.
+        """
+        remaining = self._remaining(conn, row.escrow_id)
+        self._refund(conn, row, remaining, now_ms)
         conn.execute(update(escrows).where(escrows.c.escrow_id == row.escrow_id).values(
-            status=status, closed_at_ms=now_ms, refunded_micro=escrows.c.refunded_micro + remaining))
+            status=status, closed_at_ms=now_ms))
+        grace_end = now_ms + self.config.hold_grace_s * 1000
+        conn.execute(update(holds).where(holds.c.escrow_id == row.escrow_id, holds.c.status == "open",
+                                         holds.c.expires_at_ms > grace_end).values(expires_at_ms=grace_end))
         return remaining
+
+    def _refund(self, conn: Connection, row: Any, amount_micro: int, now_ms: int) -> None:
+        if amount_micro:
+            journal.post(conn, "refund", [Leg(escrow_account(row.escrow_id), "refund", -amount_micro),
+                                          Leg(agent_account(row.buyer), "refund", amount_micro)],
+                         at_ms=now_ms, escrow_id=row.escrow_id, agent_id=row.buyer)
+            conn.execute(update(escrows).where(escrows.c.escrow_id == row.escrow_id).values(
+                refunded_micro=escrows.c.refunded_micro + amount_micro))
+
+    def _remaining(self, conn: Connection, escrow_id: str) -> int:
+        """The spendable remainder as it is now inside this transaction."""
+        return int(conn.execute(ESCROW, {"eid": escrow_id}).first().remaining_micro)
+
+    def _new_spend_token(self, conn: Connection, escrow_id: str, now_ms: int) -> str:
+        token = SPEND_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        conn.execute(insert(spend_tokens).values(token_hash=hash_key(token), escrow_id=escrow_id,
+                                                 created_at_ms=now_ms))
+        return token
 
     def _judge(self, conn: Connection, row: Any, score: float, actor: str, now_ms: int, kind: str) -> dict:
         """Settle a benchmark escrow on `score`: pass pays the remainder, fail reopens it."""
@@ -611,13 +625,13 @@ class Ledger:
             self._event(conn, row.escrow_id, "benchmark_failed", actor, now_ms, score=score,
                         threshold=row.release_condition["threshold"])
             return receipt_dict(kind, self._escrow(conn, row.escrow_id), passed=False, score=score,
-                                **_split_data(None))
-        remaining = journal.balance_micro(conn, escrow_account(row.escrow_id))
+                                **split_data(None))
+        remaining = self._remaining(conn, row.escrow_id)
         split = self._payout(conn, row, remaining, 0, "release", now_ms)
         self._close(conn, row, "released", now_ms)
-        self._event(conn, row.escrow_id, "benchmark_passed", actor, now_ms, score=score, **_split_data(split))
+        self._event(conn, row.escrow_id, "benchmark_passed", actor, now_ms, score=score, **split_data(split))
         return receipt_dict(kind, self._escrow(conn, row.escrow_id), passed=True, score=score,
-                            base_micro=remaining, bonus_micro=0, refunded_micro=0, **_split_data(split))
+                            base_micro=remaining, bonus_micro=0, refunded_micro=0, **split_data(split))
 
     def _streak(self, conn: Connection, seller: str, now_ms: int) -> bool:
         days = self.config.streak_days
@@ -641,11 +655,11 @@ class Ledger:
                 tokens_in=escrows.c.tokens_in + tokens_in, tokens_out=escrows.c.tokens_out + tokens_out))
 
     def _event(self, conn: Connection, escrow_id: str, kind: str, actor: str | None, now_ms: int, **data: Any) -> None:
-        conn.execute(_INSERT_EVENT, {"escrow_id": escrow_id, "kind": kind, "actor": actor, "at_ms": now_ms,
+        conn.execute(INSERT_EVENT, {"escrow_id": escrow_id, "kind": kind, "actor": actor, "at_ms": now_ms,
                                      "data": {key: value for key, value in data.items() if value is not None}})
 
     def _escrow(self, conn: Connection, escrow_id: str, *, events_limit: int | None = None) -> dict:
-        row = conn.execute(_ESCROW, {"eid": escrow_id}).first()
+        row = conn.execute(ESCROW, {"eid": escrow_id}).first()
         events = None
         if events_limit is not None:
             rows = conn.execute(select(escrow_events).where(escrow_events.c.escrow_id == escrow_id)
@@ -654,9 +668,13 @@ class Ledger:
         return escrow_dict(row, int(row.remaining_micro), events)
 
 
-def hash_key(api_key: str) -> str:
-    """API keys are random 256-bit secrets, so one SHA-256 is enough to store them safely."""
-    return hashlib.sha256(api_key.encode()).hexdigest()
+def _without_secrets(result: Any) -> Any:
+    if isinstance(result, dict) and any(name in result for name in SECRET_FIELDS):
+        return {k: v for k, v in result.items() if k not in SECRET_FIELDS}
+    return result
+
+
+hash_key = rules.hash_secret
 
 
 def _retryable(error: exc.OperationalError) -> bool:
@@ -669,27 +687,6 @@ def _rounded(amount: Any) -> str | None:
     if amount is None or isinstance(amount, int):
         return None
     return str(amount) if was_rounded(amount) else None
-
-
-def _split_data(split) -> dict:
-    if split is None:
-        return {"gross_micro": 0, "net_micro": 0, "fee_micro": 0, "referral_micro": 0}
-    return {"gross_micro": split.gross_micro, "net_micro": split.net_micro, "fee_micro": split.fee_micro,
-            "referral_micro": split.referral_micro}
-
-
-def _usage_tokens(usage: Any) -> tuple[int, int]:
-    if usage is None:
-        return 0, 0
-    if not isinstance(usage, dict):
-        raise ValidationError('usage must be {"prompt_tokens": n, "completion_tokens": m}')
-    counts = []
-    for name in ("prompt_tokens", "completion_tokens"):
-        value = usage.get(name, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 10_000_000:
-            raise ValidationError(f"usage.{name} must be a whole number of tokens, got {value!r}")
-        counts.append(value)
-    return counts[0], counts[1]
 
 
 def _check_meta(meta: Any) -> dict | None:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-ESCROW_AMOUNTS = ("amount_micro", "paid_micro", "bonus_micro", "fees_micro", "referral_micro", "refunded_micro")
+ESCROW_AMOUNTS = ("amount_micro", "paid_micro", "bonus_micro", "fees_micro", "referral_micro", "refunded_micro",
+                  "held_micro")
 OPEN_STATUSES = ("active", "awaiting_verification")
 
 
@@ -32,10 +33,31 @@ def escrow_dict(row: Any, remaining_micro: int, events: list[dict] | None = None
 
 
 def assert_conserved(escrow: dict) -> None:
-    """The escrow invariant, checked wherever an escrow is read."""
-    assert escrow["amount_micro"] == escrow["paid_micro"] + escrow["refunded_micro"] + escrow["remaining_micro"], escrow
-    assert escrow["remaining_micro"] >= 0 and escrow["paid_micro"] >= 0 and escrow["refunded_micro"] >= 0, escrow
-    assert escrow["status"] in OPEN_STATUSES or escrow["remaining_micro"] == 0, escrow
+    """The escrow invariant, checked wherever an escrow is read (raised, so `python -O` keeps it)."""
+    amount, paid, refunded = escrow["amount_micro"], escrow["paid_micro"], escrow["refunded_micro"]
+    held, remaining = escrow["held_micro"], escrow["remaining_micro"]
+    if amount != paid + refunded + held + remaining or min(paid, refunded, held, remaining) < 0 \
+            or (escrow["status"] not in OPEN_STATUSES and remaining != 0):
+        raise LedgerCorrupted(f"escrow {escrow['id']} breaks amount == paid + refunded + held + remaining: {escrow}")
+
+
+class LedgerCorrupted(AssertionError):
+    """A stored invariant does not hold: never caught, never a client's fault."""
+
+
+def hold_dict(row: Any) -> dict:
+    """A hold with its escrow's status and spendable remainder (`row` from the ledger's hold query)."""
+    is_open = row.status == "open"
+    data = {"id": row.hold_id, "escrow_id": row.escrow_id, "holder": row.holder, "status": row.status,
+            "amount_micro": int(row.amount_micro), "captured_micro": int(row.captured_micro),
+            "open_micro": int(row.amount_micro - row.captured_micro) if is_open else 0,
+            "captures": int(row.captures), "created_at_ms": int(row.created_at_ms),
+            "expires_at_ms": int(row.expires_at_ms),
+            "closed_at_ms": None if row.closed_at_ms is None else int(row.closed_at_ms),
+            "escrow_status": row.escrow_status, "escrow_remaining_micro": int(row.escrow_remaining_micro)}
+    if not 0 <= data["captured_micro"] <= data["amount_micro"] or is_open != (data["closed_at_ms"] is None):
+        raise LedgerCorrupted(f"hold {row.hold_id} is inconsistent: {data}")
+    return data
 
 
 def event_dict(row: Any) -> dict:
@@ -48,3 +70,11 @@ def receipt_dict(kind: str, escrow: dict, **amounts: Any) -> dict:
                "remaining_micro": escrow["remaining_micro"], "escrow": escrow}
     receipt.update({key: value for key, value in amounts.items()})
     return receipt
+
+
+def split_data(split: Any) -> dict:
+    """A payout's split as receipt fields (all zero when nothing was paid)."""
+    if split is None:
+        return {"gross_micro": 0, "net_micro": 0, "fee_micro": 0, "referral_micro": 0}
+    return {"gross_micro": split.gross_micro, "net_micro": split.net_micro, "fee_micro": split.fee_micro,
+            "referral_micro": split.referral_micro}

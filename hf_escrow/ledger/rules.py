@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from .._exceptions import ValidationError
+from .._exceptions import StateConflict, ValidationError
 from ..money import round_micro, to_decimal
 
 QUALITY_BONUS_ABOVE = 0.9
@@ -16,6 +17,33 @@ DAY_MS = 86_400_000
 MAX_TTL_SECONDS = 90 * 86_400
 MAX_TEXT_CHARS = 2_000
 MAX_JSON_CHARS = 16_000
+
+
+class Expired(Exception):
+    """Raised inside a transaction that found its escrow (or hold) past its TTL; the
+    ledger settles the expiry in a transaction of its own and refuses the operation."""
+
+    def __init__(self, escrow_id: str | None = None, hold_id: str | None = None):
+        super().__init__(hold_id or escrow_id)
+        self.escrow_id = escrow_id
+        self.hold_id = hold_id
+
+
+def check_state(row: Any, now_ms: int, states: tuple[str, ...]) -> None:
+    """An escrow row's state allows an operation: not past its TTL, in one of `states`."""
+    if row.status in ("active", "awaiting_verification") and row.expires_at_ms <= now_ms:
+        raise Expired(row.escrow_id)
+    if row.status not in states:
+        raise StateConflict(f"escrow {row.escrow_id} is {row.status}; this needs it {' or '.join(states)}")
+
+
+def check_hold_ttl(ttl_seconds: Any, max_s: int) -> int:
+    """A hold's TTL in ms, capped at `max_s` so a seller cannot keep a buyer's money reserved."""
+    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)) or not math.isfinite(ttl_seconds) \
+            or not 0 < ttl_seconds <= MAX_TTL_SECONDS:
+        raise ValidationError(f"ttl_seconds must be a positive number of seconds (holds last at most {max_s} s), "
+                              f"got {ttl_seconds!r}")
+    return max(1, int(min(ttl_seconds, max_s) * 1000))
 
 
 def check_score(value: Any, what: str) -> float:
@@ -141,3 +169,26 @@ def capped(bonus: Bonus, available_micro: int) -> Bonus:
         parts.append(take)
         available_micro -= take
     return Bonus(*parts)
+
+
+MAX_TOKENS_PER_OPERATION = 10_000_000
+
+
+def usage_tokens(usage: Any) -> tuple[int, int]:
+    """(prompt_tokens, completion_tokens) of a usage object; (0, 0) without one."""
+    if usage is None:
+        return 0, 0
+    if not isinstance(usage, dict):
+        raise ValidationError('usage must be {"prompt_tokens": n, "completion_tokens": m}')
+    counts = []
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS_PER_OPERATION:
+            raise ValidationError(f"usage.{name} must be a whole number of tokens, got {value!r}")
+        counts.append(value)
+    return counts[0], counts[1]
+
+
+def hash_secret(secret: str) -> str:
+    """API keys and spend tokens are random 256-bit secrets: one SHA-256 stores them safely."""
+    return hashlib.sha256(secret.encode()).hexdigest()

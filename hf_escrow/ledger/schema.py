@@ -75,6 +75,7 @@ escrows = Table(
     Column("fees_micro", BigInteger, nullable=False, default=0),
     Column("referral_micro", BigInteger, nullable=False, default=0),
     Column("refunded_micro", BigInteger, nullable=False, default=0),
+    Column("held_micro", BigInteger, nullable=False, default=0, server_default="0"),
     Column("tokens_in", BigInteger, nullable=False, default=0),
     Column("tokens_out", BigInteger, nullable=False, default=0),
     Column("model", String(200), nullable=True),
@@ -92,6 +93,7 @@ escrows = Table(
         "paid_micro >= 0 AND refunded_micro >= 0 AND paid_micro + refunded_micro <= amount_micro",
         name="ck_escrows_conservation",
     ),
+    CheckConstraint("held_micro >= 0", name="ck_escrows_held_nonnegative"),
     Index("ix_escrows_buyer", "buyer", "created_at_ms"),
     Index("ix_escrows_seller", "seller", "created_at_ms"),
     Index("ix_escrows_seller_closed", "seller", "closed_at_ms"),
@@ -107,6 +109,37 @@ escrow_events = Table(
     Column("at_ms", BigInteger, nullable=False),
     Column("data", JSON, nullable=True),
     Index("ix_escrow_events_escrow", "escrow_id", "event_id"),
+)
+
+# A hold reserves part of an escrow's remainder for one piece of work. The money stays in
+# the escrow's account (no journal movement): `escrows.held_micro` is the sum of the open
+# holds' `amount_micro - captured_micro`, and spendable remainder = balance - held.
+holds = Table(
+    "holds", metadata,
+    Column("hold_id", String(40), primary_key=True),
+    Column("escrow_id", String(40), ForeignKey("escrows.escrow_id"), nullable=False),
+    Column("holder", String(64), ForeignKey("agents.agent_id"), nullable=False),
+    Column("status", String(16), nullable=False),  # open | captured | voided | expired
+    Column("amount_micro", BigInteger, nullable=False),
+    Column("captured_micro", BigInteger, nullable=False),
+    Column("captures", Integer, nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("expires_at_ms", BigInteger, nullable=False),
+    Column("closed_at_ms", BigInteger, nullable=True),
+    CheckConstraint("amount_micro > 0 AND captured_micro >= 0 AND captured_micro <= amount_micro",
+                    name="ck_holds_captured_within"),
+    Index("ix_holds_escrow", "escrow_id", "status"),
+    Index("ix_holds_due", "status", "expires_at_ms"),
+)
+
+# Spend tokens: bearer secrets a buyer hands to a seller's face, stored as SHA-256 only.
+spend_tokens = Table(
+    "spend_tokens", metadata,
+    Column("token_hash", String(64), primary_key=True),
+    Column("escrow_id", String(40), ForeignKey("escrows.escrow_id"), nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("revoked_at_ms", BigInteger, nullable=True),
+    Index("ix_spend_tokens_escrow", "escrow_id"),
 )
 
 idempotency_keys = Table(

@@ -1,0 +1,329 @@
+"""Holds and spend tokens: how a seller reserves part of an escrow for work, then is paid.
+
+A hold is a reservation row, not a transfer: the money stays in the escrow's account and
+`escrows.held_micro` (the sum of the open holds' `amount - captured`) takes it out of
+the spendable remainder. A capture pays the seller out of a hold with the usual fee and
+referral split (one journal transaction, like a deduct); `final` or `void` frees the
+rest. Once the escrow is closed, whatever a hold frees goes straight back to the buyer.
+
+Every hold expires: at most `hold_max_ttl_s` after it was made, `hold_grace_s` after its
+escrow closed, and `hold_grace_s` after its escrow's own expiry. An expired hold is
+freed exactly once, by whichever of the sweeper or a late capture locks it first.
+
+A spend token ("est_...") lets its bearer do one thing: have the escrow's seller hold on
+that escrow. It is stored as a SHA-256 only; revoking it or closing the escrow stops it.
+These operations are mixed into `Ledger` and use its transaction helpers.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from sqlalchemy import Connection, select, update
+
+from .._exceptions import EscrowError, Forbidden, InsufficientFunds, NotFound, StateConflict, ValidationError
+from ..money import format_usdc, parse_usdc
+from . import idempotency, rules
+from .queries import (
+    ESCROW, ESCROW_FOR_UPDATE, HELD, HOLD, HOLD_BY_ID, HOLD_ESCROW_ID, HOLD_ROW_FOR_UPDATE, INSERT_HOLD,
+)
+from .records import OPEN_STATUSES, hold_dict, receipt_dict, split_data
+from .schema import holds, spend_tokens
+
+MAX_BATCH_ITEMS = 1_000
+MAX_TOKEN_CHARS = 80
+HOLD_ID_CHARS = 40
+SPEND_TOKEN_PREFIX = "est_"
+DEFAULT_HOLD_TTL_S = 60.0
+
+
+
+class HoldOperations:
+    """Holds, captures, voids and spend tokens; mixed into `hf_escrow.ledger.Ledger`."""
+
+    # ---- spend tokens -------------------------------------------------------------
+
+    def mint_spend_token(self, agent_id: str, escrow_id: str) -> dict:
+        """As the buyer of an active escrow: a new spend token for it (shown only this once)."""
+        def fn(conn: Connection, now_ms: int) -> dict:
+            self._locked(conn, escrow_id, agent_id, now_ms, role="buyer", states=("active",))
+            return {"escrow_id": escrow_id, "spend_token": self._new_spend_token(conn, escrow_id, now_ms)}
+        return self._mutate(agent_id, "mint_spend_token", {"escrow_id": escrow_id}, None, fn)
+
+    def revoke_spend_tokens(self, agent_id: str, escrow_id: str) -> dict:
+        """As the buyer: every spend token of the escrow stops working at once."""
+        def fn(conn: Connection, now_ms: int) -> dict:
+            row = self._visible(conn, escrow_id, agent_id, lock=True)
+            if agent_id != row.buyer:
+                raise Forbidden(f"only the buyer of escrow {escrow_id} may revoke its spend tokens")
+            revoked = conn.execute(update(spend_tokens).where(
+                spend_tokens.c.escrow_id == escrow_id, spend_tokens.c.revoked_at_ms.is_(None)).values(
+                revoked_at_ms=now_ms)).rowcount
+            if revoked:
+                self._event(conn, escrow_id, "tokens_revoked", agent_id, now_ms, revoked=revoked)
+            return {"escrow_id": escrow_id, "revoked": int(revoked)}
+        return self._run(fn)
+
+    # ---- holds --------------------------------------------------------------------
+
+    def hold(self, agent_id: str, target: Any, amount: Any, *, ttl_seconds: Any = DEFAULT_HOLD_TTL_S,
+             idempotency_key: str | None = None) -> dict:
+        """Reserve `amount` of an escrow's remainder for one piece of work.
+
+        `target` is a spend token (the caller must be that escrow's seller) or an escrow id
+        (the caller must be its buyer or seller). Refused, with nothing reserved, when the
+        escrow is not active or its spendable remainder is smaller than `amount`.
+        """
+        amount_micro = parse_usdc(amount)
+        ttl_ms = rules.check_hold_ttl(ttl_seconds, self.config.hold_max_ttl_s)
+        by_token = isinstance(target, str) and target.startswith(SPEND_TOKEN_PREFIX)
+        if not by_token and not rules.is_key_text(target, HOLD_ID_CHARS):
+            raise ValidationError("hold needs a spend token (est_...) or an escrow id (esc_...)")
+        # The request is keyed by the token's hash: a token never reaches a stored row.
+        request = {"target": rules.hash_secret(target) if by_token else target, "amount_micro": amount_micro,
+                   "ttl_ms": ttl_ms}
+
+        def fn(conn: Connection, now_ms: int) -> dict:
+            if by_token:
+                row = self._token_escrow(conn, target, agent_id)
+            else:
+                row = self._locked(conn, target, agent_id, now_ms, role="party", states=("active",))
+            rules.check_state(row, now_ms, ("active",))
+            remaining = int(row.remaining_micro)
+            if amount_micro > remaining:
+                raise InsufficientFunds(
+                    f"escrow {row.escrow_id} has {format_usdc(remaining)} USDC free, cannot hold "
+                    f"{format_usdc(amount_micro)}; ask for less or have the buyer fund a new escrow",
+                    details={"remaining_micro": remaining, "needed_micro": amount_micro})
+            hold_id = "hold_" + secrets.token_hex(12)
+            expires = min(now_ms + ttl_ms, int(row.expires_at_ms) + self.config.hold_grace_s * 1000)
+            conn.execute(INSERT_HOLD, {"hold_id": hold_id, "escrow_id": row.escrow_id, "holder": agent_id,
+                                       "status": "open", "amount_micro": amount_micro, "captured_micro": 0,
+                                       "captures": 0, "created_at_ms": now_ms, "expires_at_ms": expires})
+            conn.execute(HELD, {"eid": row.escrow_id, "delta": amount_micro})
+            return self._hold_view(conn, hold_id)
+
+        return self._mutate(agent_id, "hold", request, idempotency_key, fn)
+
+    def capture(self, agent_id: str, hold_id: str, amount: Any, *, final: bool = False, usage: dict | None = None,
+                idempotency_key: str | None = None) -> dict:
+        """As the hold's maker: pay `amount` of it to the escrow's seller (fee applies).
+
+        `final` frees what is left of the hold. A closed escrow's open hold still captures
+        (work already delivered) until the hold expires.
+        """
+        request = _capture_request(hold_id, amount, final, usage)
+        return self._mutate(agent_id, "capture", request, idempotency_key,
+                            lambda conn, now_ms: self._capture(conn, agent_id, request, now_ms))
+
+    def void(self, agent_id: str, hold_id: str, *, idempotency_key: str | None = None) -> dict:
+        """As the hold's maker: free all of it (the work failed or was not needed)."""
+        request = {"hold_id": hold_id, "amount_micro": 0, "final": True, "usage": [0, 0], "kind": "void"}
+        return self._mutate(agent_id, "void", request, idempotency_key,
+                            lambda conn, now_ms: self._capture(conn, agent_id, request, now_ms))
+
+    def capture_many(self, agent_id: str, items: Any, *, idempotency_key: str | None = None) -> dict:
+        """Many captures in one database transaction; a refused item moves nothing and is reported alone.
+
+        `items`: dicts ``{"hold_id", "amount", "final", "usage", "idempotency_key"}`` or
+        tuples ``(hold_id, amount, final)``; at most 1,000. The batch is idempotent under
+        its key, each item under its own.
+        """
+        batch = _batch_requests(items)
+        expired: list[str] = []
+
+        def fn(conn: Connection, now_ms: int) -> dict:
+            expired.clear()
+            return {"results": [self._batch_item(conn, agent_id, request, key, now_ms, expired)
+                                for request, key in batch]}
+
+        digest_items = [dict(request, key=key) for request, key in batch]
+        result = self._mutate(agent_id, "capture_many", {"items": digest_items}, idempotency_key, fn)
+        for hold_id in expired:
+            self.expire_hold(hold_id)
+        return result
+
+    def get_hold(self, agent_id: str, hold_id: str) -> dict:
+        """One hold, for its maker or a party of its escrow."""
+        def fn(conn: Connection, now_ms: int) -> dict:
+            row = conn.execute(HOLD_BY_ID, {"hid": hold_id}).first() if rules.is_key_text(hold_id, 40) else None
+            if row is not None:
+                self._visible(conn, row.escrow_id, agent_id)  # NotFound for strangers
+                return hold_dict(row)
+            self._agent(conn, agent_id)
+            raise NotFound(f"hold {hold_id!r} not found among your holds")
+        return self._read(fn)
+
+    def holds(self, agent_id: str, escrow_id: str) -> list[dict]:
+        """The escrow's open holds, for its buyer, seller or verifier."""
+        def fn(conn: Connection, now_ms: int) -> list[dict]:
+            self._visible(conn, escrow_id, agent_id)
+            rows = conn.execute(HOLD.where(holds.c.escrow_id == escrow_id, holds.c.status == "open")
+                                .order_by(holds.c.created_at_ms, holds.c.hold_id).limit(MAX_BATCH_ITEMS))
+            return [hold_dict(row) for row in rows]
+        return self._read(fn)
+
+    # ---- expiry -------------------------------------------------------------------
+
+    def expire_hold(self, hold_id: str) -> bool:
+        """Free a hold past its TTL; True if this call did it (exactly one caller does)."""
+        def fn(conn: Connection, now_ms: int) -> bool:
+            escrow_id = conn.scalar(HOLD_ESCROW_ID, {"hid": hold_id})
+            if escrow_id is None:
+                return False
+            row = conn.execute(ESCROW_FOR_UPDATE, {"eid": escrow_id}).first()
+            hold = conn.execute(HOLD_ROW_FOR_UPDATE, {"hid": hold_id}).first()
+            if hold.status != "open" or hold.expires_at_ms > now_ms:
+                return False
+            row = self._settle_escrow_expiry(conn, row, now_ms)
+            freed = int(hold.amount_micro - hold.captured_micro)
+            self._free(conn, row, hold, freed, "expired", now_ms)
+            self._event(conn, escrow_id, "hold_expired", None, now_ms, hold_id=hold_id,
+                        captured_micro=int(hold.captured_micro), freed_micro=freed)
+            return True
+        return self._run(fn)
+
+    def expire_due_holds(self, limit: int) -> int:
+        """The sweeper's step for holds: free up to `limit` holds past their TTL."""
+        due = self._read(lambda conn, now_ms: list(conn.scalars(
+            select(holds.c.hold_id).where(holds.c.status == "open", holds.c.expires_at_ms <= now_ms)
+            .order_by(holds.c.expires_at_ms).limit(limit))))
+        return sum(1 for hold_id in due if self.expire_hold(hold_id))
+
+    # ---- inside a transaction -----------------------------------------------------
+
+    def _token_escrow(self, conn: Connection, token: str, agent_id: str) -> Any:
+        """The escrow a spend token pays from, locked, if `agent_id` is its seller."""
+        found = None
+        if rules.is_key_text(token, MAX_TOKEN_CHARS):
+            found = conn.execute(select(spend_tokens.c.escrow_id, spend_tokens.c.revoked_at_ms).where(
+                spend_tokens.c.token_hash == rules.hash_secret(token))).first()
+        if found is None or found.revoked_at_ms is not None:
+            self._agent(conn, agent_id)
+            raise Forbidden("this spend token is unknown or was revoked by the buyer; ask the buyer for a new one "
+                            "(mint_spend_token) or a new escrow")
+        row = conn.execute(ESCROW_FOR_UPDATE, {"eid": found.escrow_id}).first()
+        if row.seller != agent_id:
+            self._agent(conn, agent_id)
+            raise Forbidden("this spend token pays another seller; only the escrow's seller can take payment "
+                            "with it")
+        return row
+
+    def _hold_locked(self, conn: Connection, hold_id: Any, agent_id: str) -> tuple[Any, Any]:
+        """(escrow row, hold row), both locked, escrow first (every writer locks in that order)."""
+        escrow_id = conn.scalar(HOLD_ESCROW_ID, {"hid": hold_id}) if rules.is_key_text(hold_id, 40) else None
+        row = conn.execute(ESCROW_FOR_UPDATE, {"eid": escrow_id}).first() if escrow_id else None
+        if row is None or agent_id not in (row.buyer, row.seller):
+            self._agent(conn, agent_id)
+            raise NotFound(f"hold {hold_id!r} not found among your holds")
+        hold = conn.execute(HOLD_ROW_FOR_UPDATE, {"hid": hold_id}).first()
+        if hold.holder != agent_id:
+            raise Forbidden(f"hold {hold_id} was made by {hold.holder!r}; only its maker may capture or void it")
+        return row, hold
+
+    def _capture(self, conn: Connection, agent_id: str, request: dict, now_ms: int) -> dict:
+        row, hold = self._hold_locked(conn, request["hold_id"], agent_id)
+        if hold.status != "open":
+            raise StateConflict(f"hold {hold.hold_id} is {hold.status}; make a new hold for new work")
+        if hold.expires_at_ms <= now_ms:
+            raise rules.Expired(hold_id=hold.hold_id)
+        row = self._settle_escrow_expiry(conn, row, now_ms)
+        open_micro = int(hold.amount_micro - hold.captured_micro)
+        amount_micro, final = request["amount_micro"], request["final"]
+        if amount_micro > open_micro:
+            raise InsufficientFunds(
+                f"hold {hold.hold_id} has {format_usdc(open_micro)} USDC left, cannot capture "
+                f"{format_usdc(amount_micro)}; make another hold for more work",
+                details={"hold_open_micro": open_micro, "needed_micro": amount_micro})
+        split = self._payout(conn, row, amount_micro, 0, "capture", now_ms) if amount_micro else None
+        tokens_in, tokens_out = request["usage"]
+        self._add_tokens(conn, row.escrow_id, tokens_in, tokens_out)
+        conn.execute(update(holds).where(holds.c.hold_id == hold.hold_id).values(
+            captured_micro=holds.c.captured_micro + amount_micro, captures=holds.c.captures + 1))
+        conn.execute(HELD, {"eid": row.escrow_id, "delta": -amount_micro})
+        refunded = 0
+        if final or amount_micro == open_micro:
+            refunded = self._free(conn, row, hold, open_micro - amount_micro,
+                                  "voided" if request.get("kind") == "void" else "captured", now_ms)
+            self._event(conn, row.escrow_id, "hold_closed", agent_id, now_ms, hold_id=hold.hold_id,
+                        captured_micro=int(hold.captured_micro) + amount_micro,
+                        freed_micro=open_micro - amount_micro)
+        escrow = self._escrow(conn, row.escrow_id)
+        return receipt_dict(request.get("kind", "capture"), escrow, base_micro=amount_micro, bonus_micro=0,
+                            refunded_micro=refunded, hold=self._hold_view(conn, hold.hold_id), **split_data(split))
+
+    def _free(self, conn: Connection, row: Any, hold: Any, freed_micro: int, status: str, now_ms: int) -> int:
+        """Close a hold; what it frees returns to the remainder, or to the buyer if the escrow closed."""
+        conn.execute(update(holds).where(holds.c.hold_id == hold.hold_id).values(status=status, closed_at_ms=now_ms))
+        conn.execute(HELD, {"eid": row.escrow_id, "delta": -freed_micro})
+        if row.status in OPEN_STATUSES:
+            return 0
+        self._refund(conn, row, freed_micro, now_ms)
+        return freed_micro
+
+    def _settle_escrow_expiry(self, conn: Connection, row: Any, now_ms: int) -> Any:
+        """An open escrow past its TTL is expired here (its holds keep their grace); the row as it is now."""
+        if row.status in OPEN_STATUSES and row.expires_at_ms <= now_ms:
+            refunded = self._close(conn, row, "expired", now_ms)
+            self._event(conn, row.escrow_id, "expired", None, now_ms, refunded_micro=refunded)
+            return conn.execute(ESCROW, {"eid": row.escrow_id}).first()
+        return row
+
+    def _batch_item(self, conn: Connection, agent_id: str, request: dict, key: str | None, now_ms: int,
+                    expired: list[str]) -> dict:
+        """One capture of a batch, in a savepoint: refused, it rolls back alone."""
+        digest = idempotency.request_hash("capture", request)  # the same as a single capture's
+        try:
+            with conn.begin_nested():
+                if key is not None:
+                    stored = idempotency.lookup(conn, agent_id, key, digest)
+                    if stored is not None:
+                        return {"ok": True, "receipt": stored}
+                receipt = self._capture(conn, agent_id, request, now_ms)
+                if key is not None:
+                    idempotency.store(conn, agent_id, key, digest, receipt, now_ms)
+                return {"ok": True, "receipt": receipt}
+        except rules.Expired as error:
+            expired.append(error.hold_id)
+            return _refused(StateConflict(f"hold {error.hold_id} has expired; what it reserved was freed"))
+        except EscrowError as error:
+            return _refused(error)
+
+    def _hold_view(self, conn: Connection, hold_id: str) -> dict:
+        return hold_dict(conn.execute(HOLD_BY_ID, {"hid": hold_id}).first())
+
+
+def _capture_request(hold_id: Any, amount: Any, final: Any, usage: Any) -> dict:
+    if not isinstance(final, bool):
+        raise ValidationError("final must be true or false")
+    amount_micro = parse_usdc(amount, allow_zero=True)
+    if amount_micro == 0 and not final:
+        raise ValidationError("a capture of 0 pays nothing: give an amount, or final=true to free the rest")
+    if not rules.is_key_text(hold_id, HOLD_ID_CHARS):
+        raise ValidationError("hold_id must be the id of a hold, such as hold_0123...")
+    return {"hold_id": hold_id, "amount_micro": amount_micro, "final": final,
+            "usage": list(rules.usage_tokens(usage))}
+
+
+def _batch_requests(items: Any) -> list[tuple[dict, str | None]]:
+    if not isinstance(items, (list, tuple)) or not 1 <= len(items) <= MAX_BATCH_ITEMS:
+        raise ValidationError(f"capture_many takes a list of 1 to {MAX_BATCH_ITEMS} captures")
+    requests = []
+    for index, item in enumerate(items):
+        if isinstance(item, (list, tuple)) and len(item) in (2, 3):
+            item = {"hold_id": item[0], "amount": item[1], "final": item[2] if len(item) == 3 else False}
+        if not isinstance(item, dict):
+            raise ValidationError(f"capture {index}: give {{hold_id, amount, final}} or (hold_id, amount, final)")
+        try:
+            requests.append((_capture_request(item.get("hold_id"), item.get("amount"), item.get("final", False),
+                                              item.get("usage")), idempotency.check_key(item.get("idempotency_key"))))
+        except ValidationError as error:
+            raise type(error)(f"capture {index}: {error.message}") from None
+    return requests
+
+
+def _refused(error: EscrowError) -> dict:
+    return {"ok": False, "error": error.code, "status": error.status_code, "message": error.message}
+
+
