@@ -6,7 +6,8 @@
     ├── Unauthorized         (401)   no key, or a key that matches no agent
     ├── Forbidden            (403)   a party acting outside its role
     ├── NotFound             (404)   unknown escrow or agent (or not visible to the caller)
-    ├── InsufficientFunds    (402)   balance or escrow remainder too small; nothing moved
+    ├── InsufficientFunds    (402)   balance, escrow remainder or hold too small; nothing moved
+    ├── PaymentRequired      (402)   a paid face got no spend token (or a key instead of one)
     ├── StateConflict        (409)   the escrow's state forbids the operation
     ├── IdempotencyConflict  (409)   a key reused with a different request
     └── RateLimited          (429)   faucet claimed too often
@@ -28,6 +29,7 @@ __all__ = [
     "Forbidden",
     "NotFound",
     "InsufficientFunds",
+    "PaymentRequired",
     "StateConflict",
     "IdempotencyConflict",
     "RateLimited",
@@ -81,6 +83,13 @@ class InsufficientFunds(EscrowError):
     code = "insufficient_funds"
 
 
+class PaymentRequired(EscrowError):
+    """A paid face was called without a spend token: nothing was checked, nothing ran."""
+
+    status_code = 402
+    code = "payment_required"
+
+
 class StateConflict(EscrowError):
     status_code = 409
     code = "state_conflict"
@@ -105,7 +114,7 @@ _BY_CODE = {
     cls.code: cls
     for cls in (
         ValidationError, InvalidAmount, Unauthorized, Forbidden, NotFound,
-        InsufficientFunds, StateConflict, IdempotencyConflict, RateLimited, TransportError,
+        InsufficientFunds, PaymentRequired, StateConflict, IdempotencyConflict, RateLimited, TransportError,
     )
 }
 _BY_STATUS = {401: Unauthorized, 403: Forbidden, 404: NotFound, 402: InsufficientFunds,

@@ -1,0 +1,187 @@
+"""The seller's till: the one place where every paid face (the gateway, `gate.paid`, the
+shard server) takes payment.
+
+A buyer hands a face the escrow's *spend token* (``X-Escrow-Token``), never its API key.
+For each piece of work the face opens a `Tab`: one ledger hold, made with the seller's
+own client, reserving the work's worst case. The ledger does the admission: the token
+must be live, the escrow active and paying this seller, its spendable remainder enough.
+No check is cached, so a cancel or a revoke stops the next piece of work at once, in
+every process and on every machine that sells from the same escrow.
+
+As the work is delivered the face captures slices of the hold (``tab.capture``): a
+stream is paid as it flows, so a disconnect, a cancel or a crash costs the seller at
+most the last uncaptured slice. ``tab.finish`` captures the last slice and frees the
+rest; ``tab.void`` frees everything when the work failed. Every capture carries an
+idempotency key derived from the hold, so a retried capture never pays twice.
+
+Example:
+    >>> till = Till(hf_escrow.connect(agent="my-space"))
+    >>> with till.open(request_token, 2_000, what="one answer") as tab:   # 0.002 USDC worst case
+    ...     answer = model(prompt)
+    ...     tab.finish(1_500)                                              # what it cost
+"""
+
+from __future__ import annotations
+
+import threading
+from decimal import Decimal
+from typing import Any, Mapping
+
+from ._exceptions import EscrowError, InsufficientFunds, PaymentRequired, ValidationError
+from ._models import Receipt
+from .money import format_usdc, parse_usdc, to_usdc
+
+TOKEN_HEADER = "X-Escrow-Token"
+SPEND_TOKEN_PREFIX = "est_"
+API_KEY_PREFIX = "hfe_"
+DEFAULT_HOLD_TTL_S = 120.0
+MAX_TOKEN_CHARS = 80
+
+__all__ = ["Till", "Tab", "TOKEN_HEADER", "spend_token_from"]
+
+
+def spend_token_from(headers: Mapping[str, str] | None) -> str | None:
+    """The spend token a request carries in ``X-Escrow-Token`` (headers matched case-blind).
+
+    A buyer API key sent instead (as the token, or as ``Authorization: Bearer hfe_...``
+    with no token) is refused: keys never belong with a seller.
+    """
+    lowered = {str(k).lower(): str(v) for k, v in (headers or {}).items()}
+    token = lowered.get(TOKEN_HEADER.lower(), "").strip()
+    auth = lowered.get("authorization", "")
+    if not token and auth.lower().startswith("bearer ") and auth[7:].strip().startswith(API_KEY_PREFIX):
+        raise _key_sent()
+    return token or None
+
+
+def check_token(token: Any) -> str:
+    """A spend token as given, or PaymentRequired saying what to send instead."""
+    if token is None or (isinstance(token, str) and not token.strip()):
+        raise PaymentRequired(f"this is a paid endpoint: send the escrow's spend token in the {TOKEN_HEADER} "
+                              "header (create_escrow returns it as spend_token; mint_spend_token makes more)")
+    if not isinstance(token, str) or len(token.strip()) > MAX_TOKEN_CHARS:
+        raise ValidationError(f"{TOKEN_HEADER} must be a spend token such as est_...")
+    token = token.strip()
+    if token.startswith(API_KEY_PREFIX):
+        raise _key_sent()
+    if not token.startswith(SPEND_TOKEN_PREFIX):
+        raise ValidationError(f"{TOKEN_HEADER} must be a spend token (est_...), the secret create_escrow returned")
+    return token
+
+
+def _key_sent() -> PaymentRequired:
+    return PaymentRequired(f"that is a buyer API key: never send it to a seller. Send the escrow's spend token "
+                           f"(est_..., returned by create_escrow as spend_token) in the {TOKEN_HEADER} header")
+
+
+class Till:
+    """Opens one hold per piece of work on behalf of a seller.
+
+    Args:
+        seller: the seller's synchronous `EscrowClient` (embedded or over HTTP).
+        hold_ttl_s: how long a hold lives; the ledger caps it (15 minutes by default).
+    """
+
+    def __init__(self, seller: Any, *, hold_ttl_s: float = DEFAULT_HOLD_TTL_S):
+        if not callable(getattr(seller, "hold", None)):
+            raise ValidationError("the till needs the seller's EscrowClient (hf_escrow.connect(...))")
+        self.seller = seller
+        self.hold_ttl_s = hold_ttl_s
+
+    def open(self, token: Any, amount_micro: int, *, ttl_seconds: float | None = None,
+             what: str = "this work") -> "Tab":
+        """Hold `amount_micro` of the token's escrow for one piece of work.
+
+        Raises PaymentRequired (no token, or a key), Forbidden (token unknown, revoked or for
+        another seller), StateConflict (escrow closed), InsufficientFunds (too little left,
+        with the price in the message); nothing is reserved then.
+        """
+        token = check_token(token)
+        if not isinstance(amount_micro, int) or amount_micro <= 0:
+            raise ValidationError(f"the worst case of {what} must be a positive amount of micro-USDC")
+        try:
+            hold = self.seller.hold(token, to_usdc(amount_micro), ttl_seconds=ttl_seconds or self.hold_ttl_s)
+        except InsufficientFunds as error:
+            left = (error.details or {}).get("remaining_micro")
+            left_text = f"; the escrow has {format_usdc(int(left))} USDC free" if left is not None else ""
+            raise InsufficientFunds(f"{what} may cost up to {format_usdc(amount_micro)} USDC{left_text}: "
+                                    "the buyer must fund a new escrow (or ask for less)",
+                                    details={**(error.details or {}), "price_micro": amount_micro}) from None
+        return Tab(self.seller, hold)
+
+
+class Tab:
+    """One hold for one piece of work: capture as it is delivered, finish or void once.
+
+    Thread-safe; `escrow_open` turns False once a capture reports the escrow closed, and a
+    face then delivers no new work (what was already delivered is still captured).
+    """
+
+    def __init__(self, seller: Any, hold: Any):
+        self._seller = seller
+        self.hold_id: str = hold.id
+        self.escrow_id: str = hold.escrow_id
+        self.held_micro: int = _micro(hold.amount)
+        self.captured_micro = 0
+        self.escrow_open = hold.escrow_status == "active"
+        self.closed = False
+        self.last_receipt: Receipt | None = None
+        self._captures = 0
+        self._lock = threading.Lock()
+
+    @property
+    def open_micro(self) -> int:
+        """What is still reserved for this work."""
+        return 0 if self.closed else self.held_micro - self.captured_micro
+
+    def capture(self, amount_micro: int, *, usage: dict | None = None) -> Receipt | None:
+        """Pay a delivered slice; None when there is nothing to pay. Never more than was held."""
+        return self._capture(amount_micro, final=False, usage=usage)
+
+    def finish(self, amount_micro: int = 0, *, usage: dict | None = None) -> Receipt | None:
+        """Pay the last slice and free the rest of the hold (idempotent)."""
+        return self._capture(amount_micro, final=True, usage=usage)
+
+    def void(self) -> None:
+        """Free the whole hold: nothing more is paid. Safe after finish and twice."""
+        with self._lock:
+            if self.closed:
+                return
+            self._seller.void(self.hold_id, idempotency_key=f"{self.hold_id}:void")
+            self.closed = True
+
+    def __enter__(self) -> "Tab":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish()
+        elif self.captured_micro:
+            self.finish()   # delivered slices stay paid; the rest is freed
+        else:
+            self.void()
+
+    def _capture(self, amount_micro: int, *, final: bool, usage: dict | None) -> Receipt | None:
+        if not isinstance(amount_micro, int) or amount_micro < 0:
+            raise ValidationError("a capture is a whole, non-negative number of micro-USDC")
+        with self._lock:
+            if self.closed:
+                if amount_micro:
+                    raise EscrowError(f"hold {self.hold_id} is already closed; open a new tab for new work")
+                return None
+            amount_micro = min(amount_micro, self.held_micro - self.captured_micro)
+            if not amount_micro and not final:
+                return None
+            self._captures += 1
+            key = f"{self.hold_id}:{'final' if final else self._captures}"
+            receipt = self._seller.capture(self.hold_id, to_usdc(amount_micro), final=final, usage=usage,
+                                           idempotency_key=key)
+            self.captured_micro += _micro(receipt.gross)
+            self.escrow_open = receipt.escrow.status == "active"
+            self.closed = final or (receipt.hold is not None and receipt.hold.status != "open")
+            self.last_receipt = receipt
+            return receipt
+
+
+def _micro(amount: Decimal) -> int:
+    return parse_usdc(amount, allow_zero=True)
