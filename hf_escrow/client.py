@@ -16,14 +16,15 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable
 
-from ._exceptions import Unauthorized
-from ._models import Agent, Escrow, Me, Receipt
+from ._exceptions import Unauthorized, ValidationError
+from ._models import Agent, CaptureResult, Escrow, Hold, Me, Receipt
 from .ledger import Ledger
 from .money import to_usdc
 
 Amount = str | int | Decimal | float
 
-MUTATIONS = ("claim_faucet", "create_escrow", "deduct", "release", "cancel", "submit_result", "verify")
+MUTATIONS = ("claim_faucet", "create_escrow", "deduct", "release", "cancel", "submit_result", "verify",
+             "mint_spend_token", "revoke_spend_tokens", "hold", "capture", "void", "capture_many")
 
 
 class _BaseClient:
@@ -135,12 +136,105 @@ class _BaseClient:
         """Spend and earnings per model (USDC), tokens in/out, escrow counts, referral earned."""
         return self._request("analytics", {}, _analytics)
 
+    # ---- holds and spend tokens ------------------------------------------------------
+
+    def mint_spend_token(self, escrow_id: str) -> str:
+        """As the buyer: another spend token for an open escrow (a secret: give it to the seller's faces).
+
+        Example:
+            >>> token = buyer.mint_spend_token(e.id)
+            >>> token.startswith("est_")
+            True
+        """
+        return self._request("mint_spend_token", {"escrow_id": escrow_id}, lambda d: d["spend_token"])
+
+    def revoke_spend_tokens(self, escrow_id: str) -> int:
+        """As the buyer: revoke every spend token of the escrow at once; returns how many.
+
+        Open holds stay capturable; only new holds by token are refused.
+        """
+        return self._request("revoke_spend_tokens", {"escrow_id": escrow_id}, lambda d: int(d["revoked"]))
+
+    def hold(self, target: str, amount: Amount, ttl_seconds: float = 60, idempotency_key: str | None = None) -> Hold:
+        """Reserve `amount` of an escrow's remainder for one piece of work, for at most `ttl_seconds`.
+
+        `target` is a spend token (``est_...``; you must be that escrow's seller) or an
+        escrow id (you must be its buyer or seller). Refused when the remainder is too small.
+
+        Example:
+            >>> h = seller.hold(e.spend_token, "0.05", ttl_seconds=60)
+            >>> h.status, h.open
+            ('open', Decimal('0.050000'))
+        """
+        return self._request("hold", dict(target=target, amount=amount, ttl_seconds=ttl_seconds,
+                                          idempotency_key=idempotency_key), Hold.from_dict)
+
+    def capture(self, hold_id: str, amount: Amount, final: bool = False, usage: dict | None = None,
+                idempotency_key: str | None = None) -> Receipt:
+        """As the hold's maker: pay the seller `amount` out of the hold (fee applies).
+
+        `final` frees what is left of the hold; `amount` may then be 0.
+
+        Example:
+            >>> r = seller.capture(h.id, "0.0123", final=True)
+            >>> r.gross, r.hold.status
+            (Decimal('0.012300'), 'captured')
+        """
+        return self._request("capture", dict(hold_id=hold_id, amount=amount, final=final, usage=usage,
+                                             idempotency_key=idempotency_key), Receipt.from_dict)
+
+    def void(self, hold_id: str, idempotency_key: str | None = None) -> Receipt:
+        """As the hold's maker: free the whole open part of the hold back to the escrow."""
+        return self._request("void", {"hold_id": hold_id, "idempotency_key": idempotency_key}, Receipt.from_dict)
+
+    def capture_many(self, items: list, idempotency_key: str | None = None) -> list[CaptureResult]:
+        """Many captures in one transaction; a refused item moves nothing and is reported alone.
+
+        Each item is ``(hold_id, amount)``, ``(hold_id, amount, final)`` or a dict with
+        ``hold_id``, ``amount`` and optional ``final``, ``usage``, ``idempotency_key``.
+
+        Example:
+            >>> results = seller.capture_many([(h1.id, "0.01", True), (h2.id, "0.02")])
+            >>> [r.ok for r in results]
+            [True, True]
+        """
+        if not isinstance(items, (list, tuple)):
+            raise ValidationError(f"capture_many takes a list of captures, got {type(items).__name__}")
+        return self._request("capture_many", {"items": [_capture_item(i, item) for i, item in enumerate(items)],
+                                              "idempotency_key": idempotency_key},
+                             lambda d: [CaptureResult.from_dict(r) for r in d["results"]])
+
+    def get_hold(self, hold_id: str) -> Hold:
+        """One hold, for its maker or a party of its escrow."""
+        return self._request("get_hold", {"hold_id": hold_id}, Hold.from_dict)
+
+    def holds(self, escrow_id: str) -> list[Hold]:
+        """The escrow's open holds, for either party."""
+        return self._request("holds", {"escrow_id": escrow_id}, lambda rows: [Hold.from_dict(r) for r in rows])
+
     def _adopt(self, data: dict) -> Agent:
         agent = Agent.from_dict(data)
         if self.agent is None:
             self.agent = agent.agent_id
         self._transport.adopt(agent)
         return agent
+
+
+_ITEM_KEYS = ("hold_id", "amount", "final", "usage", "idempotency_key")
+
+
+def _capture_item(index: int, item: Any) -> dict:
+    """One capture_many item as both transports send it: a dict with every key."""
+    if isinstance(item, (tuple, list)) and 2 <= len(item) <= 3:
+        item = dict(zip(("hold_id", "amount", "final"), item))
+    if not isinstance(item, dict) or "hold_id" not in item or "amount" not in item:
+        raise ValidationError(f"capture {index}: give (hold_id, amount[, final]) or a dict with hold_id and "
+                              f"amount, got {item!r:.100}")
+    unknown = set(item) - set(_ITEM_KEYS)
+    if unknown:
+        raise ValidationError(f"capture {index}: unknown keys {sorted(unknown)}; known: {list(_ITEM_KEYS)}")
+    return {"hold_id": item["hold_id"], "amount": item["amount"], "final": item.get("final", False),
+            "usage": item.get("usage"), "idempotency_key": item.get("idempotency_key")}
 
 
 def _pricing_dict(pricing: Any) -> dict | None:
@@ -197,6 +291,16 @@ class AsyncEscrowClient(_BaseClient):
         await self.aclose()
 
 
+# The ledger method of each remaining operation (same name) and its positional parameters.
+_POSITIONAL = {
+    "deduct": ("escrow_id",), "release": ("escrow_id",), "cancel": ("escrow_id",),
+    "submit_result": ("escrow_id",), "verify": ("escrow_id",),
+    "mint_spend_token": ("escrow_id",), "revoke_spend_tokens": ("escrow_id",), "holds": ("escrow_id",),
+    "hold": ("target", "amount"), "capture": ("hold_id", "amount"), "void": ("hold_id",),
+    "get_hold": ("hold_id",), "capture_many": ("items",),
+}
+
+
 class EmbeddedTransport:
     """Calls the ledger in this process; the client's `agent` is the acting identity."""
 
@@ -225,11 +329,9 @@ class EmbeddedTransport:
             return self.ledger.create_escrow(client.agent, params.pop("seller"), params.pop("amount"), **params)
         if op == "claim_faucet":
             return self.ledger.claim_faucet(client.agent, **params)
-        escrow_id = params["escrow_id"]
-        rest = {k: v for k, v in params.items() if k != "escrow_id"}
-        method = {"deduct": self.ledger.deduct, "release": self.ledger.release, "cancel": self.ledger.cancel,
-                  "submit_result": self.ledger.submit_result, "verify": self.ledger.verify}[op]
-        return method(client.agent, escrow_id, **rest)
+        positional = _POSITIONAL[op]
+        rest = {k: v for k, v in params.items() if k not in positional}
+        return getattr(self.ledger, op)(client.agent, *(params[name] for name in positional), **rest)
 
     def adopt(self, agent: Agent) -> None:
         """Embedded, identity is the client's `agent`; there is no key to take up."""

@@ -8,14 +8,16 @@ errors, timeouts and 5xx answers resend the same key, so a retry never moves mon
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 import uuid
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
-from ._exceptions import TransportError, error_for_status
+from ._exceptions import InvalidAmount, TransportError, ValidationError, error_for_status
 from ._models import Agent
 from .money import to_decimal
 
@@ -23,7 +25,9 @@ RETRY_STATUSES = (502, 503, 504)
 BACKOFF_S = 0.2
 MAX_BACKOFF_S = 3.0
 _LOST = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
-_MUTATIONS = {"claim_faucet", "create_escrow", "deduct", "release", "cancel", "submit_result", "verify"}
+_MUTATIONS = {"claim_faucet", "create_escrow", "deduct", "release", "cancel", "submit_result", "verify",
+              "mint_spend_token", "revoke_spend_tokens", "hold", "capture", "void", "capture_many"}
+SPEND_TOKEN_PREFIX = "est_"
 
 
 def _amount(value: Any, *, required: bool = True) -> Any:
@@ -60,8 +64,66 @@ def build_request(op: str, params: dict, agent: str | None) -> tuple[str, str, d
         if "price_per_token" in body:
             body["price_per_token"] = _amount(body["price_per_token"], required=False)
         return "POST", f"/api/escrow/{escrow_id}/{op}", body, None
+    if op in _HOLD_OPS:
+        return _hold_request(op, p, escrow_id)
     path = {"cancel": "cancel", "submit_result": "submit-result", "verify": "verify"}[op]
     return "POST", f"/api/escrow/{escrow_id}/{path}", p, None
+
+
+_HOLD_OPS = {"mint_spend_token", "revoke_spend_tokens", "hold", "capture", "void", "capture_many", "get_hold",
+             "holds"}
+
+
+def _segment(value: Any, what: str) -> str:
+    """An id as it travels in a path: quoted, so that '?' or '#' in it stay part of it (the
+    server's routes take '/' too), and the ledger refuses it as it does embedded."""
+    if not isinstance(value, str):
+        raise ValidationError(f"{what} must be a string, got {type(value).__name__}")
+    return quote(value, safe="")
+
+
+def _number(value: Any) -> Any:
+    """A number as JSON carries it; anything else (NaN, a Decimal) as text, which the server
+    refuses with the same ValidationError the embedded ledger raises."""
+    if value is None or isinstance(value, int) or (isinstance(value, float) and math.isfinite(value)):
+        return value
+    return str(value)
+
+
+def _item_amount(index: int, value: Any) -> Any:
+    """A batch item's amount, refused (the whole batch, as the ledger does) with its index."""
+    try:
+        return _amount(value)
+    except InvalidAmount as error:
+        raise InvalidAmount(f"capture {index}: {error.message}") from None
+
+
+def _hold_request(op: str, p: dict, escrow_id: Any) -> tuple[str, str, dict | None, dict | None]:
+    """Requests of the holds and spend-token routes (see `hf_escrow.server.app`)."""
+    if op in ("mint_spend_token", "revoke_spend_tokens"):
+        return ("POST" if op == "mint_spend_token" else "DELETE"), \
+            f"/api/escrow/{_segment(escrow_id, 'escrow_id')}/tokens", None, None
+    if op == "holds":
+        return "GET", f"/api/escrow/{_segment(escrow_id, 'escrow_id')}/holds", None, None
+    if op == "hold":
+        target = p["target"]
+        body = {"amount_usdc": _amount(p["amount"]), "ttl_seconds": _number(p["ttl_seconds"])}
+        if isinstance(target, str) and target.startswith(SPEND_TOKEN_PREFIX):
+            # The token travels in the body, never in a URL that proxies and access logs keep.
+            return "POST", "/api/holds", dict(body, spend_token=target), None
+        return "POST", f"/api/escrow/{_segment(target, 'hold target')}/holds", body, None
+    if op == "capture_many":
+        items = [{"hold_id": item["hold_id"], "amount_usdc": _item_amount(index, item["amount"]),
+                  "final": item["final"], "usage": item["usage"], "idempotency_key": item["idempotency_key"]}
+                 for index, item in enumerate(p["items"])]
+        return "POST", "/api/holds/capture", {"items": items}, None
+    hold_id = _segment(p["hold_id"], "hold_id")
+    if op == "get_hold":
+        return "GET", f"/api/holds/{hold_id}", None, None
+    if op == "capture":
+        body = {"amount_usdc": _amount(p["amount"]), "final": p["final"], "usage": p["usage"]}
+        return "POST", f"/api/holds/{hold_id}/capture", body, None
+    return "POST", f"/api/holds/{hold_id}/void", None, None
 
 
 def _drop_usdc(data: Any) -> Any:
