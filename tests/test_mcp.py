@@ -22,7 +22,8 @@ from .helpers import assert_audit_clean
 from .liveserver import serve_app
 
 TOOLS = {"register_agent", "claim_faucet", "escrow_create", "escrow_release", "escrow_cancel", "escrow_deduct",
-         "escrow_get", "escrow_history"}
+         "escrow_get", "escrow_history", "escrow_hold", "escrow_capture", "escrow_void", "escrow_holds",
+         "escrow_mint_token", "escrow_revoke_tokens"}
 RUN_TIMEOUT_S = 60
 
 

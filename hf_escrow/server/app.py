@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .._exceptions import EscrowError, ValidationError
 from ..ledger import Ledger, audit
+from ..money import to_usdc
 from . import bodies
 from .wire import escrow_view, receipt_view, with_usdc
 
@@ -63,6 +64,7 @@ def create_app(ledger: Ledger | None = None, *, database_url: str | None = None,
 
     Agent = Annotated[str, Depends(agent)]
     app.include_router(_hf_routes(ledger, Agent))
+    app.include_router(_hold_routes(ledger, Agent))
     app.include_router(_vllm_routes(ledger, Agent))
     app.include_router(_faucet_routes(ledger))
 
@@ -154,6 +156,70 @@ def _hf_routes(ledger: Ledger, Agent) -> APIRouter:
     return router
 
 
+def _hold_routes(ledger: Ledger, Agent) -> APIRouter:
+    """Holds and spend tokens: how a seller reserves part of an escrow, then is paid out of it."""
+    router = APIRouter(prefix="/api", tags=["holds and spend tokens"])
+    # Ids are `:path` parameters: an id with a '/' in it reaches the ledger, which refuses it
+    # as it does for the embedded client, instead of falling through to another route.
+
+    # Minting and revoking take no Idempotency-Key: a token is never stored to be replayed,
+    # a lost answer's token is simply never used, and revoking twice revokes nothing more.
+    @router.post("/escrow/{escrow_id:path}/tokens", status_code=201)
+    def mint_token(escrow_id: str, agent_id: Agent) -> dict:
+        """As the buyer: another spend token for the escrow (shown once)."""
+        return ledger.mint_spend_token(agent_id, escrow_id)
+
+    @router.delete("/escrow/{escrow_id:path}/tokens")
+    def revoke_tokens(escrow_id: str, agent_id: Agent) -> dict:
+        """As the buyer: revoke every spend token of the escrow at once."""
+        return ledger.revoke_spend_tokens(agent_id, escrow_id)
+
+    @router.post("/holds", status_code=201)
+    def hold_by_token(body: bodies.HoldByToken, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
+        """As the escrow's seller: reserve `amount_usdc` of the escrow the spend token opens."""
+        return with_usdc(ledger.hold(agent_id, body.spend_token, body.amount_usdc, ttl_seconds=body.ttl_seconds,
+                                     idempotency_key=idempotency_key))
+
+    @router.post("/escrow/{escrow_id:path}/holds", status_code=201)
+    def hold_by_escrow(escrow_id: str, body: bodies.HoldByEscrow, agent_id: Agent,
+                       idempotency_key: KeyHeader = None) -> dict:
+        """As buyer or seller: reserve `amount_usdc` of the escrow's remainder."""
+        return with_usdc(ledger.hold(agent_id, escrow_id, body.amount_usdc, ttl_seconds=body.ttl_seconds,
+                                     idempotency_key=idempotency_key))
+
+    @router.get("/escrow/{escrow_id:path}/holds")
+    def escrow_holds(escrow_id: str, agent_id: Agent) -> list[dict]:
+        """The escrow's open holds, for either party."""
+        return [with_usdc(h) for h in ledger.holds(agent_id, escrow_id)]
+
+    # Declared before the /holds/{hold_id:path} routes: the batch's fixed path comes first.
+    @router.post("/holds/capture")
+    def capture_many(body: bodies.CaptureMany, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
+        """Many captures in one transaction; each item answers alone (`ok`, or its error and status)."""
+        items = [{"hold_id": item.hold_id, "amount": item.amount_usdc, "final": item.final,
+                  "usage": _usage(item.usage), "idempotency_key": item.idempotency_key} for item in body.items]
+        result = ledger.capture_many(agent_id, items, idempotency_key=idempotency_key)
+        return {"results": [dict(r, receipt=receipt_view(r["receipt"])) if r.get("ok") else r
+                            for r in result["results"]]}
+
+    @router.get("/holds/{hold_id:path}")
+    def get_hold(hold_id: str, agent_id: Agent) -> dict:
+        return with_usdc(ledger.get_hold(agent_id, hold_id))
+
+    @router.post("/holds/{hold_id:path}/capture")
+    def capture(hold_id: str, body: bodies.Capture, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
+        """As the hold's maker: pay the seller `amount_usdc` out of the hold; `final` frees the rest."""
+        return receipt_view(ledger.capture(agent_id, hold_id, body.amount_usdc, final=body.final,
+                                           usage=_usage(body.usage), idempotency_key=idempotency_key))
+
+    @router.post("/holds/{hold_id:path}/void")
+    def void(hold_id: str, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
+        """As the hold's maker: free the hold's open part back to the escrow."""
+        return receipt_view(ledger.void(agent_id, hold_id, idempotency_key=idempotency_key))
+
+    return router
+
+
 def _vllm_routes(ledger: Ledger, Agent) -> APIRouter:
     router = APIRouter(prefix="/escrow", tags=["escrow (vLLM guide)"])
 
@@ -227,7 +293,7 @@ def _sizing_price(amount_micro: int, prompt_tokens: int, max_completion_tokens: 
     if prompt_tokens + max_completion_tokens == 0:
         raise ValidationError("give price_per_token: the escrow's metadata has no prompt_tokens or "
                               "max_completion_tokens to derive it from")
-    return Decimal(amount_micro) / 1_000_000 / (prompt_tokens + max_completion_tokens)
+    return to_usdc(amount_micro) / (prompt_tokens + max_completion_tokens)
 
 
 def _usage(usage: bodies.Usage | None) -> dict | None:

@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 Amount = Union[StrictStr, StrictInt, StrictFloat]
 Score = Union[StrictFloat, StrictInt]
 AMOUNT_DOC = "USDC, as a number or a decimal string; more than 6 decimals are rounded half-even"
+MAX_CAPTURE_ITEMS = 1_000
 
 
 class _Body(BaseModel):
@@ -86,6 +87,31 @@ class VllmRelease(_Body):
 class VllmCancel(_Body):
     escrow_id: StrictStr
     reason: Optional[StrictStr] = None
+
+
+class HoldByEscrow(_Body):
+    amount_usdc: Amount = Field(description=AMOUNT_DOC)
+    ttl_seconds: Score = Field(60, description="Seconds the hold lasts; capped by the ledger (default 900 s max).")
+
+
+class HoldByToken(HoldByEscrow):
+    spend_token: StrictStr = Field(description="The escrow's spend token (est_...); you must be its seller.")
+
+
+class Capture(_Body):
+    amount_usdc: Amount = Field(description=AMOUNT_DOC + "; 0 only with final")
+    final: StrictBool = Field(False, description="Free the rest of the hold after this capture.")
+    usage: Optional[Usage] = None
+
+
+class CaptureItem(Capture):
+    hold_id: StrictStr
+    idempotency_key: Optional[StrictStr] = Field(None, description="Retry-safe key for this item alone.")
+
+
+class CaptureMany(_Body):
+    items: list[CaptureItem] = Field(max_length=MAX_CAPTURE_ITEMS,
+                                     description=f"At most {MAX_CAPTURE_ITEMS} captures, in one transaction.")
 
 
 class Register(_Body):

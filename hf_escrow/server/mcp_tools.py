@@ -16,7 +16,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
 
-from .._exceptions import EscrowError, Unauthorized
+from .._exceptions import EscrowError, Unauthorized, ValidationError
 from ..ledger import Ledger
 from .wire import escrow_view, receipt_view, with_usdc
 
@@ -31,7 +31,8 @@ def build_mcp(ledger: Ledger, *, stdio_agent: str | None = None) -> MCPServer:
     """
     server = MCPServer("hf-escrow", log_level="WARNING",
                        instructions="Escrow for pay-per-use AI work: register, claim test USDC, lock funds "
-                                    "for a seller, deduct or release as work is delivered.")
+                                    "for a seller, deduct or release as work is delivered, or hold and "
+                                    "capture per piece of work.")
 
     def caller(ctx: Context | None) -> str:
         headers = ctx.headers if ctx is not None else None
@@ -113,6 +114,50 @@ def build_mcp(ledger: Ledger, *, stdio_agent: str | None = None) -> MCPServer:
         """Your escrows, newest first."""
         rows = ledger.history(caller(ctx), status=status, limit=limit)
         return {"escrows": [escrow_view(e) for e in rows], "count": len(rows)}
+
+    @tool
+    def escrow_mint_token(escrow_id: str, ctx: Context | None = None) -> dict[str, Any]:
+        """As the buyer: another spend token for an open escrow; give it to the seller's paid service."""
+        return ledger.mint_spend_token(caller(ctx), escrow_id)
+
+    @tool
+    def escrow_revoke_tokens(escrow_id: str, ctx: Context | None = None) -> dict[str, Any]:
+        """As the buyer: revoke every spend token of the escrow at once (open holds stay capturable)."""
+        return ledger.revoke_spend_tokens(caller(ctx), escrow_id)
+
+    @tool
+    def escrow_hold(amount_usdc: Amount, spend_token: Optional[str] = None, escrow_id: Optional[str] = None,
+                    ttl_seconds: float = 60, idempotency_key: Optional[str] = None,
+                    ctx: Context | None = None) -> dict[str, Any]:
+        """Reserve amount_usdc of an escrow for one piece of work: by spend_token (as its seller) or by
+        escrow_id (as buyer or seller). Then escrow_capture what the work cost, or escrow_void."""
+        if (spend_token is None) == (escrow_id is None):
+            raise ValidationError("give exactly one of spend_token or escrow_id")
+        return with_usdc(ledger.hold(caller(ctx), spend_token or escrow_id, amount_usdc, ttl_seconds=ttl_seconds,
+                                     idempotency_key=idempotency_key))
+
+    @tool
+    def escrow_capture(hold_id: str, amount_usdc: Amount, final: bool = False,
+                       prompt_tokens: Optional[int] = None, completion_tokens: Optional[int] = None,
+                       idempotency_key: Optional[str] = None, ctx: Context | None = None) -> dict[str, Any]:
+        """As the hold's maker: pay amount_usdc out of the hold to the seller (1% fee); final frees the rest."""
+        usage = None
+        if prompt_tokens is not None or completion_tokens is not None:
+            usage = {"prompt_tokens": prompt_tokens or 0, "completion_tokens": completion_tokens or 0}
+        return receipt_view(ledger.capture(caller(ctx), hold_id, amount_usdc, final=final, usage=usage,
+                                           idempotency_key=idempotency_key))
+
+    @tool
+    def escrow_void(hold_id: str, idempotency_key: Optional[str] = None,
+                    ctx: Context | None = None) -> dict[str, Any]:
+        """As the hold's maker: free the hold's open part back to the escrow."""
+        return receipt_view(ledger.void(caller(ctx), hold_id, idempotency_key=idempotency_key))
+
+    @tool
+    def escrow_holds(escrow_id: str, ctx: Context | None = None) -> dict[str, Any]:
+        """The escrow's open holds (either party may ask)."""
+        rows = ledger.holds(caller(ctx), escrow_id)
+        return {"holds": [with_usdc(h) for h in rows], "count": len(rows)}
 
     # Creates the session manager that the FastAPI app mounts at /mcp; requests are
     # authenticated by bearer key, so the Host-header guard would only refuse proxies.
