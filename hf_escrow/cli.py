@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ._exceptions import EscrowError
-from ._models import Escrow, Receipt, as_dict
+from ._models import Escrow, Hold, Receipt, as_dict
 from .cli_datasets import datasets_app
 from .cli_jobs import jobs_app
 from .cli_options import AgentOpt, DbOpt, JsonOpt, KeyIdOpt, KeyOpt, UrlOpt, ensure_registered, open_client
@@ -46,18 +46,35 @@ def _run(action, as_json: bool, render) -> None:
 
 def _escrow_table(rows: list[Escrow], title: str) -> Table:
     table = Table(title=title)
-    for column in ("id", "status", "buyer", "seller", "amount", "paid", "refunded", "remaining", "model"):
+    amounts = ("amount", "paid", "refunded", "held", "remaining")
+    for column in ("id", "status", "buyer", "seller", *amounts, "model"):
         # fold, never cut: an id or an amount shown with an ellipsis is worse than a wrapped one
-        table.add_column(column, justify="right" if column in ("amount", "paid", "refunded", "remaining") else "left",
-                         overflow="fold")
+        table.add_column(column, justify="right" if column in amounts else "left", overflow="fold")
     for e in rows:
-        table.add_row(e.id, e.status, e.buyer, e.seller, str(e.amount), str(e.paid), str(e.refunded),
-                      str(e.remaining), e.model or "")
+        table.add_row(e.id, e.status, e.buyer, e.seller, *(str(getattr(e, name)) for name in amounts), e.model or "")
     return table
+
+
+def _hold_table(rows: list[Hold], title: str) -> Table:
+    table = Table(title=title)
+    amounts = ("amount", "captured", "open")
+    for column in ("id", "escrow", "holder", "status", *amounts, "expires"):
+        table.add_column(column, justify="right" if column in amounts else "left", overflow="fold")
+    for h in rows:
+        table.add_row(h.id, h.escrow_id, h.holder, h.status, *(str(getattr(h, name)) for name in amounts),
+                      h.expires_at.isoformat(timespec="seconds"))
+    return table
+
+
+def _show_hold(h: Hold) -> None:
+    console.print(_hold_table([h], f"hold {h.id}"))
+    console.print(f"escrow {h.escrow_id}: {h.escrow_status}, {h.escrow_remaining} USDC left to spend")
 
 
 def _show_escrow(e: Escrow) -> None:
     console.print(_escrow_table([e], f"escrow {e.id}"))
+    if e.spend_token:
+        console.print(f"spend token (shown once; give it to the seller's paid service): {e.spend_token}")
     if e.events:
         table = Table(title="events")
         for column in ("at", "kind", "actor", "data"):
@@ -77,6 +94,8 @@ def _show_receipt(r: Receipt) -> None:
     if r.rounded_from:
         console.print(f"amount {r.rounded_from} was rounded half-even to the micro-USDC")
     console.print(f"status: [bold]{r.status}[/bold]")
+    if r.hold:
+        console.print(f"hold {r.hold.id}: {r.hold.status}, {r.hold.captured} captured, {r.hold.open} open")
 
 
 @app.command()
@@ -171,6 +190,69 @@ def history(status: Optional[str] = None, limit: int = 20, url: Optional[str] = 
     client = open_client(url, api_key, agent, database_url)
     _run(lambda: client.history(status=status, limit=limit), as_json,
          lambda rows: console.print(_escrow_table(rows, "escrows")))
+
+
+@app.command()
+def hold(target: str = typer.Argument(..., help="A spend token (est_..., as its seller) or an escrow id (as a party)."),
+         amount: str = typer.Argument(..., help="USDC to reserve."),
+         ttl: float = typer.Option(60, "--ttl", help="Seconds the hold lasts (capped by the ledger)."),
+         idempotency_key: Optional[str] = KeyIdOpt, url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt,
+         agent: Optional[str] = AgentOpt, database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
+    """Reserve AMOUNT USDC of an escrow for one piece of work; capture or void it after."""
+    client = open_client(url, api_key, agent, database_url)
+    _run(lambda: client.hold(target, amount, ttl_seconds=ttl, idempotency_key=idempotency_key), as_json, _show_hold)
+
+
+@app.command()
+def capture(hold_id: str, amount: str = typer.Argument(..., help="USDC to pay out of the hold (0 with --final)."),
+            final: bool = typer.Option(False, "--final", help="Free the rest of the hold after this capture."),
+            idempotency_key: Optional[str] = KeyIdOpt, url: Optional[str] = UrlOpt,
+            api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt, database_url: Optional[str] = DbOpt,
+            as_json: bool = JsonOpt):
+    """As the hold's maker: pay AMOUNT USDC to the seller out of the hold."""
+    client = open_client(url, api_key, agent, database_url)
+    _run(lambda: client.capture(hold_id, amount, final=final, idempotency_key=idempotency_key), as_json,
+         _show_receipt)
+
+
+@app.command()
+def void(hold_id: str, idempotency_key: Optional[str] = KeyIdOpt, url: Optional[str] = UrlOpt,
+         api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt, database_url: Optional[str] = DbOpt,
+         as_json: bool = JsonOpt):
+    """As the hold's maker: free the hold's open part back to the escrow."""
+    client = open_client(url, api_key, agent, database_url)
+    _run(lambda: client.void(hold_id, idempotency_key=idempotency_key), as_json, _show_receipt)
+
+
+@app.command()
+def holds(escrow_id: str, url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt,
+          agent: Optional[str] = AgentOpt, database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
+    """The escrow's open holds."""
+    client = open_client(url, api_key, agent, database_url)
+    _run(lambda: client.holds(escrow_id), as_json, lambda rows: console.print(_hold_table(rows, "open holds")))
+
+
+tokens_app = typer.Typer(help="Spend tokens: what a seller's paid service holds and captures with.",
+                         no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
+
+
+@tokens_app.command("mint")
+def tokens_mint(escrow_id: str, url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt,
+                agent: Optional[str] = AgentOpt, database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
+    """As the buyer: another spend token for an open escrow (shown once)."""
+    client = open_client(url, api_key, agent, database_url)
+    _run(lambda: {"escrow_id": escrow_id, "spend_token": client.mint_spend_token(escrow_id)}, as_json,
+         lambda r: console.print(f"spend token for {escrow_id} (shown once): {r['spend_token']}"))
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(escrow_id: str, url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt,
+                  agent: Optional[str] = AgentOpt, database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
+    """As the buyer: revoke every spend token of the escrow at once."""
+    client = open_client(url, api_key, agent, database_url)
+    _run(lambda: {"escrow_id": escrow_id, "revoked": client.revoke_spend_tokens(escrow_id)}, as_json,
+         lambda r: console.print(f"revoked {r['revoked']} spend tokens of {escrow_id}"))
 
 
 @app.command()
