@@ -100,6 +100,9 @@ def _requests(escrow_id: str) -> list[tuple[str, str, dict | None]]:
                                      "price_per_token": "0.0001"}),
         ("POST", "/escrow/release", {"escrow_id": escrow_id, "amount_usdc": "0.01"}),
         ("POST", "/escrow/cancel", {"escrow_id": escrow_id}),
+        ("GET", f"/api/escrow/{escrow_id}/holds", None),
+        ("POST", f"/api/escrow/{escrow_id}/holds", {"amount_usdc": "0.01", "ttl_seconds": 30}),
+        ("POST", f"/api/escrow/{escrow_id}/tokens", None),
     ]
 
 
@@ -151,6 +154,9 @@ def test_non_party_gets_404_and_learns_nothing(env, outsider, which):
     (VERIFIER, "POST", "/api/escrow/{bench}/cancel", {"reason": "x"}, "buyer or seller"),
     (VERIFIER, "POST", "/escrow/cancel", {"escrow_id": "{bench}"}, "buyer or seller"),
     (VERIFIER, "POST", "/api/escrow/{bench}/submit-result", {"metric": "accuracy", "score": 0.99}, "seller"),
+    (SELLER, "POST", "/api/escrow/{plain}/tokens", {}, "buyer"),
+    (VERIFIER, "POST", "/api/escrow/{bench}/tokens", {}, "buyer"),
+    (VERIFIER, "POST", "/api/escrow/{bench}/holds", {"amount_usdc": "0.01"}, "buyer or seller"),
 ])
 def test_wrong_role_gets_403(env, agent, method, path_tpl, body, error_part):
     ids = {"plain": env.plain, "bench": env.bench}
@@ -173,7 +179,12 @@ def test_no_or_bad_key_gets_401_everywhere(env, header):
     reads = [("GET", "/api/escrow", None), ("GET", "/api/me", None), ("GET", "/api/analytics", None),
              ("GET", "/escrow/history", None), ("GET", "/api/audit", None),
              ("POST", "/api/escrow", {"seller_id": SELLER, "amount_usdc": "1"}),
-             ("POST", "/escrow/create", {"recipient_wallet": SELLER, "amount_usdc": "1"})]
+             ("POST", "/escrow/create", {"recipient_wallet": SELLER, "amount_usdc": "1"}),
+             ("POST", "/api/holds", {"spend_token": "est_" + "x" * 43, "amount_usdc": "0.01"}),
+             ("GET", "/api/holds/hold_" + "0" * 24, None),
+             ("POST", "/api/holds/hold_" + "0" * 24 + "/capture", {"amount_usdc": "0.01"}),
+             ("POST", "/api/holds/hold_" + "0" * 24 + "/void", None),
+             ("POST", "/api/holds/capture", {"items": [{"hold_id": "hold_" + "0" * 24, "amount_usdc": "0.01"}]})]
     for method, path, body in _requests(env.plain) + _requests(env.bench) + reads:
         data = _refused(env, caller, method, path, body, 401)
         assert data["error"] == "unauthorized"
