@@ -4,13 +4,13 @@ Over HTTP (the seller runs `hf-escrow datasets serve DIR`, see `hf_escrow.shards
 
     >>> import hf_escrow
     >>> from hf_escrow.datasets import load_paid_dataset
-    >>> buyer = hf_escrow.connect("http://127.0.0.1:8787", api_key=BUYER_KEY)
-    >>> ds = load_paid_dataset("http://127.0.0.1:8790/", escrow=buyer, budget="0.05")
+    >>> buyer = hf_escrow.connect("http://127.0.0.1:8787", api_key=BUYER_KEY)   # the key stays here
+    >>> ds = load_paid_dataset("http://127.0.0.1:8790/", escrow=buyer, budget="0.05")   # sends e.spend_token
     >>> for batch in ds.iter(batch_size=1000): ...
 
 `load_paid_dataset` returns the ordinary streaming `datasets.IterableDataset`, built the
 way `load_dataset(fmt, data_files=urls, streaming=True, storage_options={"headers":
-{"X-Escrow-Id": ..., "Authorization": "Bearer ..."}})` builds it, so `map`, `filter`,
+{"X-Escrow-Token": e.spend_token}})` builds it, so `map`, `filter`,
 `shuffle`, `take`, `iter(batch_size=...)`, a torch `DataLoader(num_workers>0)` and
 `state_dict()`/`load_state_dict()` work as usual. Two things are added:
 
@@ -21,6 +21,9 @@ way `load_dataset(fmt, data_files=urls, streaming=True, storage_options={"header
 - the data files are handed over resolved (with the server's etags) and the features
   come from the server's listing, so that loading reads no shard: only the shards that
   are iterated are paid for.
+
+The shard server only ever sees the escrow's spend token, which lets it be paid from
+that one escrow and nothing else; the buyer's API key stays with the buyer's client.
 
 A progress bar (`datasets`' own tqdm; `datasets.disable_progress_bars()` silences it)
 counts the shards opened and shows the escrow's spend. DataLoader workers pay for their
@@ -49,6 +52,7 @@ from ._exceptions import (
 )
 from .money import parse_usdc, to_usdc
 from .shardserver import shard_format
+from .till import TOKEN_HEADER, check_token
 
 logger = logging.getLogger(__name__)
 
@@ -127,15 +131,6 @@ def _features(entry: dict | None) -> Any:
     from datasets import Features
     schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(entry["schema"])))
     return Features.from_arrow_schema(schema)
-
-
-def _api_key(escrow: Any, api_key: str | None) -> str:
-    key = api_key or getattr(getattr(escrow, "_transport", None), "api_key", None) or os.environ.get(
-        "HF_ESCROW_API_KEY")
-    if not key:
-        raise ValidationError("the shard server identifies the buyer by its API key: pass api_key= (the key the "
-                              "buyer got at registration), or connect the buyer over HTTP with api_key=")
-    return key
 
 
 # ---------------------------------------------------------------------------- paying per shard
@@ -248,23 +243,28 @@ class _PaidTables:
                     for key, value in gen_kwargs.items()})
 
 
-def load_paid_dataset(url_or_files: str | Sequence[str], *, escrow: Any, escrow_id: str | None = None,
-                      seller: str | None = None, budget: Any = None, api_key: str | None = None,
+def load_paid_dataset(url_or_files: str | Sequence[str], *, escrow: Any = None, budget: Any = None,
+                      seller: str | None = None, escrow_id: str | None = None, spend_token: str | None = None,
                       format: str | None = None, pattern: str | None = None, features: Any = None,
                       split: str = "train", progress: bool = True, ttl_seconds: float = 3600,
                       timeout: float = PAY_TIMEOUT_S, **load_kwargs: Any):
     """Stream a seller's shards with `datasets`, paying each shard once from the buyer's escrow.
 
+    The shard server gets the escrow's spend token (``X-Escrow-Token``) and nothing else:
+    the buyer's API key never leaves `escrow`, the buyer's own client.
+
     Args:
         url_or_files: the shard server's URL (all its shards, in path order; `pattern`
             filters them by path, e.g. ``"train/*.parquet"``), or a list of its shard URLs.
-        escrow: an `EscrowClient` acting as the buyer.
-        escrow_id: an escrow the buyer holds with this seller; or
+        escrow: an `EscrowClient` acting as the buyer (embedded, or over HTTP with the
+            buyer's key, which stays in it).
         budget (and seller): open a new escrow of `budget` USDC (seller: the one the
-            server names). Its id is `ds.escrow_id` on the returned object.
-        api_key: the buyer's API key, which the shard server checks. Taken from an HTTP
-            `escrow` client or `$HF_ESCROW_API_KEY` when not given; an embedded buyer
-            passes the key it got at registration.
+            server names) and pay with its spend token; or
+        escrow_id: an escrow the buyer holds with this seller: a new spend token is minted
+            for it (pass `spend_token` too to reuse one, e.g. to resume with the token that
+            paid, which reads paid shards again even once the escrow is closed); or
+        spend_token: only a token (given by whoever funds the escrow); `escrow` is then
+            not needed and `ds.escrow_id` is `escrow_id` (None if not given).
         format: the `datasets` builder (parquet, json, csv, arrow); inferred from extensions.
         features: `datasets.Features`; default: the schema the server lists (parquet,
             arrow). Without either, `datasets` reads the first shard at load to infer the
@@ -274,7 +274,8 @@ def load_paid_dataset(url_or_files: str | Sequence[str], *, escrow: Any, escrow_
         **load_kwargs: passed on to `datasets.load_dataset_builder` (e.g. `columns`, `batch_size`).
 
     Returns:
-        The ordinary streaming `datasets.IterableDataset`, one shard per file.
+        The ordinary streaming `datasets.IterableDataset`, one shard per file, with
+        `escrow_id` and `spend_token` set on it.
 
     A shard is paid when the stream opens it. Note that `datasets`' `take(n)` asks for
     one more table after its n-th row: when the n-th row is in the last table (row group)
@@ -283,37 +284,25 @@ def load_paid_dataset(url_or_files: str | Sequence[str], *, escrow: Any, escrow_
 
     Raises:
         InsufficientFunds: while iterating, before a shard the escrow cannot pay for.
-        Unauthorized, Forbidden, StateConflict: a wrong key, another buyer's escrow, a closed escrow.
+        Forbidden: another seller's escrow, or a revoked token (while iterating).
+        StateConflict: a closed escrow.
 
     Example:
-        >>> ds = load_paid_dataset("http://127.0.0.1:8790/", escrow=buyer, escrow_id=e.id, api_key=key)
-        >>> next(iter(ds))
-        {'id': 0, 'text': '...'}
+        >>> ds = load_paid_dataset("http://127.0.0.1:8790/", escrow=buyer, budget="0.05")
+        >>> next(iter(ds)), ds.escrow_id
+        ({'id': 0, 'text': '...'}, 'esc_...')
     """
     from datasets import load_dataset_builder
     from datasets.data_files import DataFilesDict, DataFilesList
 
     urls, entries, catalog = _resolve_files(url_or_files, pattern, timeout)
     fmt = _format(urls, format)
-    listed_seller = catalog.get("seller")
-    if escrow_id is None:
-        if budget is None:
-            raise ValidationError("give escrow_id= (an escrow you hold with the seller), or budget= to open one")
-        seller = seller or listed_seller
-        if not seller:
-            raise ValidationError("the shard server names no seller; pass seller=")
-        opened = escrow.create_escrow(seller, budget, ttl_seconds=ttl_seconds,
-                                      description=f"dataset shards from {_root(urls[0])}",
-                                      meta={"kind": "dataset", "shards": len(urls)})
-    else:
-        opened = escrow.get(escrow_id)
-    if listed_seller and opened.seller != listed_seller:
-        raise Forbidden(f"escrow {opened.id} is with seller {opened.seller}, but this shard server sells for "
-                        f"{listed_seller}; open an escrow with {listed_seller}")
-    if not opened.is_open:
-        raise StateConflict(f"escrow {opened.id} is {opened.status}; open a new one to read shards")
-    headers = {"X-Escrow-Id": opened.id, "Authorization": f"Bearer {_api_key(escrow, api_key)}"}
-    payer = ShardPayer(headers, escrow_id=opened.id, total=len(urls), progress=progress, timeout=timeout)
+    escrow_id, token = _escrow_and_token(escrow, catalog.get("seller"), budget=budget, seller=seller,
+                                         escrow_id=escrow_id, spend_token=spend_token, ttl_seconds=ttl_seconds,
+                                         description=f"dataset shards from {_root(urls[0])}", shards=len(urls))
+    headers = {TOKEN_HEADER: token}
+    payer = ShardPayer(headers, escrow_id=escrow_id or "spend token", total=len(urls), progress=progress,
+                       timeout=timeout)
     if features is None:
         features = _features(entries.get(urls[0]))
         if features is not None and load_kwargs.get("columns"):
@@ -326,8 +315,40 @@ def load_paid_dataset(url_or_files: str | Sequence[str], *, escrow: Any, escrow_
                                    storage_options={"headers": headers}, **load_kwargs)
     builder._generate_tables = _PaidTables(builder, payer)  # the builder's per-shard hook
     dataset = builder.as_streaming_dataset(split=split)
-    dataset.escrow_id = opened.id
+    dataset.escrow_id, dataset.spend_token = escrow_id, token
     return dataset
+
+
+def _escrow_and_token(escrow: Any, listed_seller: str | None, *, budget: Any, seller: str | None,
+                      escrow_id: str | None, spend_token: str | None, ttl_seconds: float, description: str,
+                      shards: int) -> tuple[str | None, str]:
+    """The escrow to pay from (checked against the server's seller) and the spend token for it."""
+    if spend_token is not None:
+        check_token(spend_token)
+    if escrow is None:
+        if spend_token is None:
+            raise ValidationError("give escrow= (the buyer's EscrowClient) with budget= or escrow_id=, "
+                                  "or a spend_token=")
+        return escrow_id, spend_token
+    if escrow_id is None:
+        if spend_token is not None:
+            return None, spend_token
+        if budget is None:
+            raise ValidationError("give budget= to open an escrow, escrow_id= (an escrow you hold with the "
+                                  "seller), or spend_token=")
+        seller = seller or listed_seller
+        if not seller:
+            raise ValidationError("the shard server names no seller; pass seller=")
+        opened = escrow.create_escrow(seller, budget, ttl_seconds=ttl_seconds, description=description,
+                                      meta={"kind": "dataset", "shards": shards})
+    else:
+        opened = escrow.get(escrow_id)
+    if listed_seller and opened.seller != listed_seller:
+        raise Forbidden(f"escrow {opened.id} is with seller {opened.seller}, but this shard server sells for "
+                        f"{listed_seller}; open an escrow with {listed_seller}")
+    if not opened.is_open and spend_token is None:
+        raise StateConflict(f"escrow {opened.id} is {opened.status}; open a new one to read shards")
+    return opened.id, spend_token or opened.spend_token or escrow.mint_spend_token(opened.id)
 
 
 # ---------------------------------------------------------------------------- the local form

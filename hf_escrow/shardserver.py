@@ -6,26 +6,29 @@ with HEAD and Range (206, Content-Range) as `datasets` streaming needs, and list
 at ``GET /`` as JSON (path, size, price, url, format, etag; for parquet and arrow also
 the Arrow schema, so that a buyer learns the columns without paying for a shard).
 
-Who may read: a request carries the buyer's escrow (``X-Escrow-Id``) and the buyer's key
-(``Authorization: Bearer``). The key must own the escrow (``escrow.identify(key) ==
-escrow.get(id).buyer``), and the escrow must be one with this seller. Checks are cached
-for `IDENTITY_TTL_S`, so the many ranged GETs of one shard stay cheap.
+Who may read: a request carries the escrow's spend token (``X-Escrow-Token: est_...``,
+which `create_escrow` returns), never the buyer's API key: a key, sent as the token or
+as ``Authorization: Bearer``, is refused (402) with a message that says to send the
+token. The seller's own client makes the holds; the ledger checks that the token is live
+and pays this seller.
 
-What is charged: the first GET (or POST, see below) of a shard by an escrow deducts the
-shard's price, once, under the idempotency key ``shard:<escrow id>:<path>``. Further
-ranged reads, retries and reconnects of that shard by the same escrow are free - also
-after a server restart and across several server processes on one ledger, because the
-ledger answers a repeated key with the stored receipt. Not enough left in the escrow:
-402 with a JSON message, and no bytes of the file. A closed escrow cannot pay for a new
-shard (409) but may read again the shards it paid for.
+What is charged: the first GET (or POST, see below) of a shard by an escrow pays the
+shard's price, once, through the till's ledger: one hold of the price, captured in full
+(`ShardGate`). Further ranged reads, retries and reconnects of that shard are free - also
+after a server restart and across several server processes on one ledger, because both
+the hold and the capture carry idempotency keys every process derives alike, and the
+ledger answers a repeated key with the stored result. Not enough left in the escrow:
+402 with a JSON message, and no bytes of the file. A new shard needs a live token: a
+revoked token (403) or a closed escrow (409) pays for nothing more, at once and in every
+process, but the shards the escrow paid for can be read again with the token that paid
+them (a re-read moves no money).
 
-HEAD never charges and does not look at funds: it needs a valid key and an escrow of
-that buyer with this seller (401/403 otherwise), and then tells the size - which the
-public listing shows anyway, as a catalogue does. ``POST /<path>`` pays for a shard
-without reading it and answers the escrow's paid and remaining amounts (as of that
-payment) as JSON: the buyer
-side (`hf_escrow.datasets.load_paid_dataset`) calls it before it opens each shard, so
-that a short escrow stops the stream with a clear error before the shard, never inside.
+HEAD never charges and asks the ledger nothing: it needs a spend token and tells the
+size - which the public listing shows anyway, as a catalogue does. ``POST /<path>`` pays
+for a shard without reading it and answers the escrow's paid and remaining amounts (as
+of that payment) as JSON: the buyer side (`hf_escrow.datasets.load_paid_dataset`) calls
+it before it opens each shard, so that a short escrow stops the stream with a clear
+error before the shard, never inside.
 
 With ``price_per_shard=0`` (and no escrow) the app is a plain, free file server: the
 benchmark's baseline.
@@ -43,20 +46,22 @@ import base64
 import hashlib
 import os
 import threading
-import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ._exceptions import EscrowError, Forbidden, IdempotencyConflict, InsufficientFunds, NotFound, ValidationError
+from ._exceptions import (
+    EscrowError, IdempotencyConflict, InsufficientFunds, NotFound, StateConflict, ValidationError,
+)
 from .money import format_usdc, parse_usdc, to_usdc, usdc_number
+from .till import TOKEN_HEADER, check_token, spend_token_from
 
 # extension -> the `datasets` packaged builder that reads it
 SHARD_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 MEDIA_TYPES = {"parquet": "application/vnd.apache.parquet", "arrow": "application/vnd.apache.arrow.file",
                "json": "application/x-ndjson", "csv": "text/csv"}
-IDENTITY_TTL_S = 30.0       # how long a checked (key, escrow) pair is trusted
+SHARD_HOLD_TTL_S = 60        # a shard's hold is captured at once; one value, so every process's hold key matches
 MAX_CACHED = 100_000         # cache entries kept before the caches start over
 MAX_LISTED = 100_000         # files listed at most (the walk is bounded)
 MAX_KEY_CHARS = 255          # the ledger's idempotency key limit
@@ -169,87 +174,105 @@ def etag(stat: os.stat_result) -> str:
 
 
 class ShardGate:
-    """Who may read which escrow's shards, and the once-per-(escrow, shard) charge (seller side)."""
+    """The once-per-(escrow, shard) payment, through ledger holds made from the buyer's spend token.
+
+    Paying a shard is one hold of its price (`SHARD_HOLD_TTL_S`) captured in full at
+    once. Both carry idempotency keys that every process of this seller derives alike, so
+    the ledger, not this process, remembers what was paid:
+
+    - the hold's key names the token and the path: the same token asking again for the same
+      shard (a ranged GET, a retry, another replica, after a restart, a close or a revoke)
+      gets the stored hold back, which tells the escrow without any new reservation;
+    - the capture's key names the escrow and the path (`shard_key`): a second hold for a
+      shard the escrow already paid (another token of the escrow, a race between two
+      processes) is refused by the ledger as a key reuse, and that hold is voided.
+
+    A shard the escrow has not paid for needs a live token: a revoke, a close or too little
+    left stops it at once, in every process. The only memory kept here is which (token,
+    shard) pairs are paid, so that the many ranged reads of one shard do not ask the ledger.
+    """
 
     def __init__(self, escrow: Any, price_micro: int):
+        if not callable(getattr(escrow, "hold", None)):
+            raise ValidationError("a priced shard server needs the seller's escrow client: escrow=connect(agent=...)")
         self.escrow = escrow
         self.price_micro = price_micro
-        self._checked: dict[tuple[str, str], float] = {}
-        self._paid: set[tuple[str, str]] = set()
+        self._paid: dict[tuple[str, str], str] = {}   # (token digest, path) -> escrow id
         self._lock = threading.Lock()
-        self._seller: str | None = getattr(escrow, "agent", None) if escrow is not None else None
+        self._seller: str | None = getattr(escrow, "agent", None)
 
     @property
     def seller(self) -> str | None:
-        if self._seller is None and self.escrow is not None:
+        if self._seller is None:
             self._seller = self.escrow.me().agent_id
         return self._seller
 
-    @staticmethod
-    def _credentials(escrow_id: str | None, key: str | None) -> tuple[str, str]:
-        if not key:
-            from ._exceptions import Unauthorized
-            raise Unauthorized("send the buyer's API key as 'Authorization: Bearer <key>'")
-        if not escrow_id:
-            raise ValidationError("send the buyer's escrow id in the X-Escrow-Id header")
-        return escrow_id, hashlib.sha256(key.encode()).hexdigest()
+    def paid_escrow(self, token: str, path: str) -> str | None:
+        """The escrow that paid this shard with this token, if this process saw it paid."""
+        return self._paid.get((_digest(token), path))
 
-    def admitted(self, escrow_id: str | None, key: str | None) -> bool:
-        """True when this (key, escrow) pair was checked recently (no ledger call)."""
-        if not key or not escrow_id:
-            return False
-        checked = self._checked.get((hashlib.sha256(key.encode()).hexdigest(), escrow_id))
-        return checked is not None and time.monotonic() - checked < IDENTITY_TTL_S
+    def pay(self, token: str, path: str) -> tuple[str, Any]:
+        """Pay the shard once for the token's escrow: (escrow id, the escrow as that payment left it).
 
-    def admit(self, escrow_id: str | None, key: str | None) -> None:
-        """Raise unless `key` belongs to the buyer of `escrow_id`, an escrow with this seller."""
-        escrow_id, key_hash = self._credentials(escrow_id, key)
-        checked = self._checked.get((key_hash, escrow_id))
-        if checked is not None and time.monotonic() - checked < IDENTITY_TTL_S:
-            return
-        buyer = self.escrow.identify(key)
+        Raises PaymentRequired (no token, or an API key), Forbidden (token unknown, revoked,
+        another seller's), StateConflict (escrow closed), InsufficientFunds (too little left).
+        """
+        token = check_token(token)
+        key = hold_key(token, path, self.price_micro)
         try:
-            found = self.escrow.get(escrow_id)
-        except NotFound:
-            raise Forbidden(f"escrow {escrow_id} is unknown or is not an escrow with seller {self.seller}; "
-                            f"open one for {self.seller} and send its id") from None
-        if found.buyer != buyer:
-            raise Forbidden(f"escrow {escrow_id} belongs to another buyer; pay with your own escrow")
-        with self._lock:
-            if len(self._checked) > MAX_CACHED:
-                self._checked.clear()
-            self._checked[(key_hash, escrow_id)] = time.monotonic()
-
-    def is_paid(self, escrow_id: str, path: str) -> bool:
-        return (escrow_id, path) in self._paid
-
-    def pay(self, escrow_id: str, path: str) -> Any:
-        """Deduct the shard's price once for this escrow; a repeat is answered by the ledger, free."""
-        if (escrow_id, path) in self._paid:
-            return None
-        price = to_usdc(self.price_micro)
+            hold = self._hold(token, path, key)
+        except IdempotencyConflict:   # the stored hold was made under another hold TTL: hold afresh
+            key = None
+            hold = self._hold(token, path, key)
         try:
-            receipt = self.escrow.deduct(escrow_id, price, reason=f"shard {path}",
-                                         idempotency_key=shard_key(escrow_id, path))
-        except IdempotencyConflict:
-            receipt = None  # paid before under another price sheet: paid is paid
-        except InsufficientFunds as error:
-            left = (error.details or {}).get("remaining_micro")
-            left_text = f" but escrow {escrow_id} has {format_usdc(int(left))} USDC left" if left is not None else ""
-            raise InsufficientFunds(
-                f"shard {path} costs {price} USDC{left_text}; no bytes were sent. Open a new escrow with "
-                f"seller {self.seller} to read it.", details={"path": path, "price_micro": self.price_micro,
-                                                              **(error.details or {})}) from None
+            receipt = self._capture(hold, path)
+        except StateConflict:
+            if key is None:
+                raise
+            # The stored hold was never captured (its server died in between) and has expired.
+            hold = self._hold(token, path, None)
+            receipt = self._capture(hold, path)
         with self._lock:
             if len(self._paid) > MAX_CACHED:
                 self._paid.clear()
-            self._paid.add((escrow_id, path))
-        return receipt
+            self._paid[(_digest(token), path)] = hold.escrow_id
+        return hold.escrow_id, receipt.escrow if receipt is not None else None
+
+    def _hold(self, token: str, path: str, key: str | None) -> Any:
+        try:
+            return self.escrow.hold(token, to_usdc(self.price_micro), ttl_seconds=SHARD_HOLD_TTL_S,
+                                    idempotency_key=key)
+        except InsufficientFunds as error:
+            left = (error.details or {}).get("remaining_micro")
+            left_text = f" but the escrow has {format_usdc(int(left))} USDC left" if left is not None else ""
+            raise InsufficientFunds(
+                f"shard {path} costs {format_usdc(self.price_micro)} USDC{left_text}; no bytes were sent. "
+                f"Open a new escrow with seller {self.seller} to read it.",
+                details={"path": path, "price_micro": self.price_micro, **(error.details or {})}) from None
+
+    def _capture(self, hold: Any, path: str) -> Any:
+        """The hold captured in full under the shard's key, or voided if the escrow paid the shard already."""
+        try:
+            return self.escrow.capture(hold.id, to_usdc(self.price_micro), final=True,
+                                       idempotency_key=shard_key(hold.escrow_id, path))
+        except IdempotencyConflict:   # paid by another hold (or under another price): paid is paid
+            try:
+                return self.escrow.void(hold.id, idempotency_key=f"{hold.id}:void")
+            except StateConflict:     # voided or expired already: nothing is held
+                return None
 
 
-def _bearer(request: Any) -> str | None:
-    auth = request.headers.get("authorization", "")
-    return auth[7:].strip() or None if auth.lower().startswith("bearer ") else None
+def hold_key(token: str, path: str, price_micro: int) -> str:
+    """The idempotency key of the hold that pays one shard with one token (no secret in it)."""
+    key = f"shard-hold:{_digest(token)}:{price_micro}:{path}"
+    if len(key) > MAX_KEY_CHARS:
+        key = f"shard-hold:{_digest(token)}:{price_micro}:sha256:{hashlib.sha256(path.encode()).hexdigest()}"
+    return key
+
+
+def _digest(token: str) -> str:
+    # Domain-separated, so the key is not the ledger's own stored hash of the token.
+    return hashlib.sha256(f"hf-escrow shard hold:{token}".encode()).hexdigest()[:32]
 
 
 def create_shard_app(folder: str | Path, *, escrow: Any = None, price_per_shard: Any = "0") -> Any:
@@ -303,17 +326,14 @@ def create_shard_app(folder: str | Path, *, escrow: Any = None, price_per_shard:
         seller = gate.seller if gate else None
         return {"seller": seller, "currency": "USDC", "price_per_shard": usdc_number(price_micro),
                 "price_per_shard_micro": price_micro, "files": files,
-                "headers": {"X-Escrow-Id": "<escrow id>", "Authorization": "Bearer <buyer key>"} if gate else None}
+                "headers": {TOKEN_HEADER: "<the escrow's spend token, est_...>"} if gate else None}
 
     @app.get("/")
     async def index(request: Request) -> dict:
         return await anyio.to_thread.run_sync(listing, request, "")
 
-    async def admit(request: Request) -> tuple[str, str]:
-        escrow_id, key = request.headers.get("x-escrow-id"), _bearer(request)
-        if not gate.admitted(escrow_id, key):
-            await anyio.to_thread.run_sync(gate.admit, escrow_id, key)
-        return escrow_id, key
+    async def pay(token: str, rel: str) -> tuple[str, Any]:
+        return await anyio.to_thread.run_sync(gate.pay, token, rel)
 
     @app.api_route("/{path:path}", methods=["GET", "HEAD", "POST"])
     async def shard(path: str, request: Request) -> Response:
@@ -325,25 +345,26 @@ def create_shard_app(folder: str | Path, *, escrow: Any = None, price_per_shard:
         file, stat = found
         rel = file.relative_to(shards.root).as_posix()
         if gate is not None:
-            escrow_id, _ = await admit(request)
-            receipt = None
-            if request.method != "HEAD" and not gate.is_paid(escrow_id, rel):
-                receipt = await anyio.to_thread.run_sync(gate.pay, escrow_id, rel)
+            token = check_token(spend_token_from(request.headers))
             if request.method == "POST":
-                # the escrow as of this payment (a repeat answers the first payment's receipt)
-                state = receipt.escrow if receipt is not None else await anyio.to_thread.run_sync(
-                    gate.escrow.get, escrow_id)
-                return JSONResponse({"path": rel, "escrow_id": escrow_id, "price": usdc_number(price_micro),
-                                     "paid": float(state.paid), "remaining": float(state.remaining),
-                                     "paid_micro": _micro(state.paid), "remaining_micro": _micro(state.remaining),
-                                     "status": state.status})
+                escrow_id, state = await pay(token, rel)
+                return JSONResponse(await anyio.to_thread.run_sync(payment_answer, rel, escrow_id, state))
+            if request.method == "GET" and gate.paid_escrow(token, rel) is None:
+                await pay(token, rel)
         elif request.method == "POST":
             return JSONResponse({"path": rel, "price": 0, "paid": 0, "remaining": None})
         return FileResponse(file, stat_result=stat, media_type=MEDIA_TYPES[shard_format(rel)],
                             headers={"Cache-Control": "private, no-store"})
 
+    def payment_answer(rel: str, escrow_id: str, state: Any) -> dict:
+        state = state or gate.escrow.get(escrow_id)
+        return {"path": rel, "escrow_id": escrow_id, "price": usdc_number(price_micro),
+                "paid": usdc_number(_micro(state.paid)), "remaining": usdc_number(_micro(state.remaining)),
+                "paid_micro": _micro(state.paid), "remaining_micro": _micro(state.remaining),
+                "status": state.status}
+
     return app
 
 
 def _micro(amount: Decimal) -> int:
-    return int(amount * 1_000_000)
+    return parse_usdc(amount, allow_zero=True)
