@@ -10,7 +10,8 @@ funds the buyer from the faucet, then runs each kind of paid work the toolkit se
    on held-out data passes the benchmark.
 
 It ends with every escrow's money, the balances and a clean audit. Everything stays on
-127.0.0.1 and every step moves real (test) USDC through the same ledger.
+127.0.0.1 and every step moves real (test) USDC through the same ledger. The sellers' faces (the shard
+server, the Gradio gate) get only each escrow's spend token; the buyer's key stays with it.
 """
 
 from __future__ import annotations
@@ -79,10 +80,10 @@ def run_demo(*, chat: bool = True, datasets: bool = True, space: bool = True, fi
                       lambda: _chat(buyer, names["seller"], console, model_url, model_dir)))
     if datasets:
         steps.append(("paid dataset stream, per shard (datasets streaming)",
-                      lambda: _dataset(buyer, buyer_key, seller, console)))
+                      lambda: _dataset(buyer, seller, console)))
     if space:
         steps.append(("paid Gradio calls, per call (gradio_client)",
-                      lambda: _gradio(buyer, buyer_key, seller, console)))
+                      lambda: _gradio(buyer, seller, console)))
     if finetune:
         steps.append(("benchmark-gated LoRA fine-tune (peft + transformers Trainer)",
                       lambda: _finetune(buyer, seller, console)))
@@ -134,7 +135,7 @@ def _model_server(console: Console, model_url: str | None, model_dir: Path | Non
         yield url, str(folder)
 
 
-def _dataset(buyer, buyer_key: str, seller, console: Console) -> str:
+def _dataset(buyer, seller, console: Console) -> str:
     import datasets
 
     from .datasets import load_paid_dataset
@@ -145,7 +146,8 @@ def _dataset(buyer, buyer_key: str, seller, console: Console) -> str:
         _write_shards(Path(folder))
         app = create_shard_app(folder, escrow=seller, price_per_shard=PRICE_PER_SHARD)
         with serve_in_thread(app) as url:
-            ds = load_paid_dataset(url, escrow=buyer, budget="0.01", api_key=buyer_key, progress=False)
+            # opens the escrow and hands the shard server its spend token, never the buyer's key
+            ds = load_paid_dataset(url, escrow=buyer, budget="0.01", progress=False)
             rows = sum(len(batch["id"]) for batch in ds.iter(batch_size=100))
     closed = buyer.cancel(ds.escrow_id)  # the shards were paid as they opened; the rest goes back
     console.print(f"streamed {rows} rows from {SHARDS} shards at {PRICE_PER_SHARD} USDC each: "
@@ -161,7 +163,7 @@ def _write_shards(folder: Path) -> None:
             folder / f"train-{shard:05d}-of-{SHARDS:05d}.parquet")
 
 
-def _gradio(buyer, buyer_key: str, seller, console: Console) -> str:
+def _gradio(buyer, seller, console: Console) -> str:
     import gradio as gr
     from gradio_client import Client
 
@@ -177,8 +179,7 @@ def _gradio(buyer, buyer_key: str, seller, console: Console) -> str:
                                  meta={"model": "gradio:shout"})
     _, url, _ = app.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
-        client = Client(url, headers={"X-Escrow-Id": escrow.id, "Authorization": f"Bearer {buyer_key}"},
-                        verbose=False)
+        client = Client(url, headers={"X-Escrow-Token": escrow.spend_token}, verbose=False)
         for text in ("pay", "per", "call"):
             answer, receipt = client.predict(text, api_name="/shout")
             console.print(f"{text!r} -> {answer!r}: charged {receipt['charged_usdc']}, "
@@ -218,7 +219,7 @@ def _escrow_table(buyer, escrow_ids: list[str]) -> Table:
         table.add_column(column, justify="right" if column in ("locked", "paid", "refunded") else "left")
     for escrow_id in escrow_ids:
         e = buyer.get(escrow_id)
-        assert e.amount == e.paid + e.refunded + e.remaining, e  # no money appears or vanishes
+        assert e.amount == e.paid + e.refunded + e.held + e.remaining, e  # no money appears or vanishes
         table.add_row(e.id, (e.model or e.description or (e.meta or {}).get("name") or "")[:40],
                       e.status, str(e.amount), str(e.paid), str(e.refunded))
     return table
