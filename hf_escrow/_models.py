@@ -96,7 +96,7 @@ class Escrow:
     pricing: dict | None
     result: dict | None
     events: list[EscrowEvent] = field(default_factory=list)
-    held: Decimal = Decimal(0)
+    held: Decimal = to_usdc(0)
     spend_token: str | None = field(default=None, repr=False)  # a secret: kept out of logged reprs
 
     def __post_init__(self):
