@@ -74,8 +74,7 @@ NOTEBOOKS = {
             import hf_escrow
 
             buyer, seller = hf_escrow.connect(agent='nb-buyer'), hf_escrow.connect(agent='nb-data-seller')
-            # the shard server knows buyers by their API key, as it would across the network
-            buyer_key = buyer.register().api_key
+            buyer.register()  # the buyer's key stays with the buyer: the shard server gets spend tokens
             seller.register()
             print('faucet:', buyer.claim_faucet(), 'USDC')
         """),
@@ -107,10 +106,11 @@ NOTEBOOKS = {
 
             `create_shard_app` serves every parquet, jsonl, csv and arrow file of the folder with
             HEAD and Range requests, as `datasets` streaming needs, and lists them with their price
-            and Arrow schema at `GET /`. A request must carry the buyer's escrow (`X-Escrow-Id`)
-            and key (`Authorization: Bearer`); the first read of a shard by an escrow deducts the
-            shard's price from it, once. Here the server runs in a background thread of this
-            kernel; `hf-escrow datasets serve DIR --seller NAME --price-per-shard 0.002` does the
+            and Arrow schema at `GET /`. A request must carry the spend token of an escrow with
+            this seller (`X-Escrow-Token: est_...`, which `create_escrow` returns); a buyer API key
+            is refused. The first read of a shard by an escrow pays its price, once: the seller's
+            till holds the price on the escrow and captures it. Here the server runs in a
+            background thread of this kernel; `hf-escrow datasets serve DIR --seller NAME --price-per-shard 0.002` does the
             same from a shell.
         """),
         code("""
@@ -142,12 +142,13 @@ NOTEBOOKS = {
             ## The buyer streams and pays per shard
 
             `load_paid_dataset` opens an escrow of `budget` USDC with the seller the listing names,
-            and returns the ordinary streaming `IterableDataset`: `iter`, `map`, `filter`,
+            sends the shard server its spend token (never the buyer's key), and returns the ordinary
+            streaming `IterableDataset`: `iter`, `map`, `filter`,
             `shuffle` or a torch `DataLoader` work as usual. Loading reads no shard (the columns
             come from the listing); each shard is paid for just before the stream opens it.
         """),
         code("""
-            ds = hf_escrow.load_paid_dataset(url, escrow=buyer, budget='0.01', api_key=buyer_key)
+            ds = hf_escrow.load_paid_dataset(url, escrow=buyer, budget='0.01')
             print(ds.features, ds.num_shards, 'shards, escrow', ds.escrow_id)
 
             rows = positives = 0
@@ -160,9 +161,9 @@ NOTEBOOKS = {
             assert rows == SHARDS * ROWS and escrow.paid == SHARDS * PRICE
         """),
         md("""
-            A second epoch costs nothing: each shard is deducted under an idempotency key made of
-            the escrow and the shard, so rereads, retries and resumed streams never pay twice. The
-            escrow's log shows one deduction per shard.
+            A second epoch costs nothing: each shard's capture carries an idempotency key made of
+            the escrow and the shard, so rereads, retries, resumed streams and a second server
+            process never pay twice. The escrow's log shows one hold per shard, captured in full.
         """),
         code("""
             complaints = ds.filter(lambda r: r['label'] == 0).map(lambda r: {'n_words': len(r['text'].split())})
@@ -170,14 +171,14 @@ NOTEBOOKS = {
             escrow = buyer.get(ds.escrow_id)
             assert escrow.paid == SHARDS * PRICE
             for event in escrow.events:
-                if event.kind == 'deducted':
-                    print(event.data['reason'], 'gross', event.data['gross_micro'], 'net', event.data['net_micro'],
-                          'fee', event.data['fee_micro'], '(micro-USDC)')
+                if event.kind == 'hold_closed':
+                    print(event.data['hold_id'], 'captured', event.data['captured_micro'], 'micro-USDC')
+            assert escrow.held == 0 and [e.kind for e in escrow.events].count('hold_closed') == SHARDS
         """),
         md("""
             The buyer is done: it releases nothing more (every shard was paid as it was read), and
             the remainder goes back to it. For every escrow the ledger keeps `amount == paid +
-            refunded + remaining`; the seller got what was paid less the 1% platform fee.
+            refunded + held + remaining`; the seller got what was paid less the 1% platform fee.
         """),
         code("""
             receipt = buyer.release(ds.escrow_id, '0')
@@ -197,7 +198,7 @@ NOTEBOOKS = {
             sends no byte of a shard that is not paid for. 0.005 USDC buys two shards.
         """),
         code("""
-            capped = hf_escrow.load_paid_dataset(url, escrow=buyer, budget='0.005', api_key=buyer_key, progress=False)
+            capped = hf_escrow.load_paid_dataset(url, escrow=buyer, budget='0.005', progress=False)
             read = 0
             try:
                 for row in capped:
@@ -225,7 +226,7 @@ NOTEBOOKS = {
 
             A Gradio app whose endpoint is paid per call from the caller's escrow, with the
             `@hf_escrow.paid` decorator. The buyer is an agent that calls the app with
-            `gradio_client` and proves it may spend the escrow with two headers. The gate charges
+            `gradio_client` and pays with the escrow's spend token, one header. The gate charges
             only for results that leave the app: a refused call never runs the function, and a call
             whose function fails costs nothing. Everything runs locally: an embedded SQLite ledger
             and the app on 127.0.0.1.
@@ -238,7 +239,7 @@ NOTEBOOKS = {
             import hf_escrow
 
             buyer, seller = hf_escrow.connect(agent='nb-buyer'), hf_escrow.connect(agent='nb-space')
-            buyer_key = buyer.register().api_key  # the app knows callers by their API key
+            buyer.register()  # the buyer's key never goes to the app: callers pay with spend tokens
             seller.register()
             print('faucet:', buyer.claim_faucet(), 'USDC')
         """),
@@ -246,10 +247,10 @@ NOTEBOOKS = {
             ## The seller's app
 
             `@hf_escrow.paid(price=..., seller=...)` wraps the handler. Before it runs, the gate
-            checks that the caller's key owns the escrow, that the escrow is one for this seller
-            and that it still holds the price, which it sets aside. When the function returns, the
-            gate deducts the price and only then hands the result back; if the function raises,
-            the hold is dropped and nothing moves. `with_receipt=True` adds the receipt as a second
+            holds the price on the escrow the caller's spend token names: the ledger checks that
+            the token is live and that the escrow pays this seller and has the price free. When the
+            function returns, the gate captures the price and only then hands the result back; if
+            the function raises, the hold is voided and nothing moves. `with_receipt=True` adds the receipt as a second
             output. Any function works; a word counter stands in for a model here.
         """),
         code("""
@@ -279,16 +280,15 @@ NOTEBOOKS = {
         md("""
             ## The buyer calls it
 
-            The buyer opens an escrow for the seller and sends its id and its API key as headers;
-            `gradio_client` sends them with every call. Each answer comes with what was charged,
+            The buyer opens an escrow for the seller and sends its spend token in the
+            `X-Escrow-Token` header; `gradio_client` sends it with every call. Each answer comes with what was charged,
             what the seller received after the 1% platform fee, and what is left.
         """),
         code("""
             from gradio_client import Client
 
             escrow = buyer.create_escrow('nb-space', '0.005', ttl_seconds=600)
-            client = Client(url, headers={'X-Escrow-Id': escrow.id, 'Authorization': f'Bearer {buyer_key}'},
-                            verbose=False)
+            client = Client(url, headers={'X-Escrow-Token': escrow.spend_token}, verbose=False)
             for sentence in ['the cat sat on the mat', 'paid per call', 'one two three four']:
                 out, paid = client.predict(sentence, api_name='/word_stats')
                 print(f"{out:<22} charged {paid['charged_usdc']}  seller got {paid['seller_net_usdc']}  "
@@ -318,7 +318,7 @@ NOTEBOOKS = {
         md("""
             The buyer closes the escrow: it releases nothing more (each call was paid when it was
             served) and the remainder comes back to it. For every escrow the ledger keeps `amount
-            == paid + refunded + remaining`.
+            == paid + refunded + held + remaining`.
         """),
         code("""
             buyer.release(escrow.id, '0')
