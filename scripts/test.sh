@@ -1,10 +1,9 @@
 #!/usr/bin/env bash
-# Install what is missing, then run the test suite. Extra arguments go to pytest.
+# Install what is missing (pinned by constraints.txt), then run the test suite. Extra
+# arguments go to pytest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-# torch first: 2.13.0 is the CPU build on this disk; a bare "torch" would pull a CUDA build.
-python3 -m pip install --quiet --disable-pip-version-check "torch==2.13.0" || exit 1
-python3 -m pip install --quiet --disable-pip-version-check -e ".[test]" || exit 1
+./scripts/install.sh test "${HF_ESCROW_CONSTRAINTS:-constraints.txt}" || exit 1
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium not installed: browser tests will be skipped"
 fi
