@@ -2,17 +2,20 @@
 
     python app.py                  # the port follows GRADIO_SERVER_PORT (default 7860)
 
-Callers pay per answer with an escrow they opened for this Space's seller agent: agents
-send it in headers, people type it into the page.
+Callers pay per answer from an escrow they opened for this Space's seller agent, with the
+escrow's spend token (never their API key): agents send it in the X-Escrow-Token header,
+people paste it into the page's "Spend token" field.
 
     from gradio_client import Client
-    client = Client(url, headers={"X-Escrow-Id": escrow_id, "Authorization": f"Bearer {api_key}"})
+    client = Client(url, headers={"X-Escrow-Token": escrow.spend_token})
     answer, receipt = client.predict("Say hi in French", api_name="/chat")
 
 Settings (environment variables; on a Space, its variables and secrets):
 
     HF_ESCROW_URL                 escrow server; unset: the embedded ledger in $HF_ESCROW_HOME
     HF_ESCROW_SELLER_KEY          the seller's API key on that server (a secret)
+    HF_ESCROW_DATABASE_URL        unset HF_ESCROW_URL: the embedded ledger on PostgreSQL instead
+                                  (postgresql+psycopg://...), shared by replicas of the Space
     HF_ESCROW_SELLER              the seller agent id buyers pay (default paid-chat); registered
                                   on first start when the ledger is the embedded one
     HF_ESCROW_PRICE               USDC per answer (default 0.001)
@@ -121,7 +124,7 @@ def build_demo(settings: Settings, chat_model, gate: Gate) -> gr.Blocks:
     """The page and its API: `/chat` takes the message first and returns (answer, receipt)."""
     price = format_usdc(parse_usdc(settings.price))   # as the receipts show it: 6 decimals
 
-    @gate.paid(price=settings.price, fields=True, with_receipt=True, reason="paid-chat answer")
+    @gate.paid(price=settings.price, fields=True, with_receipt=True)
     def chat(message: str) -> str:
         message = (message or "").strip()
         if not message:
@@ -143,7 +146,7 @@ def build_demo(settings: Settings, chat_model, gate: Gate) -> gr.Blocks:
         answer = gr.Textbox(label="Answer", visible=False)
         receipt = gr.JSON(label="Receipt of the last answer")
         with gr.Accordion("Pay from code (gradio_client)", open=False):
-            gr.Markdown(CLIENT_HELP)
+            gr.Markdown(CLIENT_HELP.replace("SELLER", gate.seller_id))
 
         def show(history: list, text: str, reply: str, shown: dict):
             history = list(history or []) + [{"role": "user", "content": text},
@@ -161,11 +164,13 @@ def build_demo(settings: Settings, chat_model, gate: Gate) -> gr.Blocks:
 CLIENT_HELP = """
 ```python
 from gradio_client import Client
-client = Client(URL, headers={"X-Escrow-Id": "esc_...", "Authorization": "Bearer hfe_..."})
+escrow = buyer.create_escrow("SELLER", "0.05")             # as the buyer, with your own key
+client = Client(URL, headers={"X-Escrow-Token": escrow.spend_token})   # the token, never your key
 answer, receipt = client.predict("Say hi in French", api_name="/chat")
 print(answer, receipt["charged_usdc"], receipt["remaining_usdc"])
 ```
-Each call is charged once, only when it succeeds; an escrow that cannot pay is refused before the model runs.
+Each answer is held on the ledger before the model runs and captured only when it succeeds; an escrow
+that cannot pay is refused before the model runs, and a revoked token or a cancelled escrow stops at once.
 """
 
 

@@ -2,11 +2,12 @@
 
     python app.py                  # the port follows GRADIO_SERVER_PORT (default 7860)
 
-One text per line in, one vector per line out; the price is per vector, charged once per
-call and only when the call succeeds.
+One text per line in, one vector per line out; the price is per vector: held on the ledger
+before the model runs, captured once per call and only when the call succeeds. Callers pay
+with the escrow's spend token (the X-Escrow-Token header, or the page's "Spend token" field).
 
     from gradio_client import Client
-    client = Client(url, headers={"X-Escrow-Id": escrow_id, "Authorization": f"Bearer {api_key}"})
+    client = Client(url, headers={"X-Escrow-Token": escrow.spend_token})   # the token, never your API key
     result, receipt = client.predict("first text\\nsecond text", api_name="/embed")
     result["vectors"]          # two lists of 384 floats (all-MiniLM-L6-v2, normalised)
 
@@ -14,6 +15,8 @@ Settings (environment variables; on a Space, its variables and secrets):
 
     HF_ESCROW_URL                 escrow server; unset: the embedded ledger in $HF_ESCROW_HOME
     HF_ESCROW_SELLER_KEY          the seller's API key on that server (a secret)
+    HF_ESCROW_DATABASE_URL        unset HF_ESCROW_URL: the embedded ledger on PostgreSQL instead
+                                  (postgresql+psycopg://...), shared by replicas of the Space
     HF_ESCROW_SELLER              the seller agent id buyers pay (default paid-embeddings);
                                   registered on first start when the ledger is the embedded one
     HF_ESCROW_PRICE               USDC per vector (default 0.0001)
@@ -98,7 +101,7 @@ def build_demo(settings: Settings, embedder, gate: Gate) -> gr.Blocks:
         # an empty call is priced as one vector; the handler then refuses it, and it costs nothing
         return settings.price * max(1, min(len(split_texts(text)), MAX_TEXTS))
 
-    @gate.paid(price=cost, fields=True, with_receipt=True, reason="paid-embeddings vectors")
+    @gate.paid(price=cost, fields=True, with_receipt=True)
     def embed(text: str) -> dict:
         texts = split_texts(text)
         if not texts:
