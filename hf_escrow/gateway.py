@@ -1,85 +1,71 @@
 """A metered OpenAI-compatible gateway: sellers put it in front of vLLM, TGI or
-`transformers serve` and charge each buyer's escrow for exactly the tokens delivered.
+`transformers serve` and are paid from each buyer's escrow for the tokens delivered.
 
-A request carries the buyer's escrow (`X-Escrow-Id`, or `escrow_id` in the body) and the
-buyer's key (`Authorization: Bearer`). The gateway checks that the key owns the escrow,
-reserves the worst case (prompt + max_tokens at the output price; 402 and the upstream
-untouched if the escrow cannot cover it), forwards the request, streams the answer back
-byte for byte as it arrives, and deducts the delivered tokens x price - the upstream's
-`usage`, else the tokens counted in what reached the client - when the answer ends or
-the client goes away. An upstream error costs nothing.
+How money moves, per request:
+
+1. The buyer sends the escrow's spend token in ``X-Escrow-Token`` (never its API key: a
+   request carrying ``Authorization: Bearer hfe_...`` and no token is refused with 402).
+2. The gateway prices the worst case, prompt tokens plus the output limit at the output
+   price, and opens a tab on the seller's till: one ledger hold of that amount. The ledger
+   admits the request (token live, escrow active and paying this seller, enough free);
+   nothing is cached, so a cancel or a revoke stops the very next request, in every
+   gateway process on the same ledger. A refusal answers 402/403/409 and the upstream
+   never sees the request.
+3. The upstream is told the limit that was held (``max_tokens`` and
+   ``max_completion_tokens`` both) and, for streams, to report ``usage``. Neither
+   ``X-Escrow-Token`` nor ``Authorization`` is forwarded.
+4. A stream is paid as it flows: every `CAPTURE_EVERY` content chunks the delivered slice
+   is captured from the hold (in the background, so relaying waits on the ledger only if
+   the previous capture has not landed yet), and when the stream ends the server's
+   ``usage`` settles the total, never more than was held. A disconnect, a cancel or a
+   crash of this process leaves at most `MAX_UNPAID_CHUNKS` delivered chunks unpaid; after
+   a crash the hold expires and the rest returns to the buyer. The gateway stops relaying
+   when the hold is used up or a capture reports the escrow closed. A plain answer is paid
+   with its ``usage`` in one final capture.
+5. An upstream error, or an unreachable upstream, voids the hold: the buyer pays nothing.
+
+Errors are JSON ``{"error": code, "message": ...}``, the shape the escrow server uses;
+a stream cut short ends with one such ``data:`` event.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import time
-from collections import OrderedDict
-from typing import Any
+import logging
+from typing import Any, AsyncIterator
 
 import anyio
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException
 
-from ._exceptions import EscrowError, Forbidden, StateConflict, ValidationError
-from .metering import Meter, TokenCounter
-from .money import to_usdc
+from ._exceptions import EscrowError, PaymentRequired, StateConflict, ValidationError
+from .metering import TokenCounter
 from .pricing import Pricing
+from .till import Tab, Till, check_token, spend_token_from
 
 DEFAULT_MAX_TOKENS = 256
-MAX_METERS = 10_000            # escrows tracked at once; the oldest idle ones are forgotten
-IDENTITY_TTL_S = 30.0          # how long a checked (key, escrow) pair is trusted
+MAX_OUTPUT_TOKENS = 1_000_000
+MAX_UNPAID_CHUNKS = 64         # the most content chunks a disconnect, a cancel or a crash leaves unpaid
+# A capture starts every half of that, one in flight at a time: when chunk c goes out, the
+# captures that landed cover at least c - MAX_UNPAID_CHUNKS.
+CAPTURE_EVERY = MAX_UNPAID_CHUNKS // 2
 UPSTREAM_TIMEOUT_S = 300.0
+DEFAULT_HOLD_TTL_S = UPSTREAM_TIMEOUT_S  # a stream must finish inside its hold; the ledger caps it
+UPSTREAM_ERROR_CHARS = 500
 
-
-class _Gate:
-    """Who may spend which escrow, and each escrow's reservations (seller side)."""
-
-    def __init__(self, escrow: Any, pricing: Pricing):
-        self.escrow = escrow
-        self.pricing = pricing
-        self._meters: OrderedDict[str, Meter] = OrderedDict()
-        self._checked: dict[tuple[str, str], float] = {}
-
-    def admit(self, escrow_id: str | None, key: str | None) -> Meter:
-        """The meter of an escrow the caller owns, after the ownership and state checks."""
-        if not escrow_id or not isinstance(escrow_id, str):
-            raise ValidationError("send the buyer's escrow id in the X-Escrow-Id header (or escrow_id in the body)")
-        if (key, escrow_id) not in self._checked or time.monotonic() - self._checked[(key, escrow_id)] > IDENTITY_TTL_S:
-            buyer = self.escrow.identify(key)
-            escrow = self.escrow.get(escrow_id)
-            if escrow.buyer != buyer:
-                raise Forbidden(f"escrow {escrow_id} belongs to another buyer; pay with your own escrow")
-            if escrow.status != "active":
-                raise StateConflict(f"escrow {escrow_id} is {escrow.status}; open a new one")
-            self._checked[(key, escrow_id)] = time.monotonic()
-            if escrow_id not in self._meters:
-                self._meters[escrow_id] = Meter(escrow_id, self.pricing, int(escrow.remaining * 1_000_000))
-            if len(self._checked) > MAX_METERS:
-                self._checked.clear()
-        self._meters.move_to_end(escrow_id)
-        while len(self._meters) > MAX_METERS:
-            self._meters.popitem(last=False)
-        return self._meters[escrow_id]
-
-    def settle(self, meter: Meter, ticket: int, tokens_in: int, tokens_out: int, how: str) -> None:
-        """Deduct what was delivered (the seller's own deduction); frees the reservation."""
-        cost = self.pricing.tokens_micro(tokens_in, tokens_out)
-        paid = 0
-        try:
-            if cost:
-                self.escrow.deduct(meter.escrow_id, to_usdc(cost), reason=f"tokens ({how})",
-                                   usage={"prompt_tokens": tokens_in, "completion_tokens": tokens_out})
-                paid = cost
-        finally:
-            meter.release_ticket(ticket, paid)
+log = logging.getLogger(__name__)
 
 
 def create_gateway(upstream: str, *, escrow: Any, pricing: Any, tokenizer: Any = None,
-                   max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+                   max_tokens: int = DEFAULT_MAX_TOKENS, hold_ttl_s: float = DEFAULT_HOLD_TTL_S) -> FastAPI:
     """The gateway app: `escrow` is the seller's EscrowClient, `upstream` ends in `/v1`.
+
+    `max_tokens` is the output limit of requests that set none; `hold_ttl_s` how long a
+    request's hold lives (a crashed gateway's holds return to the buyers after it).
 
     Example:
         >>> import uvicorn, hf_escrow
@@ -90,150 +76,342 @@ def create_gateway(upstream: str, *, escrow: Any, pricing: Any, tokenizer: Any =
     sheet = Pricing.coerce(pricing)
     if sheet is None or not sheet.sells_tokens:
         raise ValidationError("the gateway needs token prices, e.g. input_per_1k and output_per_1k")
-    gate = _Gate(escrow, sheet)
-    counter = TokenCounter(tokenizer)
-    upstream = upstream.rstrip("/")
-    app = FastAPI(title="hf-escrow gateway", version="0.1.0")
-    client = httpx.AsyncClient(timeout=httpx.Timeout(UPSTREAM_TIMEOUT_S, connect=10.0))
-    app.router.on_shutdown.append(client.aclose)
+    _check_limit(max_tokens, "max_tokens")
+    gateway = _Gateway(upstream.rstrip("/"), Till(escrow, hold_ttl_s=hold_ttl_s), sheet, TokenCounter(tokenizer),
+                       max_tokens)
+    app = FastAPI(title="hf-escrow gateway", version="0.2.0")
+    app.router.on_shutdown.append(gateway.client.aclose)
 
     @app.exception_handler(EscrowError)
     async def escrow_error(request: Request, error: EscrowError) -> JSONResponse:
-        return JSONResponse({"error": {"type": error.code, "message": error.message}}, status_code=error.status_code)
+        return _error(error.status_code, error.code, error.message, error.details)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        return _error(error.status_code, "not_found" if error.status_code == 404 else "http_error", str(error.detail))
 
     @app.get("/v1/models")
     async def models() -> Response:
-        answer = await client.get(f"{upstream}/models")
+        try:
+            answer = await gateway.client.get(f"{gateway.upstream}/models")
+        except httpx.HTTPError as error:
+            return _unreachable(error)
         return Response(answer.content, status_code=answer.status_code, media_type="application/json")
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"ok": True, "upstream": upstream}
+        return {"ok": True, "upstream": gateway.upstream}
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        try:
-            body = json.loads(await request.body())
-        except ValueError:
-            raise ValidationError("the request body must be JSON") from None
-        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
-            raise ValidationError("a chat request needs a JSON body with a messages list")
-        escrow_id = request.headers.get("x-escrow-id") or body.pop("escrow_id", None)
-        auth = request.headers.get("authorization", "")
-        key = auth[7:].strip() if auth.lower().startswith("bearer ") else None
-        meter = await anyio.to_thread.run_sync(gate.admit, escrow_id, key)
-        body["max_tokens"] = _max_tokens(body, max_tokens)
-        prompt_tokens, _ = counter.prompt_tokens(body["messages"])
-        ticket = meter.reserve(meter.worst_chat_micro(prompt_tokens, body["max_tokens"]))
-        headers = {"Content-Type": "application/json"}
-        try:
-            if body.get("stream"):
-                upstream_request = client.build_request("POST", f"{upstream}/chat/completions", json=body,
-                                                        headers=headers)
-                answer = await client.send(upstream_request, stream=True)
-            else:
-                answer = await client.post(f"{upstream}/chat/completions", json=body, headers=headers)
-        except httpx.HTTPError as error:
-            meter.release_ticket(ticket, 0)
-            return JSONResponse({"error": {"type": "upstream_unreachable", "message": str(error)}}, status_code=502)
-        if answer.status_code >= 400:
-            meter.release_ticket(ticket, 0)
-            content = await answer.aread()
-            await answer.aclose()
-            return Response(content, status_code=answer.status_code, media_type="application/json")
-        if not body.get("stream"):
-            usage = answer.json().get("usage") or {}
-            await anyio.to_thread.run_sync(gate.settle, meter, ticket, usage.get("prompt_tokens", prompt_tokens),
-                                           usage.get("completion_tokens", 0), "usage")
-            return Response(answer.content, status_code=answer.status_code, media_type="application/json")
-        delivery = _Delivery(gate, meter, ticket, counter, prompt_tokens)
-        # A finished stream settles after its last byte is sent, so billing adds nothing to it.
-        return StreamingResponse(_relay(answer, delivery), background=BackgroundTask(delivery.settle),
-                                 media_type=answer.headers.get("content-type", "text/event-stream"))
+        return await gateway.chat(request)
 
     return app
 
 
-def _max_tokens(body: dict, default: int) -> int:
-    value = body.get("max_tokens", body.get("max_completion_tokens"))
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1_000_000:
-        raise ValidationError("max_tokens must be a whole number from 1 to 1000000")
-    return value
+class _Gateway:
+    """Admits, forwards and bills chat requests for one seller."""
 
+    def __init__(self, upstream: str, till: Till, pricing: Pricing, counter: TokenCounter, max_tokens: int):
+        self.upstream, self.till, self.pricing, self.counter = upstream, till, pricing, counter
+        self.max_tokens = max_tokens
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(UPSTREAM_TIMEOUT_S, connect=10.0))
 
-class _Delivery:
-    """What a stream delivered so far, settled once: after the last byte, or on a disconnect."""
+    async def chat(self, request: Request) -> Response:
+        token = check_token(spend_token_from(request.headers))   # refused before any work, keys included
+        body = _chat_body(await request.body())
+        limit = _output_limit(body, self.max_tokens)
+        prompt_tokens, exact = self.counter.prompt_tokens(body["messages"])
+        worst = self.pricing.tokens_micro(prompt_tokens, limit)
+        tab = await anyio.to_thread.run_sync(lambda: self.till.open(
+            token, worst, what=f"this request ({prompt_tokens} prompt + up to {limit} output tokens)"))
+        bill = _Bill(tab, self.pricing, self.counter, prompt_tokens, exact, limit)
+        body["max_tokens"] = body["max_completion_tokens"] = limit
+        try:
+            if body.get("stream"):
+                body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
+                return await self._stream(body, bill)
+            return await self._answer(body, bill)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await bill.close()
+            raise
 
-    def __init__(self, gate: _Gate, meter: Meter, ticket: int, counter: TokenCounter, prompt_tokens: int):
-        self.gate, self.meter, self.ticket, self.counter = gate, meter, ticket, counter
-        self.prompt_tokens = prompt_tokens
-        self.text: list[str] = []
-        self.chunks = 0
-        self.usage: dict | None = None
-        self.settled = False
+    async def _answer(self, body: dict, bill: "_Bill") -> Response:
+        try:
+            answer = await self.client.post(f"{self.upstream}/chat/completions", json=body)
+        except httpx.HTTPError as error:
+            await bill.close()
+            return _unreachable(error)
+        data = _json_or_none(answer.content) if answer.status_code < 400 else None
+        if not isinstance(data, dict):
+            await bill.close()
+            return _upstream_failed(answer.status_code, answer.text)
+        bill.answered(data)
+        await bill.close()
+        return Response(answer.content, status_code=answer.status_code, media_type="application/json")
 
-    def add(self, line: bytes) -> None:
-        event = _sse_json(line)
-        if event is None:
-            return
-        self.usage = event.get("usage") or self.usage
-        piece = _delta_text(event)
-        if piece:
-            self.text.append(piece)
-            self.chunks += 1
-
-    async def settle(self) -> None:
-        if self.settled:
-            return
-        self.settled = True
-        if self.usage and self.usage.get("completion_tokens") is not None:
-            tokens_in = self.usage.get("prompt_tokens", self.prompt_tokens)
-            tokens_out, how = self.usage["completion_tokens"], "usage"
-        elif self.chunks:
-            tokens_out, how = self.counter.text_tokens("".join(self.text), fallback=self.chunks)
-            tokens_in = self.prompt_tokens
-        else:
-            self.meter.release_ticket(self.ticket, 0)  # nothing delivered, nothing to pay
-            return
-        await anyio.to_thread.run_sync(self.gate.settle, self.meter, self.ticket, tokens_in, tokens_out, how)
-
-
-async def _relay(answer: httpx.Response, delivery: _Delivery):
-    """Pass the upstream's bytes through as they come; count what reached the client."""
-    pending = b""
-    finished = False
-    try:
-        async for raw in answer.aiter_raw():
-            yield raw  # returns only once the client took it: what follows counts as delivered
-            pending += raw
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                delivery.add(line)
-        finished = True
-    finally:
-        with anyio.CancelScope(shield=True):  # a client that went away still pays what it got
+    async def _stream(self, body: dict, bill: "_Bill") -> Response:
+        request = self.client.build_request("POST", f"{self.upstream}/chat/completions", json=body)
+        try:
+            answer = await self.client.send(request, stream=True)
+        except httpx.HTTPError as error:
+            await bill.close()
+            return _unreachable(error)
+        if answer.status_code >= 400:
+            text = (await answer.aread()).decode(errors="replace")
             await answer.aclose()
-            if not finished:
-                await delivery.settle()
+            await bill.close()
+            return _upstream_failed(answer.status_code, text)
+        # A finished stream is settled after its last byte is sent, so billing adds nothing to it.
+        return StreamingResponse(bill.relay(answer), background=BackgroundTask(bill.close, answer),
+                                 media_type=answer.headers.get("content-type", "text/event-stream"))
 
 
-def _sse_json(line: bytes) -> dict | None:
-    line = line.strip()
-    if not line.startswith(b"data:"):
+class _Bill:
+    """What one answer delivered and the captures that pay for it, never more than was held.
+
+    A slice counts the delivered text with the tokenizer, but never more tokens than
+    content chunks arrived (each chunk carries at least one token, and re-encoding a
+    model's byte-level pieces can count more tokens than it generated), so no capture runs
+    ahead of what the server's ``usage`` reports at the end.
+    """
+
+    def __init__(self, tab: Tab, pricing: Pricing, counter: TokenCounter, prompt_tokens: int, prompt_exact: bool,
+                 limit: int):
+        self.tab, self.pricing, self.counter = tab, pricing, counter
+        self.prompt_tokens, self.prompt_exact, self.limit = prompt_tokens, prompt_exact, limit
+        self.pieces: list[str] = []
+        self.chunks = 0
+        self.since_capture = 0
+        self.usage: dict | None = None
+        self.recorded = (0, 0)    # prompt and output tokens the landed captures reported
+        self.cut: EscrowError | None = None
+        self._pending: tuple[asyncio.Future, tuple[int, int]] | None = None
+        self._closed = False
+
+    # ---- delivery ---------------------------------------------------------------
+
+    async def relay(self, answer: httpx.Response) -> AsyncIterator[bytes]:
+        """The upstream's events as they come, until the hold is used up or the escrow closes."""
+        finished = False
+        try:
+            async for raw, event in _sse_events(answer):
+                self._collect()
+                piece = _delta_text(event)
+                if piece and not self._may_deliver():
+                    yield _sse_error(self.cut)
+                    break
+                yield raw   # returns once the client took it: what follows counts as delivered
+                self._delivered(event, piece)
+                if self.since_capture >= CAPTURE_EVERY:
+                    await self._capture_slice()
+            finished = True
+        except httpx.HTTPError as error:   # the upstream died mid-stream: what was delivered is still paid
+            log.warning("upstream stream broke after %d chunks: %s", self.chunks, error)
+            finished = True
+        finally:
+            with anyio.CancelScope(shield=True):
+                await answer.aclose()
+                if not finished:   # the client went away: pay what it got, free the rest
+                    await self.close()
+
+    def answered(self, data: dict) -> None:
+        """A whole (non-streamed) answer: its text (words stand in for chunks) and the server's usage."""
+        choices = data.get("choices") if isinstance(data.get("choices"), list) else []
+        for choice in choices:
+            message = choice.get("message") if isinstance(choice, dict) else None
+            text = _message_text(message) if isinstance(message, dict) else ""
+            if text:
+                self.pieces.append(text)
+                self.chunks += max(len(text.split()), 1)
+        if isinstance(data.get("usage"), dict):
+            self.usage = data["usage"]
+
+    def _may_deliver(self) -> bool:
+        if self.cut is None and not self.tab.escrow_open:
+            self.cut = StateConflict(f"escrow {self.tab.escrow_id} was closed by its buyer; the stream stops here "
+                                     "and what was delivered is paid")
+        if self.cut is None and (self.chunks >= self.limit or self.tab.open_micro <= 0):
+            self.cut = PaymentRequired(f"the hold for this request ({self.limit} output tokens) is used up: the "
+                                       "model server sent more than it was asked for; what was delivered is paid")
+        return self.cut is None
+
+    def _delivered(self, event: dict | None, piece: str) -> None:
+        if event is not None and isinstance(event.get("usage"), dict):
+            self.usage = event["usage"]
+        if piece:
+            self.pieces.append(piece)
+            self.chunks += 1
+            self.since_capture += 1
+
+    # ---- payment ----------------------------------------------------------------
+
+    def _delivered_tokens(self) -> int:
+        if not self.chunks:
+            return 0
+        counted, _ = self.counter.text_tokens("".join(self.pieces), fallback=self.chunks)
+        return min(counted, self.chunks)
+
+    def _owed(self, tokens_in: int, tokens_out: int) -> tuple[int, dict]:
+        """The cost of everything so far (capped at the hold) minus what captures paid, and its tokens."""
+        total = min(self.pricing.tokens_micro(tokens_in, tokens_out), self.tab.held_micro)
+        usage = {"prompt_tokens": max(tokens_in - self.recorded[0], 0),
+                 "completion_tokens": max(tokens_out - self.recorded[1], 0)}
+        return max(total - self.tab.captured_micro, 0), usage
+
+    async def _capture_slice(self) -> None:
+        """Capture the delivered slice in the background; at most one capture is in flight."""
+        await self._settle_pending()
+        self.since_capture = 0
+        # An estimated (upper bound) prompt is billed only at the end, when usage may correct it.
+        tokens = (self.prompt_tokens if self.prompt_exact else 0, self._delivered_tokens())
+        amount, usage = self._owed(*tokens)
+        if amount:
+            future = asyncio.ensure_future(anyio.to_thread.run_sync(lambda: self.tab.capture(amount, usage=usage)))
+            self._pending = future, tokens
+
+    def _collect(self) -> None:
+        """Learn the result of a capture that has landed, without waiting for one."""
+        if self._pending is not None and self._pending[0].done():
+            self._take()
+
+    async def _settle_pending(self) -> None:
+        if self._pending is not None:
+            await asyncio.wait([self._pending[0]])
+            self._take()
+
+    def _take(self) -> None:
+        (future, tokens), self._pending = self._pending, None
+        error = future.exception()
+        if error is None:
+            self.recorded = tokens
+            return
+        if not isinstance(error, EscrowError):
+            log.error("capture on hold %s failed", self.tab.hold_id, exc_info=error)
+            error = EscrowError(f"the seller's ledger failed to take payment ({type(error).__name__})")
+        log.warning("capture on hold %s refused, stopping the stream: %s", self.tab.hold_id, error.message)
+        self.cut = error
+
+    async def close(self, answer: httpx.Response | None = None) -> None:
+        """Pay what was delivered and free the rest of the hold, once (void when nothing was)."""
+        if answer is not None:
+            await answer.aclose()
+        if self._closed:
+            return
+        self._closed = True
+        await self._settle_pending()
+        try:
+            await anyio.to_thread.run_sync(self._finish)
+        except EscrowError as error:
+            log.warning("final capture on hold %s refused: %s", self.tab.hold_id, error.message)
+
+    def _finish(self) -> None:
+        usage = _usage_tokens(self.usage)
+        if usage is None and not self.chunks and not self.tab.captured_micro:
+            self.tab.void()   # nothing was delivered: the buyer pays nothing
+            return
+        amount, tokens = self._owed(*(usage or (self.prompt_tokens, self._delivered_tokens())))
+        self.tab.finish(amount, usage=tokens)
+
+
+def _chat_body(raw: bytes) -> dict:
+    body = _json_or_none(raw)
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
+        raise ValidationError("a chat request needs a JSON body with a non-empty messages list")
+    if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
+        raise ValidationError("the gateway sells one choice per request: leave n (and best_of) at 1")
+    if not isinstance(body.get("stream_options") or {}, dict):
+        raise ValidationError("stream_options must be an object, such as {\"include_usage\": true}")
+    body.pop("escrow_id", None)
+    return body
+
+
+def _output_limit(body: dict, default: int) -> int:
+    """The output limit the buyer asked for; vLLM-style servers obey max_completion_tokens first."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        if body.get(name) is not None:
+            _check_limit(body[name], name)
+    value = body.get("max_completion_tokens")
+    return value if value is not None else body.get("max_tokens") or default
+
+
+def _check_limit(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_OUTPUT_TOKENS:
+        raise ValidationError(f"{name} must be a whole number from 1 to {MAX_OUTPUT_TOKENS}, got {value!r}")
+
+
+def _usage_tokens(usage: dict | None) -> tuple[int, int] | None:
+    if not isinstance(usage, dict):
         return None
-    payload = line[5:].strip()
-    if not payload or payload == b"[DONE]":
+    tokens = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= MAX_OUTPUT_TOKENS * 10 for n in tokens):
+        return tokens
+    return None
+
+
+async def _sse_events(answer: httpx.Response) -> AsyncIterator[tuple[bytes, dict | None]]:
+    """(raw bytes, parsed data) per server-sent event, blank-line separated."""
+    lines: list[str] = []
+    async for line in answer.aiter_lines():
+        if line:
+            lines.append(line)
+            continue
+        if lines:
+            yield ("\n".join(lines) + "\n\n").encode(), _event_json(lines)
+            lines = []
+    if lines:
+        yield ("\n".join(lines) + "\n\n").encode(), _event_json(lines)
+
+
+def _event_json(lines: list[str]) -> dict | None:
+    payload = "".join(line[5:].strip() for line in lines if line.startswith("data:"))
+    if not payload or payload == "[DONE]":
         return None
-    try:
-        event = json.loads(payload)
-    except ValueError:
-        return None
+    event = _json_or_none(payload)
     return event if isinstance(event, dict) else None
 
 
-def _delta_text(event: dict) -> str:
-    choices = event.get("choices") or []
-    delta = choices[0].get("delta") if choices and isinstance(choices[0], dict) else None
-    return (delta or {}).get("content") or ""
+def _delta_text(event: dict | None) -> str:
+    """What an event delivers: content, reasoning or tool-call text all cost output tokens."""
+    choices = (event or {}).get("choices")
+    delta = choices[0].get("delta") if isinstance(choices, list) and choices and isinstance(choices[0], dict) \
+        else None
+    return _message_text(delta) if isinstance(delta, dict) else ""
+
+
+def _message_text(message: dict) -> str:
+    parts = [message.get("content"), message.get("reasoning_content")]
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict):
+            parts += [function.get("name"), function.get("arguments")]
+    return "".join(part for part in parts if isinstance(part, str))
+
+
+def _json_or_none(raw: bytes | str) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return None
+
+
+def _sse_error(error: EscrowError) -> bytes:
+    return f"data: {json.dumps({'error': error.code, 'message': error.message})}\n\n".encode()
+
+
+def _error(status: int, code: str, message: str, details: dict | None = None) -> JSONResponse:
+    body = {"error": code, "message": message}
+    if details:
+        body["details"] = details
+    return JSONResponse(body, status_code=status)
+
+
+def _unreachable(error: httpx.HTTPError) -> JSONResponse:
+    return _error(502, "upstream_unreachable", f"the model server could not be reached ({type(error).__name__}: "
+                                               f"{error}); nothing was charged")
+
+
+def _upstream_failed(status: int, text: str) -> JSONResponse:
+    return _error(status if status >= 400 else 502, "upstream_error",
+                  f"the model server answered HTTP {status}: {text[:UPSTREAM_ERROR_CHARS]}; nothing was charged")
