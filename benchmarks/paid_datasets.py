@@ -5,12 +5,13 @@
 Two `hf-escrow datasets serve` processes on the same folder: one sells each shard at
 0.002 USDC from the embedded ledger, the other serves it free (price 0). The buyer reads
 every shard with `load_paid_dataset` (a fresh escrow per run, so every shard is really
-paid) and, as the baseline, with the plain `datasets.load_dataset(..., streaming=True)`;
+paid; the server gets only the escrow's spend token) and, as the baseline, with the plain `datasets.load_dataset(..., streaming=True)`;
 loading is not timed. Runs come in pairs, plain first in one pair and billed first in
 the next, so that drift and warm-up hit both alike; the ratio is the median of the
 per-pair ratios, rows/s the median of the runs.
 
-Billing costs a fixed time per shard (the buyer's pay request: key check, ledger deduct),
+Billing costs a fixed time per shard (the buyer's pay request: a ledger hold made from the
+spend token, then its capture),
 so its share is that time over the time one shard takes to read. `ds.iter(batch_size=1000)`
 is the fast reader (about 1M short rows/s here), the hard case; shards of 500k short rows
 (about 9 MB of parquet) are still small next to the 100-500 MB shards of Hub datasets.
@@ -100,7 +101,7 @@ def main() -> None:
             wait_http(billed_url, 60)
             wait_http(plain_url, 60)
             ledger = Ledger(default_database_url(home))
-            key = ledger.register("bench-buyer")["api_key"]
+            ledger.register("bench-buyer")
             ledger.deposit("bench-buyer", "1000")
             buyer = hf_escrow.connect(agent="bench-buyer", home=home)
             runs: dict[tuple[str, str], list[float]] = {}
@@ -114,14 +115,14 @@ def main() -> None:
                             ds = datasets.load_dataset("parquet", data_files=[plain_url + n for n in names],
                                                        split="train", streaming=True)
                         else:
-                            escrow = buyer.create_escrow("bench-seller", "1", ttl_seconds=600)
-                            ds = load_paid_dataset([billed_url + n for n in names], escrow=buyer,
-                                                   escrow_id=escrow.id, api_key=key, progress=False)
+                            ds = load_paid_dataset([billed_url + n for n in names], escrow=buyer, budget="1",
+                                                   ttl_seconds=600, progress=False)
                         count, seconds = read_all(ds, mode)
                         assert count == shards * args.rows, count
                         runs.setdefault((side, mode), []).append(count / seconds)
                         if side == "billed":
-                            assert buyer.get(escrow.id).paid == shards * Decimal(PRICE)
+                            paid = buyer.get(ds.escrow_id)
+                            assert paid.paid == shards * Decimal(PRICE) and paid.held == 0, paid
                             latencies += ds._ex_iterable.generate_tables_fn.payer.latencies_ms
                     if args.verbose:
                         print(f"{mode}: plain {runs[('plain', mode)][-1]:,.0f} rows/s, "
