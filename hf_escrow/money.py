@@ -14,6 +14,7 @@ their shortest ``repr`` - the number the caller wrote - never through binary ari
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from typing import Any
@@ -26,6 +27,9 @@ MICRO_PER_USDC = 1_000_000
 MAX_AMOUNT_MICRO = 100_000_000 * MICRO_PER_USDC
 _MICRO = Decimal(1) / MICRO_PER_USDC
 _MAX_TEXT_CHARS = 64
+# What a person writes for an amount: ASCII digits, one point, an exponent. Python's
+# Decimal also takes "1_000", other scripts' digits and "NaN"; an amount never does.
+_AMOUNT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 BPS = 10_000
 
 
@@ -39,8 +43,9 @@ def to_decimal(value: Any, *, what: str = "amount") -> Decimal:
         value = repr(value)
     if isinstance(value, str):
         text = value.strip()
-        if not text or len(text) > _MAX_TEXT_CHARS:
-            raise InvalidAmount(f"{what} must be a number of USDC such as \"0.25\", got {value[:_MAX_TEXT_CHARS]!r}")
+        if len(text) > _MAX_TEXT_CHARS or not _AMOUNT_TEXT.fullmatch(text):
+            raise InvalidAmount(f"{what} must be a number of USDC such as \"0.25\" (ASCII digits), "
+                                f"got {value[:_MAX_TEXT_CHARS]!r}")
         try:
             value = Decimal(text)
         except InvalidOperation:
@@ -119,20 +124,47 @@ class Split:
     platform_micro: int  # kept by the platform
 
 
+def split_over_life(gross_micro: int, *, paid_before_micro: int, fees_before_micro: int,
+                    referral_before_micro: int, fee_bps: int, referral_bps: int, has_referrer: bool) -> Split:
+    """Split the next payout of an escrow so that its fees are exact over the escrow's life.
+
+    The fee on this payout is the fee on the cumulative gross after it minus the fees
+    already taken (likewise the referral share of the fee): a thousand 1-micro captures pay
+    the same fee as one capture of their sum, so splitting a payment cannot avoid it.
+
+    Example:
+        >>> sum(split_over_life(50, paid_before_micro=50 * i, fees_before_micro=(50 * i) // 100,
+        ...                     referral_before_micro=0, fee_bps=100, referral_bps=0,
+        ...                     has_referrer=False).fee_micro for i in range(200))
+        100
+    """
+    assert min(gross_micro, paid_before_micro, fees_before_micro, referral_before_micro) >= 0
+    fee_after = share(paid_before_micro + gross_micro, fee_bps)
+    fee = min(max(fee_after - fees_before_micro, 0), gross_micro)
+    referral = 0
+    if has_referrer:
+        referral_after = share(fees_before_micro + fee, referral_bps)
+        referral = min(max(referral_after - referral_before_micro, 0), fee)
+    return _checked(Split(gross_micro, gross_micro - fee, fee, referral, fee - referral))
+
+
+def _checked(result: Split) -> Split:
+    if result.net_micro + result.fee_micro != result.gross_micro \
+            or result.referral_micro + result.platform_micro != result.fee_micro \
+            or min(result.net_micro, result.fee_micro, result.referral_micro, result.platform_micro) < 0:
+        raise ArithmeticError(f"unbalanced split: {result}")  # raised, not asserted: survives python -O
+    return result
+
+
 def split_payout(gross_micro: int, *, fee_bps: int, referral_bps: int, has_referrer: bool) -> Split:
-    """Split a gross payout into seller net, fee, referral and platform shares.
+    """Split an escrow's first (or only) payout into seller net, fee, referral and platform shares.
 
     Example:
         >>> split_payout(1_500_000, fee_bps=100, referral_bps=1500, has_referrer=True)
         Split(gross_micro=1500000, net_micro=1485000, fee_micro=15000, referral_micro=2250, platform_micro=12750)
     """
-    fee = share(gross_micro, fee_bps)
-    referral = share(fee, referral_bps) if has_referrer else 0
-    result = Split(gross_micro, gross_micro - fee, fee, referral, fee - referral)
-    assert result.net_micro + result.fee_micro == gross_micro
-    assert result.referral_micro + result.platform_micro == result.fee_micro
-    assert min(result.net_micro, result.fee_micro, result.referral_micro, result.platform_micro) >= 0
-    return result
+    return split_over_life(gross_micro, paid_before_micro=0, fees_before_micro=0, referral_before_micro=0,
+                           fee_bps=fee_bps, referral_bps=referral_bps, has_referrer=has_referrer)
 
 
 def cost_micro(quantity: int, unit_price: Decimal, *, per: int = 1) -> int:

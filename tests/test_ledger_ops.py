@@ -462,18 +462,46 @@ def test_seven_day_streak_earns_two_percent(ledger, world, clock):
     assert ledger.release("buyer", e["id"], amount="0.5")["bonus_micro"] == 0
 
 
-@pytest.mark.parametrize("cancel_days_ago", [3, 0])
-def test_a_cancellation_in_the_window_removes_the_streak(ledger, world, clock, cancel_days_ago):
+@pytest.mark.parametrize("who,cancel_days_ago,streak_micro", [
+    ("seller2", 3, 0), ("seller2", 0, 0),
+    # A buyer's cancel is free (a 1-micro escrow): it must not reset the seller's streak.
+    ("buyer", 3, 10_000), ("buyer", 0, 10_000),
+])
+def test_only_the_sellers_own_cancellation_removes_the_streak(ledger, world, clock, who, cancel_days_ago,
+                                                             streak_micro):
     start = clock.now
     for days_ago in range(7, 0, -1):
         _paid_job_on(ledger, clock, start, days_ago)
         if days_ago == cancel_days_ago:
-            ledger.cancel("seller2", ledger.create_escrow("buyer", "seller2", "0.1")["id"])
+            ledger.cancel(who, ledger.create_escrow("buyer", "seller2", "0.000001")["id"])
     clock.now = start
     if cancel_days_ago == 0:
-        ledger.cancel("buyer", ledger.create_escrow("buyer", "seller2", "0.1")["id"])
+        ledger.cancel(who, ledger.create_escrow("buyer", "seller2", "0.000001")["id"])
     e = ledger.create_escrow("buyer", "seller2", "1")
-    assert ledger.release("buyer", e["id"], amount="0.5")["bonus_micro"] == 0
+    assert ledger.release("buyer", e["id"], amount="0.5")["bonus_parts"]["streak_micro"] == streak_micro
+
+
+def test_many_small_payouts_pay_the_fee_of_their_sum(ledger, world):
+    """Fees are exact over an escrow's life: 200 deductions of 50 micro-USDC pay 1% of 10,000."""
+    e = ledger.create_escrow("buyer", "seller", "1")     # seller was referred: referral share too
+    for _ in range(200):
+        ledger.deduct("seller", e["id"], "0.00005")
+    split = ledger.get("buyer", e["id"])
+    one = ledger.create_escrow("buyer", "seller", "1")
+    ledger.deduct("seller", one["id"], "0.01")
+    single = ledger.get("buyer", one["id"])
+    assert (split["paid_micro"], split["fees_micro"], split["referral_micro"]) == \
+        (single["paid_micro"], single["fees_micro"], single["referral_micro"]) == (10_000, 100, 15)
+    assert_audit_clean(ledger)
+
+
+def test_cancel_is_refused_while_a_result_awaits_its_verifier(ledger, world):
+    e = ledger.create_escrow("buyer", "seller2", "1", release_condition={
+        "metric": "accuracy", "threshold": 0.8, "verifier": "buyer"})
+    ledger.submit_result("seller2", e["id"], metric="accuracy", score=0.95)
+    for party in ("buyer", "seller2"):
+        expect_nothing_moved(ledger, StateConflict, ledger.cancel, party, e["id"])
+    assert ledger.verify("buyer", e["id"], score=0.9)["status"] == "released"
 
 
 def test_a_missing_day_breaks_the_streak(ledger, world, clock):

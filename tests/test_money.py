@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from hf_escrow import InvalidAmount, Pricing, ValidationError
 from hf_escrow.money import (
-    MAX_AMOUNT_MICRO, format_usdc, parse_usdc, split_payout, to_usdc, was_rounded,
+    MAX_AMOUNT_MICRO, format_usdc, parse_usdc, split_over_life, split_payout, to_usdc, was_rounded,
 )
 
 
@@ -344,3 +344,35 @@ def test_pricing_of_the_wrong_type_is_refused(value):
 def test_bad_token_counts_are_refused(counts):
     with pytest.raises(ValidationError):
         Pricing(input_per_1k="0.0005").tokens_micro(*counts)
+
+
+# ---- fees over an escrow's life ---------------------------------------------------------
+
+@given(grosses=st.lists(st.integers(1, 5_000_000), min_size=1, max_size=60),
+       fee_bps=st.integers(0, 10_000), referral_bps=st.integers(0, 10_000), has_referrer=st.booleans())
+def test_fees_over_a_life_equal_the_fee_of_the_sum(grosses, fee_bps, referral_bps, has_referrer):
+    """However a payment is split, its fees and referral are those of one payout of the sum."""
+    paid = fees = referral = 0
+    for gross in grosses:
+        split = split_over_life(gross, paid_before_micro=paid, fees_before_micro=fees,
+                                referral_before_micro=referral, fee_bps=fee_bps, referral_bps=referral_bps,
+                                has_referrer=has_referrer)
+        assert split.net_micro + split.fee_micro == gross and split.referral_micro + split.platform_micro == split.fee_micro
+        assert min(split.net_micro, split.fee_micro, split.referral_micro, split.platform_micro) >= 0
+        paid, fees, referral = paid + gross, fees + split.fee_micro, referral + split.referral_micro
+    whole = split_payout(paid, fee_bps=fee_bps, referral_bps=referral_bps, has_referrer=has_referrer)
+    assert (fees, referral) == (whole.fee_micro, whole.referral_micro)
+
+
+def test_two_hundred_payouts_of_fifty_micro_pay_the_fee():
+    fees = 0
+    for i in range(200):
+        fees += split_over_life(50, paid_before_micro=50 * i, fees_before_micro=fees, referral_before_micro=0,
+                                fee_bps=100, referral_bps=1_500, has_referrer=False).fee_micro
+    assert fees == 100   # per payout, 1% of 50 micro rounds to 0: the old split paid no fee at all
+
+
+@pytest.mark.parametrize("text", ["1_000", "1_0.5", "١٢", "１", "٣.٥", "NaN", "nan", "sNaN", "Infinity", " 1 2 "])
+def test_amount_text_is_ascii_digits_only(text):
+    with pytest.raises(InvalidAmount):
+        parse_usdc(text)

@@ -24,7 +24,7 @@ from .._exceptions import (
     Forbidden, InsufficientFunds, NotFound, RateLimited, StateConflict, Unauthorized,
     ValidationError,
 )
-from ..money import format_usdc, parse_usdc, split_payout, to_decimal, was_rounded
+from ..money import format_usdc, parse_usdc, split_over_life, to_decimal, was_rounded
 from ..pricing import Pricing
 from . import idempotency, journal, rules
 from .config import LedgerConfig
@@ -148,7 +148,7 @@ class Ledger(HoldOperations):
 
     def authenticate(self, api_key: str | None) -> str:
         """The agent id that owns `api_key`."""
-        if not api_key:
+        if not api_key or not isinstance(api_key, str):
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' (register to get one)")
         agent_id = self._read(lambda conn, now: conn.scalar(
             select(agents.c.agent_id).where(agents.c.api_key_hash == hash_key(api_key))))
@@ -340,7 +340,9 @@ class Ledger(HoldOperations):
         request = {"escrow_id": escrow_id, "reason": rules.check_text(reason, "reason")}
 
         def fn(conn: Connection, now_ms: int) -> dict:
-            row = self._locked(conn, escrow_id, agent_id, now_ms, role="party", states=OPEN_STATUSES)
+            # Not while a result awaits its verifier: the buyer would keep the seller's work
+            # and its money; the verifier's verdict or the TTL decides.
+            row = self._locked(conn, escrow_id, agent_id, now_ms, role="party", states=("active",))
             refunded = self._close(conn, row, "cancelled", now_ms)
             self._event(conn, escrow_id, "cancelled", agent_id, now_ms, reason=request["reason"],
                         refunded_micro=refunded)
@@ -353,6 +355,8 @@ class Ledger(HoldOperations):
                       artifact: dict | None = None, idempotency_key: str | None = None) -> dict:
         """The seller reports a benchmark score; with verifier "self" it settles at once."""
         value = rules.check_score(score, "score")
+        if not rules.is_key_text(metric, 64):
+            raise ValidationError("metric must name the benchmark's metric, e.g. \"accuracy\"")
         request = {"escrow_id": escrow_id, "metric": metric, "score": value, "artifact": _check_meta(artifact)}
 
         def fn(conn: Connection, now_ms: int) -> dict:
@@ -486,7 +490,9 @@ class Ledger(HoldOperations):
     # ---- helpers (inside a transaction) -------------------------------------------
 
     def _agent(self, conn: Connection, agent_id: str) -> Any:
-        row = conn.execute(select(agents).where(agents.c.agent_id == agent_id)).first()
+        row = None
+        if rules.is_key_text(agent_id, 64):
+            row = conn.execute(select(agents).where(agents.c.agent_id == agent_id)).first()
         if row is None:
             raise Unauthorized(f"agent {agent_id!r} is not registered; register it first")
         return row
@@ -571,8 +577,11 @@ class Ledger(HoldOperations):
 
     def _payout(self, conn: Connection, row: Any, gross_micro: int, bonus_micro: int, kind: str, now_ms: int):
         """Pay `gross_micro` from the escrow: seller net, platform fee, referral share."""
-        split = split_payout(gross_micro, fee_bps=self.config.fee_bps, referral_bps=self.config.referral_bps,
-                             has_referrer=row.referrer is not None)
+        # Fees exact over the escrow's life: splitting a payment into many small ones pays the same fee.
+        split = split_over_life(gross_micro, paid_before_micro=int(row.paid_micro),
+                                fees_before_micro=int(row.fees_micro), referral_before_micro=int(row.referral_micro),
+                                fee_bps=self.config.fee_bps, referral_bps=self.config.referral_bps,
+                                has_referrer=row.referrer is not None)
         if gross_micro == 0:
             return split
         legs = [Leg(escrow_account(row.escrow_id), "payout", -gross_micro),
@@ -642,7 +651,11 @@ class Ledger(HoldOperations):
         # Two bounded reads on (seller, closed_at_ms): however many escrows a seller closes
         # a day, this costs at most `days` rows and one probe.
         recent = (escrows.c.seller == seller) & (escrows.c.closed_at_ms >= window_start)
-        if conn.scalar(select(literal(1)).where(recent, escrows.c.status == "cancelled").limit(1)):
+        # Only the seller's own cancel breaks its streak: a buyer could reset it for free.
+        own_cancel = (select(literal(1)).select_from(escrows.join(
+            escrow_events, (escrow_events.c.escrow_id == escrows.c.escrow_id) & (escrow_events.c.kind == "cancelled")
+            & (escrow_events.c.actor == seller))).where(recent, escrows.c.status == "cancelled").limit(1))
+        if conn.scalar(own_cancel):
             return False
         day = escrows.c.closed_at_ms // rules.DAY_MS
         paid_days = set(conn.scalars(select(day).distinct().where(
@@ -694,6 +707,7 @@ def _check_meta(meta: Any) -> dict | None:
         return None
     if not isinstance(meta, dict):
         raise ValidationError("meta must be a JSON object")
+    rules.check_json(meta, "meta")
     try:
         text = json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as error:

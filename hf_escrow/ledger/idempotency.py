@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import Connection, delete, insert, select
 
 from .._exceptions import IdempotencyConflict, ValidationError
+from .rules import is_text
 from .schema import idempotency_keys
 
 MAX_KEY_CHARS = 255
@@ -20,8 +21,9 @@ KEEP_MS = 48 * 3_600_000  # kept at least 24 h, as promised; swept after 48 h
 def check_key(key: Any) -> str | None:
     if key is None:
         return None
-    if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_CHARS or "\x00" in key:
-        raise ValidationError(f"an idempotency key must be text of 1 to {MAX_KEY_CHARS} characters, without NUL")
+    if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_CHARS or not is_text(key):
+        raise ValidationError(f"an idempotency key must be text of 1 to {MAX_KEY_CHARS} characters, without NUL "
+                              "or lone surrogates")
     return key
 
 

@@ -17,6 +17,20 @@ DAY_MS = 86_400_000
 MAX_TTL_SECONDS = 90 * 86_400
 MAX_TEXT_CHARS = 2_000
 MAX_JSON_CHARS = 16_000
+MAX_JSON_DEPTH = 16
+MAX_SCORE = 1e15            # scores, throughputs and thresholds are numbers a person can read
+MAX_JSON_INT = 2 ** 63 - 1  # what every backend stores as a number
+
+
+def is_text(value: Any) -> bool:
+    """Text every backend stores and every reader decodes: valid UTF-8 (no lone surrogate), no NUL."""
+    if not isinstance(value, str) or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate such as "\ud800" from a JSON escape
+        return False
+    return True
 
 
 class Expired(Exception):
@@ -39,31 +53,73 @@ def check_state(row: Any, now_ms: int, states: tuple[str, ...]) -> None:
 
 def check_hold_ttl(ttl_seconds: Any, max_s: int) -> int:
     """A hold's TTL in ms, capped at `max_s` so a seller cannot keep a buyer's money reserved."""
-    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)) or not math.isfinite(ttl_seconds) \
-            or not 0 < ttl_seconds <= MAX_TTL_SECONDS:
+    if not _seconds(ttl_seconds) or not 0 < ttl_seconds <= MAX_TTL_SECONDS:
         raise ValidationError(f"ttl_seconds must be a positive number of seconds (holds last at most {max_s} s), "
-                              f"got {ttl_seconds!r}")
+                              f"got {_short(ttl_seconds)}")
     return max(1, int(min(ttl_seconds, max_s) * 1000))
 
 
 def check_score(value: Any, what: str) -> float:
-    """A finite float score (a metric, a quality score, tokens/s)."""
+    """A finite float score (a metric, a quality score, tokens/s), at most 1e15 either way."""
     if isinstance(value, bool) or not isinstance(value, (int, float, Decimal, str)):
-        raise ValidationError(f"{what} must be a number, got {value!r}")
+        raise ValidationError(f"{what} must be a number, got {_short(value)}")
+    if isinstance(value, str) and (len(value) > 64 or not value.isascii()):
+        raise ValidationError(f"{what} must be a number written in ASCII digits, got {_short(value)}")
     try:
         score = float(value)
-    except ValueError:
-        raise ValidationError(f"{what} must be a number, got {value!r}") from None
-    if not math.isfinite(score):
-        raise ValidationError(f"{what} must be finite, got {value!r}")
+    except (ValueError, OverflowError):
+        raise ValidationError(f"{what} must be a number between -1e15 and 1e15, got {_short(value)}") from None
+    if not math.isfinite(score) or abs(score) > MAX_SCORE:
+        raise ValidationError(f"{what} must be a finite number between -1e15 and 1e15, got {_short(value)}")
     return score
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def check_json(value: Any, what: str, depth: int = 0) -> None:
+    """Plain JSON that every backend stores and reads back: text as `is_text`, finite numbers
+    an int64 can hold, at most 16 levels deep."""
+    if depth > MAX_JSON_DEPTH:
+        raise ValidationError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not is_text(key):
+                raise ValidationError(f"{what} has a key that is not valid UTF-8 text (NUL or a lone surrogate)")
+            check_json(item, f"{what}.{key}" if len(key) <= 40 else what, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            check_json(item, what, depth + 1)
+    elif isinstance(value, str):
+        if not is_text(value):
+            raise ValidationError(f"{what} must be valid UTF-8 text without NUL characters or lone surrogates")
+    elif isinstance(value, bool) or value is None:
+        return
+    elif isinstance(value, int):
+        if abs(value) > MAX_JSON_INT:
+            raise ValidationError(f"{what} holds an integer beyond 64 bits")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValidationError(f"{what} holds a number that is not finite")
+    else:
+        raise ValidationError(f"{what} must be plain JSON, got {type(value).__name__}")
+
+
+def _seconds(value: Any) -> bool:
+    """A number of seconds that compares safely (an int of any size, or a finite float)."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and math.isfinite(value))
+
+
 def check_ttl(ttl_seconds: Any) -> int:
-    if isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, (int, float)) or not math.isfinite(ttl_seconds):
-        raise ValidationError(f"ttl_seconds must be a number of seconds, got {ttl_seconds!r}")
+    if not _seconds(ttl_seconds):
+        raise ValidationError(f"ttl_seconds must be a number of seconds, got {_short(ttl_seconds)}")
     if not 1 <= ttl_seconds <= MAX_TTL_SECONDS:
-        raise ValidationError(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS} (90 days), got {ttl_seconds}")
+        raise ValidationError(f"ttl_seconds must be between 1 and {MAX_TTL_SECONDS} (90 days), "
+                              f"got {_short(ttl_seconds)}")
     return int(ttl_seconds * 1000)
 
 
@@ -72,14 +128,14 @@ def check_text(value: Any, what: str, max_chars: int = MAX_TEXT_CHARS) -> str | 
         return None
     if not isinstance(value, str) or len(value) > max_chars:
         raise ValidationError(f"{what} must be text of at most {max_chars} characters")
-    if "\x00" in value:  # PostgreSQL text cannot hold NUL; refuse it on every backend alike
-        raise ValidationError(f"{what} must not contain NUL characters")
+    if not is_text(value):  # PostgreSQL text cannot hold NUL, no reader decodes a lone surrogate
+        raise ValidationError(f"{what} must be valid UTF-8 text without NUL characters or lone surrogates")
     return value
 
 
 def is_key_text(value: Any, max_chars: int) -> bool:
     """Whether `value` could be a stored id or code at all (a lookup of anything else finds nothing)."""
-    return isinstance(value, str) and 0 < len(value) <= max_chars and "\x00" not in value
+    return isinstance(value, str) and 0 < len(value) <= max_chars and is_text(value)
 
 
 def check_time_ms(value: Any, what: str) -> int | None:
@@ -100,13 +156,13 @@ def check_release_condition(condition: Any) -> dict | None:
     if condition.get("type", "benchmark") != "benchmark":
         raise ValidationError(f"release_condition type {condition.get('type')!r} is not supported; use \"benchmark\"")
     metric = condition.get("metric")
-    if not isinstance(metric, str) or not metric or len(metric) > 64:
+    if not is_key_text(metric, 64):
         raise ValidationError("release_condition.metric must name the metric, e.g. \"accuracy\"")
     higher = condition.get("higher_is_better", True)
     if not isinstance(higher, bool):
         raise ValidationError("release_condition.higher_is_better must be true or false")
     verifier = condition.get("verifier") or "self"
-    if not isinstance(verifier, str) or len(verifier) > 64:
+    if not is_key_text(verifier, 64):
         raise ValidationError("release_condition.verifier must be \"self\", \"buyer\" or an agent id")
     return {"type": "benchmark", "metric": metric,
             "threshold": check_score(condition.get("threshold"), "release_condition.threshold"),
@@ -191,4 +247,5 @@ def usage_tokens(usage: Any) -> tuple[int, int]:
 
 def hash_secret(secret: str) -> str:
     """API keys and spend tokens are random 256-bit secrets: one SHA-256 stores them safely."""
-    return hashlib.sha256(secret.encode()).hexdigest()
+    # surrogatepass: a malformed secret hashes to something no stored secret matches.
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
