@@ -680,6 +680,17 @@ class Ledger(HoldOperations):
             events = [event_dict(r) for r in reversed(rows)]
         return escrow_dict(row, int(row.remaining_micro), events)
 
+    def rotate_key(self, agent_id: str) -> str:
+        """A new API key for `agent_id` (shown only this once); the old key stops at once."""
+        api_key = "hfe_" + secrets.token_urlsafe(32)
+
+        def fn(conn: Connection, now_ms: int) -> str:
+            self._agent(conn, agent_id)
+            conn.execute(update(agents).where(agents.c.agent_id == agent_id).values(api_key_hash=hash_key(api_key)))
+            return api_key
+
+        return self._run(fn)
+
 
 def _without_secrets(result: Any) -> Any:
     if isinstance(result, dict) and any(name in result for name in SECRET_FIELDS):
