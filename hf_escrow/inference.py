@@ -29,7 +29,7 @@ from huggingface_hub import AsyncInferenceClient, InferenceClient
 
 from ._exceptions import ValidationError
 from .metering import CallReceipt, Meter, TokenCounter
-from .money import to_usdc
+from .money import parse_usdc, to_usdc
 from .pricing import Pricing
 
 DEFAULT_MAX_TOKENS = 256
@@ -106,8 +106,9 @@ class _PaidMixin:
                  counted_by: str, settled: Any, billing_started: float) -> CallReceipt:
         return self._meter.record(CallReceipt(
             escrow_id=self.escrow_id, task=plan.task, tokens_in=tokens_in, tokens_out=tokens_out, units=units,
-            gross=to_usdc(cost_micro), fee=settled.fee if settled else to_usdc(0),
-            net=settled.net if settled else to_usdc(0),
+            # What the ledger took, bonuses included (a streak adds to the release).
+            gross=settled.gross if settled else to_usdc(0), fee=settled.fee if settled else to_usdc(0),
+            net=settled.net if settled else to_usdc(0), bonus=settled.bonus if settled else to_usdc(0),
             latency_ms=(billing_started - plan.started) * 1000,
             billing_ms=(time.perf_counter() - billing_started) * 1000, counted_by=counted_by,
             pricing=self._meter.pricing.to_dict()))
@@ -262,7 +263,7 @@ class PaidInferenceClient(_PaidMixin, InferenceClient):
             if cost or tokens_in or tokens_out:
                 settled = self.escrow.release(self.escrow_id, **self._release_args(plan, tokens_in, tokens_out, cost))
         finally:
-            self._meter.release_ticket(plan.ticket, cost if settled is not None or cost == 0 else 0)
+            self._meter.release_ticket(plan.ticket, _taken_micro(settled))
         return self._receipt(plan, tokens_in, tokens_out, units, cost, counted_by, settled, billing_started)
 
     def finish(self) -> Any:
@@ -376,7 +377,7 @@ class AsyncPaidInferenceClient(_PaidMixin, AsyncInferenceClient):
                 settled = await _maybe_await(self.escrow.release(
                     self.escrow_id, **self._release_args(plan, tokens_in, tokens_out, cost)))
         finally:
-            self._meter.release_ticket(plan.ticket, cost if settled is not None or cost == 0 else 0)
+            self._meter.release_ticket(plan.ticket, _taken_micro(settled))
         return self._receipt(plan, tokens_in, tokens_out, units, cost, counted_by, settled, billing_started)
 
     async def finish(self) -> Any:
@@ -434,3 +435,8 @@ class paid_inference:  # noqa: N801 - used like a function: `with paid_inference
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await self._client.finish()
+
+
+def _taken_micro(settled: Any) -> int:
+    """What a settling release took from the escrow (0 when none was made or it failed)."""
+    return parse_usdc(settled.gross, allow_zero=True) if settled is not None else 0

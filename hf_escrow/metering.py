@@ -38,6 +38,7 @@ class CallReceipt:
     billing_ms: float
     counted_by: str      # "usage" (server), "tokenizer", "chunks", or "units"
     pricing: dict = field(default_factory=dict)
+    bonus: Decimal = Decimal("0.000000")   # the part of `gross` the ledger added as bonus (e.g. a streak)
 
 
 class TokenCounter:

@@ -78,10 +78,10 @@ def test_chat_bills_exactly_usage_times_price_and_refunds_the_rest(tiny_url, tin
     assert escrow.paid == to_usdc(expected) == sum(r.gross for r in receipts)
     assert escrow.refunded == Decimal("0.50") - escrow.paid
     assert (escrow.tokens_in, escrow.tokens_out) == (out.usage.prompt_tokens + chunks[-1].usage.prompt_tokens, 19)
-    # Fee and referral: each settlement split exactly, by the one rounding rule.
-    fees = [split_payout(int(r.gross * 10**6), fee_bps=100, referral_bps=1500, has_referrer=True) for r in receipts]
-    assert escrow.fees == to_usdc(sum(s.fee_micro for s in fees))
-    assert escrow.referral == to_usdc(sum(s.referral_micro for s in fees))
+    # Fee and referral: exact over the escrow's life, those of one payout of the sum.
+    whole = split_payout(expected, fee_bps=100, referral_bps=1500, has_referrer=True)
+    assert (escrow.fees, escrow.referral) == (to_usdc(whole.fee_micro), to_usdc(whole.referral_micro))
+    assert sum(r.fee for r in receipts) == escrow.fees
 
 
 def test_over_budget_request_is_refused_before_the_model_is_called(units_url, market):
@@ -266,3 +266,22 @@ def _server_pids(url: str) -> list[int]:
     port = int(url.rsplit(":", 1)[1].split("/")[0])
     return [c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
             and c.status == psutil.CONN_LISTEN and c.pid]
+
+
+def test_receipts_show_what_the_ledger_took_with_the_sellers_streak_bonus(tiny_url, market, tmp_path):
+    """A seller with a 7-day streak earns +2% on releases: the call's receipt shows the 2%."""
+    import time as _time
+    ledger, buyer = market
+    for days_ago in range(7, 0, -1):   # one paid job on each of the 7 previous days
+        past = Ledger(ledger.url, clock=lambda d=days_ago: _time.time() - d * 86_400)
+        e = past.create_escrow("buyer", "seller", "0.01")
+        past.release("buyer", e["id"])
+        past.close()
+    with hf_escrow.paid_inference(tiny_url, escrow=buyer, seller="seller", budget="0.50", pricing=PRICES) as client:
+        client.chat_completion(MSGS, max_tokens=12)
+        receipt = client.receipts[-1]
+        escrow = buyer.get(client.escrow_id)
+    base = Pricing.coerce(PRICES).tokens_micro(receipt.tokens_in, receipt.tokens_out)
+    assert receipt.bonus == to_usdc(round(base * 2 / 100)) and receipt.bonus > 0
+    assert receipt.gross == to_usdc(base) + receipt.bonus == escrow.paid
+    assert receipt.net + receipt.fee == receipt.gross
