@@ -122,8 +122,12 @@ class Ledger(HoldOperations):
 
     # ---- agents -------------------------------------------------------------------
 
-    def register(self, agent_id: str, referral_code: str | None = None) -> dict:
-        """Create an agent with its account; returns its API key, shown only this once."""
+    def register(self, agent_id: str, referral_code: str | None = None, *, owner: str | None = None) -> dict:
+        """Create an agent with its account; returns its API key, shown only this once.
+
+        `owner`: the registered agent on whose behalf (with whose key) it is created; the
+        owner may claim the faucet for it (an orchestrator for its workers).
+        """
         if not isinstance(agent_id, str) or not AGENT_ID.fullmatch(agent_id):
             raise ValidationError("agent_id must be 1-64 characters of letters, digits, '_', '-' or '.', "
                                   f"starting with a letter or digit; got {agent_id!r}")
@@ -135,16 +139,23 @@ class Ledger(HoldOperations):
             if conn.scalar(select(agents.c.agent_id).where(agents.c.agent_id == agent_id)):
                 raise StateConflict(f"agent {agent_id!r} is already registered; pick another agent_id")
             referrer = self._agent_by_code(conn, referral_code) if referral_code else None
-            row = {"agent_id": agent_id, "api_key_hash": hash_key(api_key),
+            if owner is not None:
+                self._agent(conn, owner)
+            row = {"agent_id": agent_id, "api_key_hash": hash_key(api_key), "owner": owner,
                    "wallet": "0x" + hashlib.sha256(f"{agent_id}:{secrets.token_hex(16)}".encode()).hexdigest()[:40],
                    "referral_code": "ref_" + secrets.token_hex(6), "referred_by": referrer,
                    "created_at_ms": now_ms}
             conn.execute(insert(agents).values(**row))
             journal.open_account(conn, agent_account(agent_id), "agent")
             return {"agent_id": agent_id, "api_key": api_key, "wallet": row["wallet"],
-                    "referral_code": row["referral_code"], "referred_by": referrer}
+                    "referral_code": row["referral_code"], "referred_by": referrer, "owner": owner}
 
         return self._run(fn)
+
+    def owner_of(self, agent_id: str) -> str | None:
+        """The agent that registered `agent_id` with its own key, if any (NotFound-free: None)."""
+        return self._read(lambda conn, now: conn.scalar(select(agents.c.owner).where(agents.c.agent_id == agent_id))
+                          if rules.is_key_text(agent_id, 64) else None)
 
     def authenticate(self, api_key: str | None) -> str:
         """The agent id that owns `api_key`."""

@@ -28,6 +28,9 @@ agents = Table(
     Column("referral_code", String(32), nullable=False, unique=True),
     Column("referred_by", String(64), ForeignKey("agents.agent_id"), nullable=True),
     Column("created_at_ms", BigInteger, nullable=False),
+    # The agent that registered this one with its own key (an orchestrator's workers):
+    # it may claim the faucet for it.
+    Column("owner", String(64), nullable=True),
 )
 
 accounts = Table(
