@@ -149,8 +149,11 @@ class HoldOperations:
         def fn(conn: Connection, now_ms: int) -> dict:
             row = conn.execute(HOLD_BY_ID, {"hid": hold_id}).first() if rules.is_key_text(hold_id, 40) else None
             if row is not None:
-                self._visible(conn, row.escrow_id, agent_id)  # NotFound for strangers
-                return hold_dict(row)
+                try:
+                    self._visible(conn, row.escrow_id, agent_id)
+                    return hold_dict(row)
+                except NotFound:
+                    pass  # a stranger hears what an unknown hold id gets, not the escrow's id
             self._agent(conn, agent_id)
             raise NotFound(f"hold {hold_id!r} not found among your holds")
         return self._read(fn)
