@@ -2,7 +2,10 @@
 
     python benchmarks/gateway.py [--model gemma|tiny] [--calls 6] [--max-tokens 32]
 
-tokens/s and time to first token (TTFT), interleaved so drift hits both alike.
+tokens/s and time to first token (TTFT), interleaved so drift hits both alike. The
+gateway pays the way it does in production: the buyer sends only the escrow's spend
+token, every request is one ledger hold for its worst case, streams are captured as they
+flow and settled with the server's usage.
 """
 
 from __future__ import annotations
@@ -23,23 +26,27 @@ import hf_escrow  # noqa: E402
 from hf_escrow.gateway import create_gateway  # noqa: E402
 from hf_escrow.ledger import Ledger  # noqa: E402
 from hf_escrow.localmodel import prepare_model, served_model  # noqa: E402
+from hf_escrow.pricing import Pricing  # noqa: E402
 from hf_escrow.serving import serve_in_thread  # noqa: E402
 
 PRICES = {"input_per_1k": "0.0005", "output_per_1k": "0.0015"}
 MSGS = [{"role": "user", "content": "Write one sentence about escrow."}]
+SHEET = Pricing.coerce(PRICES)
 
 
-def stream_once(client: InferenceClient, model: str, max_tokens: int) -> tuple[float, int, float]:
+def stream_once(client: InferenceClient, model: str, max_tokens: int) -> tuple[float, int, float, int]:
+    """(TTFT ms, completion tokens, seconds, what the usage costs in micro-USDC)."""
     start = time.perf_counter()
     first = None
-    tokens = 0
+    tokens = cost = 0
     for chunk in client.chat_completion(MSGS, model=model, max_tokens=max_tokens, stream=True):
         if chunk.choices and chunk.choices[0].delta.content:
             first = first or time.perf_counter()
         if chunk.usage:
             tokens = chunk.usage.completion_tokens
+            cost = SHEET.tokens_micro(chunk.usage.prompt_tokens, tokens)
     end = time.perf_counter()
-    return (first - start) * 1000, tokens, end - start
+    return (first - start) * 1000, tokens, end - start, cost
 
 
 def main() -> None:
@@ -56,7 +63,7 @@ def main() -> None:
             folder = build_tiny_chat_model(Path(tmp) / "tiny")
         db = f"sqlite:///{Path(tmp) / 'l.db'}"
         ledger = Ledger(db)
-        key = ledger.register("buyer")["api_key"]
+        ledger.register("buyer")
         ledger.register("seller")
         ledger.deposit("buyer", "10")
         escrow = hf_escrow.connect(agent="buyer", database_url=db).create_escrow("seller", "5")
@@ -65,15 +72,18 @@ def main() -> None:
                                  pricing=PRICES, tokenizer=str(folder))
             with serve_in_thread(app) as gateway:
                 direct = InferenceClient(base_url=upstream)
-                metered = InferenceClient(base_url=f"{gateway}/v1", api_key=key, headers={"X-Escrow-Id": escrow.id})
+                metered = InferenceClient(base_url=f"{gateway}/v1", headers={"X-Escrow-Token": escrow.spend_token})
                 stream_once(direct, str(folder), 4)
-                stream_once(metered, str(folder), 4)
+                warm = stream_once(metered, str(folder), 4)
                 rows = {"direct": [], "gateway": []}
                 for _ in range(args.calls):
                     rows["direct"].append(stream_once(direct, str(folder), args.max_tokens))
                     rows["gateway"].append(stream_once(metered, str(folder), args.max_tokens))
-    tps = {k: sum(t for _, t, _ in v) / sum(s for _, _, s in v) for k, v in rows.items()}
-    ttft = {k: median([f for f, _, _ in v]) for k, v in rows.items()}
+                time.sleep(0.5)   # the last stream's final capture lands just after its last byte
+        view = ledger.get("buyer", escrow.id)
+    billed = warm[3] + sum(cost for *_, cost in rows["gateway"])
+    tps = {k: sum(t for _, t, _, _ in v) / sum(s for _, _, s, _ in v) for k, v in rows.items()}
+    ttft = {k: median([f for f, *_ in v]) for k, v in rows.items()}
     show(f"gateway benchmark ({args.model}, {args.calls} streams x {args.max_tokens} tokens each way)", [
         ("direct tokens/s", f"{tps['direct']:.1f}", ""),
         ("gateway tokens/s", f"{tps['gateway']:.1f}", ""),
@@ -81,6 +91,8 @@ def main() -> None:
         ("direct TTFT p50 (ms)", f"{ttft['direct']:.1f}", ""),
         ("gateway TTFT p50 (ms)", f"{ttft['gateway']:.1f}", ""),
         ("added TTFT (ms)", f"{ttft['gateway'] - ttft['direct']:.1f}", "goal <= +5 ms"),
+        ("captured / usage x price (micro-USDC)", f"{view['paid_micro']} / {billed}",
+         "exact" if view["paid_micro"] == billed and not view["held_micro"] else "MISMATCH"),
     ])
 
 

@@ -65,7 +65,8 @@ def create_gateway(upstream: str, *, escrow: Any, pricing: Any, tokenizer: Any =
     """The gateway app: `escrow` is the seller's EscrowClient, `upstream` ends in `/v1`.
 
     `max_tokens` is the output limit of requests that set none; `hold_ttl_s` how long a
-    request's hold lives (a crashed gateway's holds return to the buyers after it).
+    request's hold lives: a stream must end within it, and a crashed gateway's holds return
+    to their buyers after it.
 
     Example:
         >>> import uvicorn, hf_escrow
@@ -121,11 +122,7 @@ class _Gateway:
         token = check_token(spend_token_from(request.headers))   # refused before any work, keys included
         body = _chat_body(await request.body())
         limit = _output_limit(body, self.max_tokens)
-        prompt_tokens, exact = self.counter.prompt_tokens(body["messages"])
-        worst = self.pricing.tokens_micro(prompt_tokens, limit)
-        tab = await anyio.to_thread.run_sync(lambda: self.till.open(
-            token, worst, what=f"this request ({prompt_tokens} prompt + up to {limit} output tokens)"))
-        bill = _Bill(tab, self.pricing, self.counter, prompt_tokens, exact, limit)
+        bill = await anyio.to_thread.run_sync(self._open, token, body["messages"], limit)
         body["max_tokens"] = body["max_completion_tokens"] = limit
         try:
             if body.get("stream"):
@@ -137,19 +134,20 @@ class _Gateway:
                 await bill.close()
             raise
 
+    def _open(self, token: str, messages: list, limit: int) -> "_Bill":
+        """Hold the request's worst case: its prompt plus `limit` output tokens."""
+        prompt_tokens, exact = self.counter.prompt_tokens(messages)
+        worst = self.pricing.tokens_micro(prompt_tokens, limit)
+        tab = self.till.open(token, worst, what=f"this request ({prompt_tokens} prompt + up to {limit} output tokens)")
+        return _Bill(tab, self.pricing, self.counter, prompt_tokens, exact, limit)
+
     async def _answer(self, body: dict, bill: "_Bill") -> Response:
         try:
             answer = await self.client.post(f"{self.upstream}/chat/completions", json=body)
         except httpx.HTTPError as error:
             await bill.close()
             return _unreachable(error)
-        data = _json_or_none(answer.content) if answer.status_code < 400 else None
-        if not isinstance(data, dict):
-            await bill.close()
-            return _upstream_failed(answer.status_code, answer.text)
-        bill.answered(data)
-        await bill.close()
-        return Response(answer.content, status_code=answer.status_code, media_type="application/json")
+        return await _whole(answer.status_code, answer.content, bill)
 
     async def _stream(self, body: dict, bill: "_Bill") -> Response:
         request = self.client.build_request("POST", f"{self.upstream}/chat/completions", json=body)
@@ -158,14 +156,25 @@ class _Gateway:
         except httpx.HTTPError as error:
             await bill.close()
             return _unreachable(error)
-        if answer.status_code >= 400:
-            text = (await answer.aread()).decode(errors="replace")
+        if answer.status_code >= 400 or not answer.headers.get("content-type", "").startswith("text/event-stream"):
+            # An error, or a server that answered in one piece: billed like a plain answer.
+            content = await answer.aread()
             await answer.aclose()
-            await bill.close()
-            return _upstream_failed(answer.status_code, text)
+            return await _whole(answer.status_code, content, bill)
         # A finished stream is settled after its last byte is sent, so billing adds nothing to it.
         return StreamingResponse(bill.relay(answer), background=BackgroundTask(bill.close, answer),
                                  media_type=answer.headers.get("content-type", "text/event-stream"))
+
+
+async def _whole(status: int, content: bytes, bill: "_Bill") -> Response:
+    """A whole answer, paid by its usage; an error or a non-answer voids the hold."""
+    data = _json_or_none(content) if status < 400 else None
+    if isinstance(data, dict):
+        bill.answered(data)
+    await bill.close()
+    if not isinstance(data, dict):
+        return _upstream_failed(status, content.decode(errors="replace"))
+    return Response(content, status_code=status, media_type="application/json")
 
 
 class _Bill:
@@ -187,7 +196,7 @@ class _Bill:
         self.usage: dict | None = None
         self.recorded = (0, 0)    # prompt and output tokens the landed captures reported
         self.cut: EscrowError | None = None
-        self._pending: tuple[asyncio.Future, tuple[int, int]] | None = None
+        self._pending: asyncio.Future | None = None
         self._closed = False
 
     # ---- delivery ---------------------------------------------------------------
@@ -230,8 +239,8 @@ class _Bill:
 
     def _may_deliver(self) -> bool:
         if self.cut is None and not self.tab.escrow_open:
-            self.cut = StateConflict(f"escrow {self.tab.escrow_id} was closed by its buyer; the stream stops here "
-                                     "and what was delivered is paid")
+            self.cut = StateConflict(f"escrow {self.tab.escrow_id} is closed; the stream stops here and what was "
+                                     "delivered is paid")
         if self.cut is None and (self.chunks >= self.limit or self.tab.open_micro <= 0):
             self.cut = PaymentRequired(f"the hold for this request ({self.limit} output tokens) is used up: the "
                                        "model server sent more than it was asked for; what was delivered is paid")
@@ -247,11 +256,11 @@ class _Bill:
 
     # ---- payment ----------------------------------------------------------------
 
-    def _delivered_tokens(self) -> int:
-        if not self.chunks:
+    def _count(self, text: str, chunks: int) -> int:
+        if not chunks:
             return 0
-        counted, _ = self.counter.text_tokens("".join(self.pieces), fallback=self.chunks)
-        return min(counted, self.chunks)
+        counted, _ = self.counter.text_tokens(text, fallback=chunks)
+        return min(counted, chunks)
 
     def _owed(self, tokens_in: int, tokens_out: int) -> tuple[int, dict]:
         """The cost of everything so far (capped at the hold) minus what captures paid, and its tokens."""
@@ -261,31 +270,37 @@ class _Bill:
         return max(total - self.tab.captured_micro, 0), usage
 
     async def _capture_slice(self) -> None:
-        """Capture the delivered slice in the background; at most one capture is in flight."""
+        """Count and capture the delivered slice in a worker thread; at most one capture is in flight."""
         await self._settle_pending()
         self.since_capture = 0
+        self._pending = asyncio.ensure_future(anyio.to_thread.run_sync(
+            self._capture_upto, "".join(self.pieces), self.chunks))
+
+    def _capture_upto(self, text: str, chunks: int) -> tuple[int, int]:
+        """Pay everything up to `chunks`; returns the prompt and output tokens paid for so far."""
         # An estimated (upper bound) prompt is billed only at the end, when usage may correct it.
-        tokens = (self.prompt_tokens if self.prompt_exact else 0, self._delivered_tokens())
+        tokens = (self.prompt_tokens if self.prompt_exact else 0, self._count(text, chunks))
         amount, usage = self._owed(*tokens)
-        if amount:
-            future = asyncio.ensure_future(anyio.to_thread.run_sync(lambda: self.tab.capture(amount, usage=usage)))
-            self._pending = future, tokens
+        if not amount:
+            return self.recorded
+        self.tab.capture(amount, usage=usage)
+        return tokens
 
     def _collect(self) -> None:
         """Learn the result of a capture that has landed, without waiting for one."""
-        if self._pending is not None and self._pending[0].done():
+        if self._pending is not None and self._pending.done():
             self._take()
 
     async def _settle_pending(self) -> None:
         if self._pending is not None:
-            await asyncio.wait([self._pending[0]])
+            await asyncio.wait([self._pending])
             self._take()
 
     def _take(self) -> None:
-        (future, tokens), self._pending = self._pending, None
+        future, self._pending = self._pending, None
         error = future.exception()
         if error is None:
-            self.recorded = tokens
+            self.recorded = future.result()
             return
         if not isinstance(error, EscrowError):
             log.error("capture on hold %s failed", self.tab.hold_id, exc_info=error)
@@ -311,19 +326,20 @@ class _Bill:
         if usage is None and not self.chunks and not self.tab.captured_micro:
             self.tab.void()   # nothing was delivered: the buyer pays nothing
             return
-        amount, tokens = self._owed(*(usage or (self.prompt_tokens, self._delivered_tokens())))
+        amount, tokens = self._owed(*(usage or (self.prompt_tokens, self._count("".join(self.pieces), self.chunks))))
         self.tab.finish(amount, usage=tokens)
 
 
 def _chat_body(raw: bytes) -> dict:
     body = _json_or_none(raw)
-    if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"]:
-        raise ValidationError("a chat request needs a JSON body with a non-empty messages list")
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list) or not body["messages"] \
+            or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in body["messages"]):
+        raise ValidationError("a chat request needs a JSON body with a non-empty messages list of "
+                              "{\"role\": ..., \"content\": ...} objects")
     if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
         raise ValidationError("the gateway sells one choice per request: leave n (and best_of) at 1")
     if not isinstance(body.get("stream_options") or {}, dict):
         raise ValidationError("stream_options must be an object, such as {\"include_usage\": true}")
-    body.pop("escrow_id", None)
     return body
 
 

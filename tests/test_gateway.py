@@ -381,6 +381,8 @@ def test_an_unreachable_upstream_costs_nothing(tmp_path):
     ({"messages": MSGS, "n": 3}, None),
     ({"messages": MSGS, "stream": True, "stream_options": "yes"}, None),
     ({"messages": []}, None),
+    ({"messages": ["hello"]}, None),
+    ({"messages": [{"content": "no role"}]}, None),
     (None, b"not json"),
 ])
 def test_bad_requests_get_422_in_the_error_shape_and_hold_nothing(market, body, raw):
