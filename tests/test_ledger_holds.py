@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from hf_escrow import EscrowError, Forbidden, NotFound
+from hf_escrow import EscrowError, Forbidden, NotFound, StateConflict
 from hf_escrow.ledger import Ledger
 from hf_escrow.money import parse_usdc as M
 
 from .helpers import parties
 from .holds_helpers import hold_snapshot
+
+BENCH = {"type": "benchmark", "metric": "accuracy", "threshold": 0.85}
 
 
 @pytest.fixture
@@ -25,8 +27,36 @@ def world(ledger):
     return ledger
 
 
+def refused(ledger: Ledger, error: type[EscrowError], call, *args, **kwargs) -> EscrowError:
+    """`call` raises exactly `error`, with a message, having moved and reserved nothing."""
+    before = hold_snapshot(ledger)
+    with pytest.raises(EscrowError) as info:
+        call(*args, **kwargs)
+    assert type(info.value) is error, f"{type(info.value).__name__} instead of {error.__name__}: {info.value}"
+    assert info.value.message
+    assert hold_snapshot(ledger) == before, "a refused operation moved or reserved something"
+    return info.value
+
+
 def escrow(ledger: Ledger, amount: str = "1", **kwargs) -> dict:
     return ledger.create_escrow("buyer", "seller", amount, **kwargs)
+
+
+def view(ledger: Ledger, escrow_id: str) -> dict:
+    e = ledger.get("buyer", escrow_id)
+    assert e["amount_micro"] == e["paid_micro"] + e["refunded_micro"] + e["held_micro"] + e["remaining_micro"]
+    return e
+
+
+def test_a_seller_cannot_hold_on_a_benchmark_gated_escrow(world):
+    """Deduct refuses to pay a gated escrow before its result passes; a seller's hold must too."""
+    gated = world.create_escrow("buyer", "seller", "1", release_condition=BENCH)
+    refused(world, StateConflict, world.hold, "seller", gated["spend_token"], "1")
+    refused(world, StateConflict, world.hold, "seller", gated["id"], "0.5")
+    assert view(world, gated["id"])["paid_micro"] == 0
+    # The buyer may still pay part of it, as a partial release would.
+    h = world.hold("buyer", gated["id"], "0.25")
+    assert world.capture("buyer", h["id"], "0.25")["gross_micro"] == M("0.25")
 
 
 def test_a_third_agent_learns_nothing_about_a_hold_or_an_escrow(world):

@@ -90,6 +90,10 @@ class HoldOperations:
             else:
                 row = self._locked(conn, target, agent_id, now_ms, role="party", states=("active",))
             rules.check_state(row, now_ms, ("active",))
+            if row.release_condition is not None and agent_id == row.seller:
+                # As with deduct: a seller paid piecemeal would be paid for a result that has not passed.
+                raise StateConflict(f"escrow {row.escrow_id} pays its seller on a passing benchmark result "
+                                    "(submit_result, then verify), not through holds")
             remaining = int(row.remaining_micro)
             if amount_micro > remaining:
                 raise InsufficientFunds(
