@@ -79,7 +79,7 @@ class Pricing:
         """Read a price sheet such as ``input_per_1k = "0.0005"`` from a TOML file."""
         try:
             data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, ValueError, tomllib.TOMLDecodeError) as exc:  # ValueError: a path no OS can encode
             raise ValidationError(f"cannot read price sheet {path}: {exc}") from None
         return cls.coerce(data.get("pricing", data))
 

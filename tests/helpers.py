@@ -23,7 +23,8 @@ def snapshot(ledger: Ledger) -> dict:
         return {
             "accounts": sorted(map(tuple, conn.execute(select(accounts.c.account_id, accounts.c.balance_micro)))),
             "escrows": sorted(map(tuple, conn.execute(select(escrows.c.escrow_id, escrows.c.status,
-                                                             escrows.c.paid_micro, escrows.c.refunded_micro)))),
+                                                             escrows.c.paid_micro, escrows.c.refunded_micro,
+                                                             escrows.c.held_micro)))),
             "entries": conn.scalar(select(entries.c.entry_id).order_by(entries.c.entry_id.desc()).limit(1)),
         }
 

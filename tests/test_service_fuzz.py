@@ -22,6 +22,7 @@ from starlette.testclient import TestClient
 
 from hf_escrow.ledger import Ledger, LedgerConfig
 from hf_escrow.server import create_app
+from hf_escrow.server.faucet import FaucetSettings
 
 from .helpers import assert_audit_clean, parties, snapshot
 
@@ -29,6 +30,9 @@ FUZZ_EXAMPLES = 80
 MIN_AUTHED_PER_MONEY_ROUTE = 50
 # Every POST moves money or reserves it, except these.
 NOT_MONEY_ROUTES = {"POST /register", "POST /api/escrow/{escrow_id}/tokens", "POST /api/me/key"}
+OPERATOR_KEY = "fuzz-operator-" + "k" * 20
+# The faucet on and its limits out of reach: the fuzzer reaches the ledger behind them.
+FAUCET = FaucetSettings(enabled=True, per_client=10**6, overall=10**6)
 
 
 class World:
@@ -36,9 +40,10 @@ class World:
 
     def __init__(self, url: str):
         self.ledger = Ledger(url, config=LedgerConfig())
-        self.agents = parties(self.ledger, "buyer", "seller", "verifier", fund="1000")
+        self.agents = parties(self.ledger, "buyer", "seller", "verifier", "rotator", fund="1000")
         self.keys = {name: reg["api_key"] for name, reg in self.agents.items()}
-        self.app = create_app(self.ledger, sweep_interval_s=0, mcp=False)
+        self.keys["operator"] = OPERATOR_KEY
+        self.app = create_app(self.ledger, sweep_interval_s=0, mcp=False, faucet=FAUCET, admin_key=OPERATOR_KEY)
         self.plain = self.benchmark = self.token = self.hold = None
         self.statuses: dict[str, set[int]] = {}
         self.sent: dict[str, int] = {}
@@ -50,7 +55,8 @@ class World:
         """Keep one open plain escrow and one open benchmark escrow (verifier named) at hand."""
         if self.ledger.me("buyer")["balance_micro"] < 200_000_000:
             self.ledger.deposit("buyer", "1000")
-        if self.plain is None or self.ledger.get("buyer", self.plain)["status"] != "active":
+        plain = self.plain and self.ledger.get("buyer", self.plain)
+        if not plain or plain["status"] != "active" or plain["remaining_micro"] < 2_000_000:
             created = self.ledger.create_escrow("buyer", "seller", "100", ttl_seconds=86_400,
                                                 meta={"model": "m", "prompt_tokens": 10, "max_completion_tokens": 90})
             self.plain, self.token = created["id"], created["spend_token"]
@@ -105,6 +111,10 @@ def _steer(case, world: World) -> None:
         role = "verifier"
     if salt % 11 == 0:
         role = "seller"  # sometimes the wrong role
+    if path == "/api/me/key":
+        role = "rotator"  # its key changes with each rotation; the others' stay
+    if (path.startswith("/api/admin/") or path == "/api/audit") and salt % 2:
+        role = "operator"
     escrow = world.benchmark if path.endswith(("/submit-result", "/verify")) or salt % 7 == 0 else world.plain
     headers = {k: v for k, v in (case.headers or {}).items() if not steer or k.lower() != "authorization"}
     if steer:
@@ -146,6 +156,8 @@ def test_no_server_error_anywhere(case, world):
     response = case.call()
     route = f"{case.method} {case.operation.path}"
     world.statuses.setdefault(route, set()).add(response.status_code)
+    if route == "POST /api/me/key" and response.status_code == 200:
+        world.keys["rotator"] = response.json()["api_key"]
     if case.method.upper() == case.operation.method.upper():  # not schemathesis' wrong-method probes
         world.sent[route] = world.sent.get(route, 0) + 1
         world.authed[route] = world.authed.get(route, 0) + (response.status_code != 401)

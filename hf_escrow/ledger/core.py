@@ -235,6 +235,9 @@ class Ledger(HoldOperations):
         ttl_ms = rules.check_ttl(ttl_seconds)
         condition = rules.check_release_condition(release_condition)
         bonus = rules.check_bonus_conditions(bonus_conditions)
+        if isinstance(pricing, (str, Path)):
+            # A price sheet file is read by the caller: a ledger (behind a server) reads no paths it is sent.
+            raise ValidationError("pricing must be a price sheet (a mapping or Pricing), not a file path")
         price_sheet = Pricing.coerce(pricing)
         request = {"seller": seller, "amount_micro": amount_micro, "ttl_ms": ttl_ms,
                    "description": rules.check_text(description, "description"), "meta": _check_meta(meta),
