@@ -15,8 +15,8 @@ Example:
 """
 
 from ._exceptions import (
-    EscrowError, Forbidden, IdempotencyConflict, InsufficientFunds, InvalidAmount, NotFound, RateLimited,
-    StateConflict, TransportError, Unauthorized, ValidationError,
+    EscrowError, Forbidden, IdempotencyConflict, InsufficientFunds, InvalidAmount, NotFound, PaymentRequired,
+    RateLimited, StateConflict, TransportError, Unauthorized, ValidationError,
 )
 from ._models import Agent, CaptureResult, Escrow, EscrowEvent, Hold, Me, Receipt
 from .client import AsyncEscrowClient, EscrowClient, connect, connect_async
@@ -46,5 +46,5 @@ __all__ = [
     "load_paid_dataset", "paid_shards", "paid", "Gate", "EscrowedEngine",
     "Agent", "Escrow", "EscrowEvent", "Me", "Receipt", "Hold", "CaptureResult", "Pricing",
     "EscrowError", "ValidationError", "InvalidAmount", "Unauthorized", "Forbidden", "NotFound",
-    "InsufficientFunds", "StateConflict", "IdempotencyConflict", "RateLimited", "TransportError",
+    "InsufficientFunds", "PaymentRequired", "StateConflict", "IdempotencyConflict", "RateLimited", "TransportError",
 ]
