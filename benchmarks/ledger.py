@@ -4,7 +4,9 @@
 
 A lifecycle is create + 10 deducts + release: 12 ledger transactions. The raw SQLite
 commit rate (one INSERT per commit, same file system, same WAL/synchronous settings) is
-the ceiling the embedded ledger is compared with.
+the ceiling the embedded ledger is compared with. A paid call is billed either by one
+deduct after the work (the seeds' way) or by a hold before it and a final capture after
+it (how the seller's till pays every face): both are timed side by side.
 """
 
 from __future__ import annotations
@@ -34,6 +36,21 @@ def lifecycles(ledger: Ledger, buyer: str, seller: str, count: int, latencies_ms
             if latencies_ms is not None:
                 latencies_ms.append((time.perf_counter() - start) * 1000)
         ledger.release(buyer, escrow_id, "0.05")
+
+
+def paid_calls_ms(ledger: Ledger, buyer: str, seller: str, calls: int) -> tuple[list[float], list[float]]:
+    """Per-call billing latency, interleaved: one deduct vs hold + final capture (the till's way)."""
+    escrow = ledger.create_escrow(buyer, seller, "1.00", ttl_seconds=600)
+    deducts, holds = [], []
+    for _ in range(calls):
+        start = time.perf_counter()
+        ledger.deduct(seller, escrow["id"], "0.0001")
+        deducts.append((time.perf_counter() - start) * 1000)
+        start = time.perf_counter()
+        hold = ledger.hold(seller, escrow["spend_token"], "0.0002", ttl_seconds=60)
+        ledger.capture(seller, hold["id"], "0.0001", final=True)
+        holds.append((time.perf_counter() - start) * 1000)
+    return deducts, holds
 
 
 def setup_pair(ledger: Ledger, tag: str, count: int) -> tuple[str, str]:
@@ -93,6 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lifecycles", type=int, default=150)
     parser.add_argument("--pg-lifecycles", type=int, default=40)
+    parser.add_argument("--paid-calls", type=int, default=300)
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,6 +121,7 @@ def main() -> None:
         start = time.perf_counter()
         lifecycles(ledger, buyer, seller, args.lifecycles, latencies)
         per_s = args.lifecycles / (time.perf_counter() - start)
+        deduct_ms, hold_ms = paid_calls_ms(ledger, buyer, seller, args.paid_calls)
         ledger.close()
     ratio = per_s * OPS_PER_LIFECYCLE / raw
     rows += [
@@ -112,6 +131,10 @@ def main() -> None:
         ("ledger tx/s / raw commits/s", f"{ratio:.2f}", "goal >= 0.5"),
         ("deduct latency p50 (ms)", f"{median(latencies):.2f}", ""),
         ("deduct latency p99 (ms)", f"{percentile(latencies, 99):.2f}", ""),
+        ("paid call by one deduct, p50 / p99 (ms)", f"{median(deduct_ms):.2f} / {percentile(deduct_ms, 99):.2f}", ""),
+        ("paid call by hold + final capture, p50 / p99 (ms)",
+         f"{median(hold_ms):.2f} / {percentile(hold_ms, 99):.2f}", ""),
+        ("hold + capture / deduct, p50", f"{median(hold_ms) / median(deduct_ms):.2f}x", "two transactions vs one"),
     ]
     pg = fresh_pg("")
     if pg:
