@@ -21,7 +21,7 @@ ledger answers a repeated key with the stored result. Not enough left in the esc
 402 with a JSON message, and no bytes of the file. A new shard needs a live token: a
 revoked token (403) or a closed escrow (409) pays for nothing more, at once and in every
 process, but the shards the escrow paid for can be read again with the token that paid
-them (a re-read moves no money).
+them (a re-read moves no money; the ledger keeps the keys that prove it at least 24 h).
 
 HEAD never charges and asks the ledger nothing: it needs a spend token and tells the
 size - which the public listing shows anyway, as a catalogue does. ``POST /<path>`` pays
