@@ -20,8 +20,7 @@ import pytest
 from sqlalchemy import select
 
 import hf_escrow
-from hf_escrow import Forbidden, InsufficientFunds, StateConflict
-from hf_escrow._exceptions import PaymentRequired
+from hf_escrow import Forbidden, InsufficientFunds, PaymentRequired, StateConflict
 from hf_escrow.datasets import load_paid_dataset, paid_shards
 from hf_escrow.money import parse_usdc
 from hf_escrow.ledger import Ledger
