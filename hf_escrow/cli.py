@@ -116,6 +116,16 @@ def claim(url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: O
     _run(client.claim_faucet, as_json, lambda amount: console.print(f"credited {amount} USDC"))
 
 
+@app.command("rotate-key")
+def rotate_key(url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt,
+               database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
+    """A new API key for the acting agent, printed once; the old key stops working at once."""
+    client = open_client(url, api_key, agent, database_url)
+    _run(lambda: {"agent_id": client.agent, "api_key": client.rotate_key()}, as_json,
+         lambda r: console.print(f"new api_key: {r['api_key']}\nthe old key no longer works: "
+                                 "update HF_ESCROW_API_KEY wherever it was set"))
+
+
 @app.command()
 def balance(url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt,
             database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
@@ -318,16 +328,32 @@ def _json_arg(text: str | None, flag: str) -> Any:
 def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
           port: int = typer.Option(8787, help="TCP port."), database_url: Optional[str] = DbOpt,
           workers: int = typer.Option(1, help="Server processes sharing the ledger."),
-          faucet: bool = typer.Option(True, "--faucet/--no-faucet", help="Offer free test USDC.")):
+          faucet: Optional[bool] = typer.Option(
+              None, "--faucet/--no-faucet", show_default=False,
+              help="Offer free test USDC (default: only when --host is loopback; HF_ESCROW_FAUCET=0 always "
+                   "switches it off).")):
     """Run the escrow server (REST, faucet, MCP at /mcp, docs at /docs)."""
     import os
     import uvicorn
-    os.environ["HF_ESCROW_FAUCET"] = "1" if faucet else "0"
+    os.environ["HF_ESCROW_FAUCET"] = "1" if _faucet_on(faucet, host, os.environ.get("HF_ESCROW_FAUCET")) else "0"
     if database_url:
         os.environ["HF_ESCROW_DATABASE_URL"] = database_url
     console.print(f"hf-escrow serving on http://{host}:{port} (docs: /docs, MCP: /mcp)")
     uvicorn.run("hf_escrow.server.app:create_app", factory=True, host=host, port=port, workers=workers,
                 log_level="warning")
+
+
+def _faucet_on(flag: bool | None, host: str, env_value: str | None) -> bool:
+    """The operator's word (--faucet, or HF_ESCROW_FAUCET=1) turns it on, HF_ESCROW_FAUCET=0
+    off whatever else says; unsaid, a server bound only to loopback has one."""
+    from .server.faucet import faucet_switch
+    from .server.limits import is_loopback
+    switch = faucet_switch(env_value)
+    if switch is False:
+        return False
+    if flag is not None:
+        return flag
+    return switch is True or is_loopback(host)
 
 
 @app.command("mcp")

@@ -64,6 +64,17 @@ class _BaseClient:
         """This agent's balance, referral code and number of open escrows."""
         return self._request("me", {}, Me.from_dict)
 
+    def rotate_key(self) -> str:
+        """A new API key for this agent, returned only this once; the old key stops working at
+        once. Over HTTP this client goes on with the new key.
+
+        Example:
+            >>> new_key = esc.rotate_key()
+            >>> new_key.startswith("hfe_")
+            True
+        """
+        return self._request("rotate_key", {}, lambda d: d["api_key"])
+
     def create_escrow(self, seller: str, amount: Amount, ttl_seconds: float = 3600, description: str | None = None,
                       meta: dict | None = None, release_condition: dict | None = None,
                       bonus_conditions: dict | None = None, referral_code: str | None = None,
@@ -318,6 +329,8 @@ class EmbeddedTransport:
             raise Unauthorized("this client acts for no agent: connect(agent=\"name\") or register one first")
         if op == "me":
             return self.ledger.me(client.agent)
+        if op == "rotate_key":
+            return {"agent_id": client.agent, "api_key": self.ledger.rotate_key(client.agent)}
         if op == "analytics":
             return self.ledger.analytics(client.agent)
         if op == "get":

@@ -50,6 +50,8 @@ def build_request(op: str, params: dict, agent: str | None) -> tuple[str, str, d
         return "POST", "/claim", {"agent_id": agent}, None
     if op in ("me", "identify"):
         return "GET", "/api/me", None, None
+    if op == "rotate_key":
+        return "POST", "/api/me/key", None, None
     if op == "analytics":
         return "GET", "/api/analytics", None, None
     if op == "history":
@@ -154,7 +156,8 @@ class _Base:
         if op in _MUTATIONS:
             headers["Idempotency-Key"] = params.get("idempotency_key") or f"hfe-{uuid.uuid4()}"
         request = {"method": method, "url": self.base_url + path, "json": body, "params": query, "headers": headers}
-        return request, {"retry_on_connect_only": op == "register"}
+        # A fresh key each time: neither is resent once it may have reached the server.
+        return request, {"retry_on_connect_only": op in ("register", "rotate_key")}
 
     def _backoff(self, attempt: int) -> float:
         return min(MAX_BACKOFF_S, BACKOFF_S * 2 ** attempt) * (0.5 + random.random() / 2)
@@ -175,6 +178,8 @@ class _Base:
             raise error_for_status(response.status_code, body, response=response)
         if op == "me":
             self.agent_id = body.get("agent_id")
+        if op == "rotate_key":
+            self.api_key = body["api_key"]  # the old key stopped with this answer
         return _drop_usdc(body)
 
     def _unreachable(self, error: Exception, tries: int) -> TransportError:

@@ -18,12 +18,12 @@ from mcp.client.streamable_http import streamable_http_client
 from hf_escrow.ledger import Ledger
 from hf_escrow.server import create_app
 
-from .helpers import assert_audit_clean
+from .helpers import assert_audit_clean, snapshot
 from .liveserver import serve_app
 
 TOOLS = {"register_agent", "claim_faucet", "escrow_create", "escrow_release", "escrow_cancel", "escrow_deduct",
          "escrow_get", "escrow_history", "escrow_hold", "escrow_capture", "escrow_void", "escrow_holds",
-         "escrow_mint_token", "escrow_revoke_tokens"}
+         "escrow_mint_token", "escrow_revoke_tokens", "rotate_api_key"}
 RUN_TIMEOUT_S = 60
 
 
@@ -82,9 +82,13 @@ def test_http_tools_full_flow(server):
             seller = await ok(anon, "register_agent", {"agent_id": "mcp-seller"})
             assert buyer["agent_id"] == "mcp-buyer" and buyer["api_key"].startswith("hfe_")
             assert seller["wallet"].startswith("0x") and buyer["api_key"] != seller["api_key"]
-            claim = await ok(anon, "claim_faucet", {"agent_id": "mcp-buyer"})
+            # The seeds' register_agent: "register a new worker agent wallet and claim initial USDC".
+            claim = buyer["claim"]
             assert claim["amount_micro"] == 10_000_000 and claim["amount_usdc"] == 10.0
-            assert claim["balance_micro"] == 10_000_000
+            assert claim["balance_micro"] == 10_000_000 and claim["agent_id"] == "mcp-buyer"
+            # A claim needs a key: a stranger cannot spend the buyer's allowance.
+            text = await error(anon, "claim_faucet", {"agent_id": "mcp-buyer"})
+            assert "unauthorized" in text
             # Without a key, escrow tools answer with an error result, not a crash.
             text = await error(anon, "escrow_history", {})
             assert "unauthorized" in text and "Authorization: Bearer" in text
@@ -138,6 +142,10 @@ def test_http_tools_full_flow(server):
             assert "not_found (404)" in text
             text = await error(b, "register_agent", {"agent_id": "mcp-buyer"})
             assert "already registered" in text
+            text = await error(b, "claim_faucet", {})
+            assert "rate_limited (429)" in text and "already claimed" in text
+            text = await error(s, "claim_faucet", {"agent_id": "mcp-buyer"})
+            assert "forbidden (403)" in text
             after = await ok(b, "escrow_get", {"escrow_id": e4["id"]})
             assert (after["status"], after["remaining_micro"], after["paid_micro"]) == ("active", 100_000, 0)
 
@@ -149,9 +157,50 @@ def test_http_tools_full_flow(server):
         async with mcp_session(base, "hfe_not_a_key") as wrong:
             assert "unknown API key" in await error(wrong, "escrow_get", {"escrow_id": e["id"]})
 
+        # Rotation: the key the call used stops at once; the new one acts for the same agent.
+        async with mcp_session(base, seller["api_key"]) as s:
+            rotated = await ok(s, "rotate_api_key", {})
+            assert rotated["agent_id"] == "mcp-seller" and rotated["api_key"] != seller["api_key"]
+            assert "unknown API key" in await error(s, "escrow_history", {})
+        async with mcp_session(base, rotated["api_key"]) as s:
+            assert (await ok(s, "escrow_get", {"escrow_id": e["id"]}))["seller"] == "mcp-seller"
+
     run(scenario())
     assert_audit_clean(ledger)
 
+
+@pytest.mark.parametrize("tool,args", [
+    ("escrow_create", {"seller_id": "strict-seller", "amount_usdc": True}),
+    ("escrow_create", {"seller_id": "strict-seller", "amount_usdc": False}),
+    ("escrow_create", {"seller_id": "strict-seller", "amount_usdc": "1_000"}),
+    ("escrow_create", {"seller_id": "strict-seller", "amount_usdc": "\u0661\u0660"}),
+    ("escrow_create", {"seller_id": "strict-seller", "amount_usdc": "1", "ttl_seconds": True}),
+    ("escrow_release", {"escrow_id": "{escrow}", "amount_usdc": True}),
+    ("escrow_release", {"escrow_id": "{escrow}", "prompt_tokens": True, "price_per_token": "0.001"}),
+    ("escrow_release", {"escrow_id": "{escrow}", "price_per_token": True, "prompt_tokens": 5}),
+    ("escrow_release", {"escrow_id": "{escrow}", "quality_score": True}),
+    ("escrow_release", {"escrow_id": "{escrow}", "refund_remainder": 1}),
+    ("escrow_deduct", {"escrow_id": "{escrow}", "amount_usdc": True}),
+    ("escrow_hold", {"escrow_id": "{escrow}", "amount_usdc": True}),
+    ("escrow_history", {"limit": True}),
+])
+def test_booleans_and_exotic_digits_are_never_amounts(server, tool, args):
+    """The finding: MCP took JSON `true` as 1 USDC."""
+    base, ledger = server
+    buyer = ledger.register("strict-buyer")["api_key"]
+    ledger.register("strict-seller")
+    ledger.deposit("strict-buyer", "50")
+    escrow = ledger.create_escrow("strict-buyer", "strict-seller", "5")["id"]
+    before = snapshot(ledger)
+    args = {k: (v.format(escrow=escrow) if isinstance(v, str) and "{" in v else v) for k, v in args.items()}
+
+    async def scenario():
+        async with mcp_session(base, buyer) as client:
+            return await error(client, tool, args)
+
+    text = run(scenario())
+    assert "invalid" in text.lower() or "validation" in text.lower(), text
+    assert snapshot(ledger) == before
 
 def test_stdio_server_lists_tools_and_acts_as_its_agent(tmp_path):
     url = f"sqlite:///{tmp_path / 'stdio.db'}"
@@ -164,8 +213,9 @@ def test_stdio_server_lists_tools_and_acts_as_its_agent(tmp_path):
     async def scenario():
         async with Client(params) as client:
             assert {t.name for t in (await client.list_tools()).tools} == TOOLS
-            await ok(client, "register_agent", {"agent_id": "desk"})
-            await ok(client, "claim_faucet", {"agent_id": "desk"})
+            registered = await ok(client, "register_agent", {"agent_id": "desk"})
+            assert registered["claim"]["balance_micro"] == 10_000_000
+            assert "rate_limited" in await error(client, "claim_faucet", {})
             e = await ok(client, "escrow_create", {"seller_id": "desk-seller", "amount_usdc": 2})
             assert e["buyer"] == "desk" and e["amount_micro"] == 2_000_000
             h = await ok(client, "escrow_history", {})

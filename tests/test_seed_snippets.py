@@ -2,7 +2,8 @@
 
 Each snippet runs as written, with only its base URL (and key) taken from the
 environment, and must do what its guide says. Agents are registered with the guide's
-curl lines, run with the real curl binary.
+curl lines, run with the real curl binary, their key placeholder filled in as the guide
+tells its reader to.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import requests
 
 from hf_escrow.ledger import Ledger, LedgerConfig
 from hf_escrow.server import create_app
+from hf_escrow.server.faucet import FaucetSettings
 
 from .helpers import assert_audit_clean
 from .liveserver import serve_app
@@ -32,6 +34,10 @@ from .liveserver import serve_app
 SNIPPETS = Path(__file__).with_name("seed_snippets")
 CURL_TIMEOUT_S = 20
 FAUCET_USDC = 100  # the fine-tune guide locks $50; its faucet amount is not fixed by the guide
+PLACEHOLDER = "pf_live_your_key_here"
+OPERATOR_KEY = "seed-operator-key-" + "0" * 16
+# One client (this test) registers a dozen agents: more than a stranger may per hour.
+FAUCET = FaucetSettings(per_client=50)
 
 pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="the guide's curl lines need curl")
 
@@ -45,10 +51,17 @@ def load_snippet(name: str, base: str, key: str = "unused"):
     return module
 
 
-def run_curl(line: str, agent_id: str, guide_agent: str) -> dict:
-    """One of the guide's curl lines with the real curl binary; only agent_id swapped."""
-    argv = [arg for arg in shlex.split(line.replace(guide_agent, agent_id)) if arg != "\n"]
+def curl_argv(line: str, agent_id: str, guide_agent: str, key: str) -> list[str]:
+    """One of the guide's curl lines: the key placeholder filled in, only agent_id swapped."""
+    assert PLACEHOLDER in line
+    argv = [arg for arg in shlex.split(line.replace(guide_agent, agent_id).replace(PLACEHOLDER, key)) if arg != "\n"]
     assert argv[0] == "curl" and "-H" in argv and "-d" in argv and "--json" not in argv
+    return argv
+
+
+def run_curl(line: str, agent_id: str, guide_agent: str, key: str) -> dict:
+    """One of the guide's curl lines with the real curl binary."""
+    argv = curl_argv(line, agent_id, guide_agent, key)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=CURL_TIMEOUT_S, check=True)
     return json.loads(done.stdout)
 
@@ -60,17 +73,25 @@ def micro(usdc_float: float) -> int:
 
 @pytest.fixture(scope="module")
 def market(tmp_path_factory):
-    """A live server on a fresh SQLite ledger, with agents registered through the faucet curl lines."""
+    """A live server on a fresh SQLite ledger, with agents registered through the faucet curl lines.
+
+    The guide's reader holds a key before step 1 (its placeholder): a keyless registration
+    gives it. With it, step 1 runs as written: register the orchestrator, then claim for
+    `vllm-worker-1`, which nobody registered: the keyed claim registers it for the reader.
+    """
     db = tmp_path_factory.mktemp("seeds") / "ledger.db"
     ledger = Ledger(f"sqlite:///{db}", config=LedgerConfig(faucet_amount_micro=FAUCET_USDC * 1_000_000))
-    with serve_app(create_app(ledger, sweep_interval_s=0)) as base:
+    with serve_app(create_app(ledger, sweep_interval_s=0, faucet=FAUCET, admin_key=OPERATOR_KEY)) as base:
         faucet = load_snippet("faucet_curl", base)
+        reader = httpx.post(f"{base}/register", json={"agent_id": "guide-reader"}, timeout=10).json()["api_key"]
         agents = {}
-        for name in ("vllm-orchestrator-1", "vllm-worker-1", "hf-buyer", "hf-seller", "space", "stranger",
-                     "stranger-seller", "ft-buyer", "ft-seller"):
-            agents[name] = run_curl(faucet.REGISTER, name, "vllm-orchestrator-1")
-        claims = {name: run_curl(faucet.CLAIM, name, "vllm-worker-1")
-                  for name in ("vllm-orchestrator-1", "hf-buyer", "stranger", "ft-buyer")}
+        for name in ("vllm-orchestrator-1", "hf-buyer", "hf-seller", "space", "stranger", "stranger-seller",
+                     "ft-buyer", "ft-seller"):
+            agents[name] = run_curl(faucet.REGISTER, name, "vllm-orchestrator-1", reader)
+        claims = {"vllm-worker-1": run_curl(faucet.CLAIM, "vllm-worker-1", "vllm-worker-1", reader)}
+        agents["vllm-worker-1"] = claims["vllm-worker-1"]["registered"]
+        claims.update({name: run_curl(faucet.CLAIM, name, "vllm-worker-1", agents[name]["api_key"])
+                       for name in ("vllm-orchestrator-1", "hf-buyer", "stranger", "ft-buyer")})
         yield {"base": base, "ledger": ledger, "agents": agents, "claims": claims}
     ledger.close()
 
@@ -105,12 +126,17 @@ def test_faucet_curl_lines_register_and_claim(market):
     assert claim["agent_id"] == "vllm-orchestrator-1"
     assert claim["amount_micro"] == FAUCET_USDC * 1_000_000 and claim["amount_usdc"] == FAUCET_USDC
     assert me(market, "vllm-orchestrator-1")["balance_micro"] == FAUCET_USDC * 1_000_000
+    worker = market["claims"]["vllm-worker-1"]
+    assert worker["agent_id"] == "vllm-worker-1" and worker["registered"]["wallet"].startswith("0x")
+    assert me(market, "vllm-worker-1")["balance_micro"] == FAUCET_USDC * 1_000_000
 
 
-def test_faucet_claim_again_is_rate_limited_and_unknown_agent_refused(market):
+def test_faucet_claim_again_is_rate_limited_and_needs_the_agents_key(market):
     faucet = load_snippet("faucet_curl", market["base"])
-    for agent_id, status, message in (("hf-buyer", "429", "already claimed"), ("nobody-here", "401", "not registered")):
-        argv = [a for a in shlex.split(faucet.CLAIM.replace("vllm-worker-1", agent_id)) if a != "\n"]
+    for api_key, status, message in ((key(market, "hf-buyer"), "429", "already claimed"),
+                                     (PLACEHOLDER, "401", "unknown API key"),
+                                     (key(market, "stranger"), "403", "only its own key")):
+        argv = curl_argv(faucet.CLAIM, "hf-buyer", "vllm-worker-1", api_key)
         done = subprocess.run(argv + ["-s", "-D", "-", "-w", "\n%{http_code}"], capture_output=True, text=True,
                               timeout=CURL_TIMEOUT_S, check=True)
         head, rest = done.stdout.split("\n\n", 1)  # text mode turned the CRLFs into newlines
@@ -442,13 +468,15 @@ def test_escrow_history_lists_escrows_with_tokens_and_cost_per_model(market):
 # ---- after all ---------------------------------------------------------------------------
 
 def test_zz_audit_is_clean_after_all_snippets(market):
-    r = httpx.get(market["base"] + "/api/audit", headers={"Authorization": f"Bearer {key(market, 'stranger')}"},
-                  timeout=10)
+    r = httpx.get(market["base"] + "/api/audit", headers={"Authorization": f"Bearer {OPERATOR_KEY}"}, timeout=10)
     r.raise_for_status()
     report = r.json()
     assert report["ok"] is True and report["problems"] == []
-    assert report["minted_micro"] == 4 * FAUCET_USDC * 1_000_000
+    assert report["minted_micro"] == 5 * FAUCET_USDC * 1_000_000
     assert report["minted_micro"] == (report["agent_balances_micro"] + report["escrow_holdings_micro"]
                                       + report["platform_fees_micro"])
     assert httpx.get(market["base"] + "/api/audit", timeout=10).status_code == 401
+    agent = httpx.get(market["base"] + "/api/audit", headers={"Authorization": f"Bearer {key(market, 'stranger')}"},
+                      timeout=10)
+    assert agent.status_code == 403 and "minted" not in agent.text  # an agent sees only its own figures
     assert_audit_clean(market["ledger"])

@@ -6,38 +6,53 @@ transactions are short and blocking by design.
 
 
 import contextlib
+import hmac
+import os
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Optional
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .._exceptions import EscrowError, ValidationError
+from .._exceptions import EscrowError, Forbidden, Unauthorized, ValidationError
 from ..ledger import Ledger, audit
 from ..money import to_usdc
 from . import bodies
+from .faucet import Faucet, FaucetSettings
+from .limits import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware, client_key
 from .wire import escrow_view, receipt_view, with_usdc
 
-_DASHBOARD = Path(__file__).with_name("dashboard.html")
+_HERE = Path(__file__).parent
+MIN_ADMIN_KEY_CHARS = 16
+# The dashboard runs only its own script and style, talks only to this server, and cannot be framed.
+DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+                 "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 KeyHeader = Annotated[Optional[str], Header(alias="Idempotency-Key", description="Retry-safe key for this mutation.")]
 
 
 def create_app(ledger: Ledger | None = None, *, database_url: str | None = None, sweep_interval_s: float = 1.0,
-               mcp: bool = True) -> FastAPI:
+               mcp: bool = True, faucet: FaucetSettings | None = None, admin_key: str | None = None,
+               max_body_bytes: int | None = None) -> FastAPI:
     """The escrow server on `ledger` (or a ledger opened on `database_url` / the default).
+
+    `faucet` (default: from the environment, see `FaucetSettings.resolve`) says when the
+    faucet pays and how often; `admin_key` (default `$HF_ESCROW_ADMIN_KEY`) is the
+    operator's key for audit, deposits and faucet settings; bodies over `max_body_bytes`
+    (default `$HF_ESCROW_MAX_BODY_BYTES`, else 1 MiB) are refused with 413.
 
     Example:
         >>> import uvicorn
         >>> uvicorn.run(create_app(), host="127.0.0.1", port=8787)  # doctest: +SKIP
     """
     ledger = ledger or Ledger(database_url)
+    taps = Faucet(ledger, FaucetSettings.resolve(faucet))
     mcp_server = None
     if mcp:
         from .mcp_tools import build_mcp
-        mcp_server = build_mcp(ledger)
+        mcp_server = build_mcp(ledger, faucet=taps)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -54,33 +69,23 @@ def create_app(ledger: Ledger | None = None, *, database_url: str | None = None,
                               "`*_usdc` field has an exact integer `*_micro` twin.")
     app.state.ledger = ledger
     app.add_middleware(_JsonBodyMiddleware)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=_max_body_bytes(max_body_bytes))
     _install_error_handlers(app)
 
     def agent(authorization: Annotated[Optional[str], Header()] = None) -> str:
-        token = None
-        if authorization and authorization.lower().startswith("bearer "):
-            token = authorization[7:].strip()
-        return ledger.authenticate(token)
+        return ledger.authenticate(bearer(authorization))
 
     Agent = Annotated[str, Depends(agent)]
     app.include_router(_hf_routes(ledger, Agent))
     app.include_router(_hold_routes(ledger, Agent))
     app.include_router(_vllm_routes(ledger, Agent))
-    app.include_router(_faucet_routes(ledger))
-
-    @app.get("/dashboard", include_in_schema=False)
-    def dashboard() -> HTMLResponse:
-        """The agent's escrows, spend per model and over time; the page asks for the API key."""
-        return HTMLResponse(_DASHBOARD.read_text())
+    app.include_router(_faucet_routes(ledger, taps, Agent))
+    app.include_router(_operator_routes(ledger, taps, _admin_key(admin_key)))
+    app.include_router(_dashboard_routes())
 
     @app.get("/healthz", tags=["ops"])
     def healthz() -> dict:
         return {"ok": True}
-
-    @app.get("/api/audit", tags=["ops"])
-    def audit_report(agent_id: Agent) -> dict:
-        """The ledger's invariant check and totals (any registered agent may ask)."""
-        return audit(ledger.engine)
 
     if mcp_server is not None:
         from mcp.server.streamable_http_manager import StreamableHTTPASGIApp
@@ -148,6 +153,12 @@ def _hf_routes(ledger: Ledger, Agent) -> APIRouter:
     @router.get("/me")
     def me(agent_id: Agent) -> dict:
         return with_usdc(ledger.me(agent_id))
+
+    # No Idempotency-Key: a key is never stored to be replayed. The old key stops at once.
+    @router.post("/me/key")
+    def rotate_key(agent_id: Agent) -> dict:
+        """A new API key for you (shown once); the key this request carried stops working."""
+        return {"agent_id": agent_id, "api_key": ledger.rotate_key(agent_id)}
 
     @router.get("/analytics")
     def analytics(agent_id: Agent) -> dict:
@@ -265,20 +276,119 @@ def _vllm_routes(ledger: Ledger, Agent) -> APIRouter:
     return router
 
 
-def _faucet_routes(ledger: Ledger) -> APIRouter:
+def _faucet_routes(ledger: Ledger, faucet: Faucet, Agent) -> APIRouter:
     router = APIRouter(tags=["faucet"])
 
     @router.post("/register", status_code=201)
-    def register(body: bodies.Register) -> dict:
-        """Register an agent: returns its API key (once), wallet and referral code."""
-        return ledger.register(body.agent_id, body.referral_code)
+    def register(body: bodies.Register, request: Request,
+                 authorization: Annotated[Optional[str], Header()] = None) -> dict:
+        """Register an agent: returns its API key (once), wallet and referral code. A key sent
+        along must be a valid one (the guide's placeholder filled in)."""
+        token = bearer(authorization)
+        if token is not None:
+            ledger.authenticate(token)
+        return faucet.register(body.agent_id, body.referral_code, client=_client(request))
 
     @router.post("/claim")
-    def claim(body: bodies.Claim, idempotency_key: KeyHeader = None) -> dict:
-        """Credit free test USDC to `agent_id` (rate-limited per agent)."""
-        return with_usdc(ledger.claim_faucet(body.agent_id, idempotency_key=idempotency_key))
+    def claim(body: bodies.Claim, agent_id: Agent, request: Request, idempotency_key: KeyHeader = None) -> dict:
+        """Credit free test USDC to `agent_id`: you, or an id nobody registered, which is
+        registered for you first (its key is in `registered`)."""
+        server = request.scope.get("server")
+        return faucet.claim(body.agent_id, caller=agent_id, client=_client(request),
+                            local_host=server[0] if server else None, idempotency_key=idempotency_key)
 
     return router
+
+
+def _operator_routes(ledger: Ledger, faucet: Faucet, admin_key: str | None) -> APIRouter:
+    """Ledger-wide figures and money from the mint: the operator's key only, never an agent's."""
+    router = APIRouter(tags=["operator"])
+
+    def operator(authorization: Annotated[Optional[str], Header()] = None) -> None:
+        token = bearer(authorization)
+        if token is not None and admin_key is not None and hmac.compare_digest(token.encode(), admin_key.encode()):
+            return
+        ledger.authenticate(token)  # no key or an unknown one: 401, as everywhere
+        raise Forbidden("this is an operator route: it takes the operator's key (HF_ESCROW_ADMIN_KEY), not an "
+                        "agent's; your own figures are at /api/me and /api/analytics")
+
+    Operator = Depends(operator)
+
+    @router.get("/api/audit", dependencies=[Operator])
+    def audit_report() -> dict:
+        """The ledger's invariant check and totals."""
+        return audit(ledger.engine)
+
+    @router.post("/api/admin/deposit", dependencies=[Operator])
+    def deposit(body: bodies.Deposit, idempotency_key: KeyHeader = None) -> dict:
+        """Credit `agent_id` with `amount_usdc` from the mint."""
+        # The operator's keys live apart from the agent's own, in the same table.
+        key = None if idempotency_key is None else "operator-deposit:" + idempotency_key
+        return with_usdc(ledger.deposit(body.agent_id, body.amount_usdc, idempotency_key=key))
+
+    @router.get("/api/admin/faucet", dependencies=[Operator])
+    def faucet_settings() -> dict:
+        """When the faucet pays, how much, and its limits per client and in all."""
+        return faucet.view()
+
+    return router
+
+
+def _dashboard_routes() -> APIRouter:
+    """The page, its script and its style: separate files, so that the page's policy can
+    refuse every inline script (an injected one included)."""
+    router = APIRouter(include_in_schema=False)
+    headers = {"Content-Security-Policy": DASHBOARD_CSP, "X-Content-Type-Options": "nosniff",
+               "Referrer-Policy": "no-referrer", "Cache-Control": "no-store", "X-Frame-Options": "DENY"}
+    files = {name: (_HERE / name).read_bytes() for name in ("dashboard.html", "dashboard.js", "dashboard.css")}
+
+    def served(name: str, media_type: str) -> Response:
+        return Response(files[name], media_type=media_type, headers=headers)
+
+    @router.get("/dashboard")
+    def dashboard() -> Response:
+        """The agent's escrows, spend per model and over time; the page asks for the API key."""
+        return served("dashboard.html", "text/html; charset=utf-8")
+
+    @router.get("/dashboard.js")
+    def dashboard_js() -> Response:
+        return served("dashboard.js", "text/javascript; charset=utf-8")
+
+    @router.get("/dashboard.css")
+    def dashboard_css() -> Response:
+        return served("dashboard.css", "text/css; charset=utf-8")
+
+    return router
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header, else None."""
+    if authorization and authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return None
+
+
+def _client(request: Request) -> str:
+    return client_key(request.client.host if request.client else None)
+
+
+def _admin_key(given: str | None) -> str | None:
+    key = given if given is not None else os.environ.get("HF_ESCROW_ADMIN_KEY") or None
+    if key is not None and len(key) < MIN_ADMIN_KEY_CHARS:
+        raise ValidationError(f"the operator key (HF_ESCROW_ADMIN_KEY) must have at least {MIN_ADMIN_KEY_CHARS} "
+                              "characters")
+    return key
+
+
+def _max_body_bytes(given: int | None) -> int:
+    if given is None:
+        try:
+            given = int(os.environ.get("HF_ESCROW_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
+        except ValueError:
+            raise ValidationError("HF_ESCROW_MAX_BODY_BYTES must be a whole number of bytes") from None
+    if given < 1:
+        raise ValidationError("the request body limit must be at least 1 byte")
+    return given
 
 
 def _meta_tokens(meta: dict, name: str) -> int:
@@ -311,7 +421,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         # Framework answers (unknown route, wrong method, a body that is not UTF-8) in the
         # API's own error shape; a body that cannot be read is bad input like any other: 422.
-        code, hint = _HTTP_ERRORS.get(error.status_code, ("http_error", str(error.detail)))
+        code, hint = _HTTP_ERRORS.get(error.status_code, ("http_error", None))
+        hint = hint or str(error.detail)
         status = 422 if error.status_code == 400 else error.status_code
         return JSONResponse({"error": code, "message": f"{hint} ({request.method} {request.url.path})"},
                             status_code=status, headers=getattr(error, "headers", None))
@@ -331,6 +442,7 @@ _HTTP_ERRORS = {
     400: ("validation_error", "the request body could not be read: send UTF-8 JSON"),
     404: ("not_found", "no such endpoint; the routes are listed at /docs"),
     405: ("method_not_allowed", "this endpoint does not take that method; see /docs"),
+    413: ("payload_too_large", None),  # the limit, in the refusal's own words
 }
 
 

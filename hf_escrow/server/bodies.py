@@ -120,4 +120,9 @@ class Register(_Body):
 
 
 class Claim(_Body):
+    agent_id: StrictStr = Field(description="Who gets the USDC: you, or an id nobody registered yet.")
+
+
+class Deposit(_Body):
     agent_id: StrictStr
+    amount_usdc: Amount = Field(description=AMOUNT_DOC)

@@ -9,26 +9,34 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Optional, Union
+from typing import Annotated, Any, Optional
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.transport_security import TransportSecuritySettings
+from pydantic import Field
 
 from .._exceptions import EscrowError, Unauthorized, ValidationError
 from ..ledger import Ledger
+from .bodies import Amount, Score
+from .faucet import Faucet, FaucetSettings
+from .limits import client_key
 from .wire import escrow_view, receipt_view, with_usdc
 
-Amount = Union[str, float, int]
+# Strict, as the REST bodies: a JSON `true` is never an amount, a number or a token count.
+Tokens = Annotated[int, Field(strict=True, ge=0, le=10_000_000)]
+Flag = Annotated[bool, Field(strict=True)]
 
 
-def build_mcp(ledger: Ledger, *, stdio_agent: str | None = None) -> MCPServer:
+def build_mcp(ledger: Ledger, *, stdio_agent: str | None = None, faucet: Faucet | None = None) -> MCPServer:
     """An MCP server whose tools act on `ledger`.
 
     `stdio_agent` names who acts when a call carries no Authorization header (stdio);
-    else `$HF_ESCROW_API_KEY` is used to find the agent.
+    else `$HF_ESCROW_API_KEY` is used to find the agent. `faucet` (shared with the REST
+    routes when served together) decides registrations and claims.
     """
+    faucet = faucet or Faucet(ledger, FaucetSettings.resolve())
     server = MCPServer("hf-escrow", log_level="WARNING",
                        instructions="Escrow for pay-per-use AI work: register, claim test USDC, lock funds "
                                     "for a seller, deduct or release as work is delivered, or hold and "
@@ -45,6 +53,14 @@ def build_mcp(ledger: Ledger, *, stdio_agent: str | None = None) -> MCPServer:
             return ledger.authenticate(os.environ.get("HF_ESCROW_API_KEY"))
         raise Unauthorized("send 'Authorization: Bearer <key>' with MCP calls (register_agent gives a key)")
 
+    def origin(ctx: Context | None) -> tuple[str, str | None]:
+        """(client, local address) of the call, for the faucet; stdio is this machine."""
+        request = getattr(ctx.request_context, "request", None) if ctx is not None else None
+        if request is None or not hasattr(request, "scope"):
+            return "stdio", "localhost"
+        server = request.scope.get("server")
+        return client_key(request.client.host if request.client else None), server[0] if server else None
+
     def tool(fn):
         """Run the ledger call off the event loop; escrow errors become tool errors with their message."""
         @functools.wraps(fn)
@@ -56,17 +72,34 @@ def build_mcp(ledger: Ledger, *, stdio_agent: str | None = None) -> MCPServer:
         return server.tool()(wrapper)
 
     @tool
-    def register_agent(agent_id: str, referral_code: Optional[str] = None) -> dict[str, Any]:
-        """Register a new agent; returns its api_key (shown once), wallet and referral code."""
-        return ledger.register(agent_id, referral_code)
+    def register_agent(agent_id: str, referral_code: Optional[str] = None,
+                       ctx: Context | None = None) -> dict[str, Any]:
+        """Register a new agent and claim its first test USDC; returns its api_key (shown once),
+        wallet, referral code and the claim (or why the faucet refused it)."""
+        client, local = origin(ctx)
+        registered = faucet.register(agent_id, referral_code, client=client)
+        try:
+            claim = faucet.claim(agent_id, caller=agent_id, client=client, local_host=local)
+        except EscrowError as error:
+            return dict(registered, claim=None, claim_refused=f"{error.code} ({error.status_code}): {error.message}")
+        return dict(registered, claim=claim)
 
     @tool
-    def claim_faucet(agent_id: str) -> dict[str, Any]:
-        """Credit free test USDC to a registered agent (rate-limited)."""
-        return with_usdc(ledger.claim_faucet(agent_id))
+    def claim_faucet(agent_id: Optional[str] = None, ctx: Context | None = None) -> dict[str, Any]:
+        """Credit free test USDC to you (rate-limited); an id nobody registered is registered for
+        you first (its api_key is in `registered`)."""
+        me = caller(ctx)
+        client, local = origin(ctx)
+        return faucet.claim(agent_id or me, caller=me, client=client, local_host=local)
 
     @tool
-    def escrow_create(seller_id: str, amount_usdc: Amount, ttl_seconds: float = 3600,
+    def rotate_api_key(ctx: Context | None = None) -> dict[str, Any]:
+        """A new API key for you (shown once); the key this call used stops working at once."""
+        me = caller(ctx)
+        return {"agent_id": me, "api_key": ledger.rotate_key(me)}
+
+    @tool
+    def escrow_create(seller_id: str, amount_usdc: Amount, ttl_seconds: Score = 3600,
                       description: Optional[str] = None, meta: Optional[dict[str, Any]] = None,
                       release_condition: Optional[dict[str, Any]] = None,
                       bonus_conditions: Optional[dict[str, Any]] = None, referral_code: Optional[str] = None,
@@ -85,9 +118,9 @@ def build_mcp(ledger: Ledger, *, stdio_agent: str | None = None) -> MCPServer:
                                           idempotency_key=idempotency_key))
 
     @tool
-    def escrow_release(escrow_id: str, amount_usdc: Optional[Amount] = None, refund_remainder: bool = True,
-                       prompt_tokens: Optional[int] = None, completion_tokens: Optional[int] = None,
-                       price_per_token: Optional[Amount] = None, quality_score: Optional[float] = None,
+    def escrow_release(escrow_id: str, amount_usdc: Optional[Amount] = None, refund_remainder: Flag = True,
+                       prompt_tokens: Optional[Tokens] = None, completion_tokens: Optional[Tokens] = None,
+                       price_per_token: Optional[Amount] = None, quality_score: Optional[Score] = None,
                        idempotency_key: Optional[str] = None, ctx: Context | None = None) -> dict[str, Any]:
         """As the buyer: pay amount_usdc (or tokens x price_per_token) and refund the rest."""
         usage = None
@@ -109,7 +142,7 @@ def build_mcp(ledger: Ledger, *, stdio_agent: str | None = None) -> MCPServer:
         return escrow_view(ledger.get(caller(ctx), escrow_id))
 
     @tool
-    def escrow_history(status: Optional[str] = None, limit: int = 50,
+    def escrow_history(status: Optional[str] = None, limit: Annotated[int, Field(strict=True, ge=1, le=1000)] = 50,
                        ctx: Context | None = None) -> dict[str, Any]:
         """Your escrows, newest first."""
         rows = ledger.history(caller(ctx), status=status, limit=limit)
@@ -127,7 +160,7 @@ def build_mcp(ledger: Ledger, *, stdio_agent: str | None = None) -> MCPServer:
 
     @tool
     def escrow_hold(amount_usdc: Amount, spend_token: Optional[str] = None, escrow_id: Optional[str] = None,
-                    ttl_seconds: float = 60, idempotency_key: Optional[str] = None,
+                    ttl_seconds: Score = 60, idempotency_key: Optional[str] = None,
                     ctx: Context | None = None) -> dict[str, Any]:
         """Reserve amount_usdc of an escrow for one piece of work: by spend_token (as its seller) or by
         escrow_id (as buyer or seller). Then escrow_capture what the work cost, or escrow_void."""
@@ -137,8 +170,8 @@ def build_mcp(ledger: Ledger, *, stdio_agent: str | None = None) -> MCPServer:
                                      idempotency_key=idempotency_key))
 
     @tool
-    def escrow_capture(hold_id: str, amount_usdc: Amount, final: bool = False,
-                       prompt_tokens: Optional[int] = None, completion_tokens: Optional[int] = None,
+    def escrow_capture(hold_id: str, amount_usdc: Amount, final: Flag = False,
+                       prompt_tokens: Optional[Tokens] = None, completion_tokens: Optional[Tokens] = None,
                        idempotency_key: Optional[str] = None, ctx: Context | None = None) -> dict[str, Any]:
         """As the hold's maker: pay amount_usdc out of the hold to the seller (1% fee); final frees the rest."""
         usage = None
