@@ -51,11 +51,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from ._exceptions import (
-    EscrowError, IdempotencyConflict, InsufficientFunds, NotFound, StateConflict, ValidationError,
-)
-from .money import format_usdc, parse_usdc, to_usdc, usdc_number
-from .till import TOKEN_HEADER, check_token, spend_token_from
+from ._exceptions import EscrowError, InsufficientFunds, NotFound, ValidationError
+from .money import parse_usdc, usdc_number
+from .till import TOKEN_HEADER, Till, check_token, once_capture_key, once_hold_key, spend_token_from
 
 # extension -> the `datasets` packaged builder that reads it
 SHARD_FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
@@ -64,7 +62,7 @@ MEDIA_TYPES = {"parquet": "application/vnd.apache.parquet", "arrow": "applicatio
 SHARD_HOLD_TTL_S = 60        # a shard's hold is captured at once; one value, so every process's hold key matches
 MAX_CACHED = 100_000         # cache entries kept before the caches start over
 MAX_LISTED = 100_000         # files listed at most (the walk is bounded)
-MAX_KEY_CHARS = 255          # the ledger's idempotency key limit
+SHARD_SCOPE = "shard"        # names the shard payments' idempotency keys
 
 
 def shard_format(path: str | Path) -> str | None:
@@ -74,10 +72,7 @@ def shard_format(path: str | Path) -> str | None:
 
 def shard_key(escrow_id: str, path: str) -> str:
     """The idempotency key of one shard's payment by one escrow: the same in every process."""
-    key = f"shard:{escrow_id}:{path}"
-    if len(key) > MAX_KEY_CHARS:
-        key = f"shard:{escrow_id}:sha256:{hashlib.sha256(path.encode()).hexdigest()}"
-    return key
+    return once_capture_key(SHARD_SCOPE, escrow_id, path)
 
 
 def _visible(part: str) -> bool:
@@ -174,27 +169,18 @@ def etag(stat: os.stat_result) -> str:
 
 
 class ShardGate:
-    """The once-per-(escrow, shard) payment, through ledger holds made from the buyer's spend token.
+    """The once-per-(escrow, shard) payment: the till's `pay_once` with the shard's path.
 
-    Paying a shard is one hold of its price (`SHARD_HOLD_TTL_S`) captured in full at
-    once. Both carry idempotency keys that every process of this seller derives alike, so
-    the ledger, not this process, remembers what was paid:
-
-    - the hold's key names the token and the path: the same token asking again for the same
-      shard (a ranged GET, a retry, another replica, after a restart, a close or a revoke)
-      gets the stored hold back, which tells the escrow without any new reservation;
-    - the capture's key names the escrow and the path (`shard_key`): a second hold for a
-      shard the escrow already paid (another token of the escrow, a race between two
-      processes) is refused by the ledger as a key reuse, and that hold is voided.
-
-    A shard the escrow has not paid for needs a live token: a revoke, a close or too little
-    left stops it at once, in every process. The only memory kept here is which (token,
-    shard) pairs are paid, so that the many ranged reads of one shard do not ask the ledger.
+    The ledger, not this process, remembers what was paid (see `Till.pay_once`): a ranged
+    GET, a retry, another replica, a restart, a close or a revoke asking again for a shard
+    the escrow paid gets the stored answer; a shard the escrow has not paid for needs a
+    live token, so a revoke, a close or too little left stops it at once, in every process.
+    The only memory kept here is which (token, shard) pairs are paid, so that the many
+    ranged reads of one shard do not ask the ledger.
     """
 
     def __init__(self, escrow: Any, price_micro: int):
-        if not callable(getattr(escrow, "hold", None)):
-            raise ValidationError("a priced shard server needs the seller's escrow client: escrow=connect(agent=...)")
+        self.till = Till(escrow, hold_ttl_s=SHARD_HOLD_TTL_S)
         self.escrow = escrow
         self.price_micro = price_micro
         self._paid: dict[tuple[str, str], str] = {}   # (token digest, path) -> escrow id
@@ -217,62 +203,26 @@ class ShardGate:
         Raises PaymentRequired (no token, or an API key), Forbidden (token unknown, revoked,
         another seller's), StateConflict (escrow closed), InsufficientFunds (too little left).
         """
-        token = check_token(token)
-        key = hold_key(token, path, self.price_micro)
         try:
-            hold = self._hold(token, path, key)
-        except IdempotencyConflict:   # the stored hold was made under another hold TTL: hold afresh
-            key = None
-            hold = self._hold(token, path, key)
-        try:
-            receipt = self._capture(hold, path)
-        except StateConflict:
-            if key is None:
-                raise
-            # The stored hold was never captured (its server died in between) and has expired.
-            hold = self._hold(token, path, None)
-            receipt = self._capture(hold, path)
+            escrow_id, receipt = self.till.pay_once(token, self.price_micro, path, scope=SHARD_SCOPE,
+                                                    what=f"shard {path}")
+        except InsufficientFunds as error:
+            raise InsufficientFunds(f"{error.message}; no bytes were sent. Open a new escrow with seller "
+                                    f"{self.seller} to read it.", details={"path": path, **error.details}) from None
         with self._lock:
             if len(self._paid) > MAX_CACHED:
                 self._paid.clear()
-            self._paid[(_digest(token), path)] = hold.escrow_id
-        return hold.escrow_id, receipt.escrow if receipt is not None else None
-
-    def _hold(self, token: str, path: str, key: str | None) -> Any:
-        try:
-            return self.escrow.hold(token, to_usdc(self.price_micro), ttl_seconds=SHARD_HOLD_TTL_S,
-                                    idempotency_key=key)
-        except InsufficientFunds as error:
-            left = (error.details or {}).get("remaining_micro")
-            left_text = f" but the escrow has {format_usdc(int(left))} USDC left" if left is not None else ""
-            raise InsufficientFunds(
-                f"shard {path} costs {format_usdc(self.price_micro)} USDC{left_text}; no bytes were sent. "
-                f"Open a new escrow with seller {self.seller} to read it.",
-                details={"path": path, "price_micro": self.price_micro, **(error.details or {})}) from None
-
-    def _capture(self, hold: Any, path: str) -> Any:
-        """The hold captured in full under the shard's key, or voided if the escrow paid the shard already."""
-        try:
-            return self.escrow.capture(hold.id, to_usdc(self.price_micro), final=True,
-                                       idempotency_key=shard_key(hold.escrow_id, path))
-        except IdempotencyConflict:   # paid by another hold (or under another price): paid is paid
-            try:
-                return self.escrow.void(hold.id, idempotency_key=f"{hold.id}:void")
-            except StateConflict:     # voided or expired already: nothing is held
-                return None
+            self._paid[(_digest(token), path)] = escrow_id
+        return escrow_id, receipt.escrow if receipt is not None else None
 
 
 def hold_key(token: str, path: str, price_micro: int) -> str:
     """The idempotency key of the hold that pays one shard with one token (no secret in it)."""
-    key = f"shard-hold:{_digest(token)}:{price_micro}:{path}"
-    if len(key) > MAX_KEY_CHARS:
-        key = f"shard-hold:{_digest(token)}:{price_micro}:sha256:{hashlib.sha256(path.encode()).hexdigest()}"
-    return key
+    return once_hold_key(SHARD_SCOPE, token, path, price_micro)
 
 
 def _digest(token: str) -> str:
-    # Domain-separated, so the key is not the ledger's own stored hash of the token.
-    return hashlib.sha256(f"hf-escrow shard hold:{token}".encode()).hexdigest()[:32]
+    return hashlib.sha256(f"hf-escrow shard cache:{token}".encode()).hexdigest()[:32]
 
 
 def create_shard_app(folder: str | Path, *, escrow: Any = None, price_per_shard: Any = "0") -> Any:

@@ -19,15 +19,19 @@ Example:
     >>> with till.open(request_token, 2_000, what="one answer") as tab:   # 0.002 USDC worst case
     ...     answer = model(prompt)
     ...     tab.finish(1_500)                                              # what it cost
+    >>> till.pay_once(request_token, 2_000, "train-00001.parquet", scope="shard")   # once per escrow
 """
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from decimal import Decimal
 from typing import Any, Mapping
 
-from ._exceptions import EscrowError, InsufficientFunds, PaymentRequired, ValidationError
+from ._exceptions import (
+    EscrowError, IdempotencyConflict, InsufficientFunds, PaymentRequired, StateConflict, ValidationError,
+)
 from ._models import Receipt
 from .money import format_usdc, parse_usdc, to_usdc
 
@@ -36,6 +40,7 @@ SPEND_TOKEN_PREFIX = "est_"
 API_KEY_PREFIX = "hfe_"
 DEFAULT_HOLD_TTL_S = 120.0
 MAX_TOKEN_CHARS = 80
+MAX_KEY_CHARS = 255          # the ledger's idempotency key limit
 
 __all__ = ["Till", "Tab", "TOKEN_HEADER", "spend_token_from"]
 
@@ -102,12 +107,81 @@ class Till:
         try:
             hold = self.seller.hold(token, to_usdc(amount_micro), ttl_seconds=ttl_seconds or self.hold_ttl_s)
         except InsufficientFunds as error:
-            left = (error.details or {}).get("remaining_micro")
-            left_text = f"; the escrow has {format_usdc(int(left))} USDC free" if left is not None else ""
-            raise InsufficientFunds(f"{what} may cost up to {format_usdc(amount_micro)} USDC{left_text}: "
-                                    "the buyer must fund a new escrow (or ask for less)",
-                                    details={**(error.details or {}), "price_micro": amount_micro}) from None
+            raise _too_little(error, amount_micro, what) from None
         return Tab(self.seller, hold)
+
+    def pay_once(self, token: Any, amount_micro: int, item: str, *, scope: str, ttl_seconds: float | None = None,
+                 what: str = "this item") -> tuple[str, Receipt | None]:
+        """Pay `amount_micro` for `item` once per escrow, whichever process, token or retry asks.
+
+        One hold captured in full at once; both carry keys every process of this seller
+        derives alike, so the ledger remembers what was paid: the hold's key names the
+        token and the item (asking again returns the stored hold, which names the escrow
+        without reserving anything new), the capture's key names the escrow and the item (a
+        second hold for an item the escrow already paid is refused as a key reuse, and
+        voided). Returns (escrow id, the capture's receipt, or None when it was paid before).
+        """
+        token = check_token(token)
+        key = once_hold_key(scope, token, item, amount_micro)
+        try:
+            hold = self._hold_once(token, amount_micro, key, ttl_seconds, what)
+        except IdempotencyConflict:   # the stored hold was made under another TTL: hold afresh
+            key = None
+            hold = self._hold_once(token, amount_micro, key, ttl_seconds, what)
+        try:
+            receipt = self._capture_once(hold, amount_micro, scope, item)
+        except StateConflict:
+            if key is None:
+                raise
+            # The stored hold was never captured (its process died in between) and has expired.
+            hold = self._hold_once(token, amount_micro, None, ttl_seconds, what)
+            receipt = self._capture_once(hold, amount_micro, scope, item)
+        return hold.escrow_id, receipt
+
+    def _hold_once(self, token: str, amount_micro: int, key: str | None, ttl_seconds: float | None,
+                   what: str) -> Any:
+        try:
+            return self.seller.hold(token, to_usdc(amount_micro), ttl_seconds=ttl_seconds or self.hold_ttl_s,
+                                    idempotency_key=key)
+        except InsufficientFunds as error:
+            raise _too_little(error, amount_micro, what, "costs") from None
+
+    def _capture_once(self, hold: Any, amount_micro: int, scope: str, item: str) -> Receipt | None:
+        try:
+            return self.seller.capture(hold.id, to_usdc(amount_micro), final=True,
+                                       idempotency_key=once_capture_key(scope, hold.escrow_id, item))
+        except IdempotencyConflict:   # paid by another hold (or at another price): paid is paid
+            try:
+                self.seller.void(hold.id, idempotency_key=f"{hold.id}:void")
+            except StateConflict:     # voided or expired already: nothing is held
+                pass
+            return None
+
+
+def once_hold_key(scope: str, token: str, item: str, amount_micro: int) -> str:
+    """The idempotency key of the hold that pays `item` once with `token` (no secret in it)."""
+    # Domain-separated, so the key is not the ledger's own stored hash of the token.
+    digest = hashlib.sha256(f"hf-escrow {scope} hold:{token}".encode()).hexdigest()[:32]
+    return _bounded_key(f"{scope}-hold:{digest}:{amount_micro}:", item)
+
+
+def once_capture_key(scope: str, escrow_id: str, item: str) -> str:
+    """The idempotency key of the capture that pays `item` once for `escrow_id`."""
+    return _bounded_key(f"{scope}:{escrow_id}:", item)
+
+
+def _bounded_key(prefix: str, item: str) -> str:
+    key = prefix + item
+    return key if len(key) <= MAX_KEY_CHARS else prefix + "sha256:" + hashlib.sha256(item.encode()).hexdigest()
+
+
+def _too_little(error: InsufficientFunds, amount_micro: int, what: str,
+                costs: str = "may cost up to") -> InsufficientFunds:
+    left = (error.details or {}).get("remaining_micro")
+    left_text = f"; the escrow has {format_usdc(int(left))} USDC free" if left is not None else ""
+    return InsufficientFunds(f"{what} {costs} {format_usdc(amount_micro)} USDC{left_text}: the buyer must "
+                             "fund a new escrow (or ask for less)",
+                             details={**(error.details or {}), "price_micro": amount_micro})
 
 
 class Tab:

@@ -18,7 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import Connection, bindparam, exc, func, insert, literal, select, update
+from sqlalchemy import Connection, exc, func, insert, literal, select, update
 
 from .._exceptions import (
     Forbidden, InsufficientFunds, NotFound, RateLimited, StateConflict, Unauthorized,
