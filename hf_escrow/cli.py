@@ -419,14 +419,19 @@ def gateway(upstream: str = typer.Option(..., help="The OpenAI-compatible server
             escrow_url: Optional[str] = typer.Option(None, "--escrow-url", envvar="HF_ESCROW_URL",
                                                      help="Escrow server; embedded ledger if not given."),
             api_key: Optional[str] = KeyOpt, tokenizer: Optional[str] = typer.Option(
-                None, help="Local tokenizer path, to count streams that end without usage.")):
-    """Meter an OpenAI-compatible server: buyers pay per token from their escrows."""
+                None, help="Local tokenizer path: counts the prompt for each request's hold and the slices "
+                           "of a stream as they are captured."),
+            hold_ttl: float = typer.Option(
+                300.0, "--hold-ttl", min=1,
+                help="Seconds a request's hold lives: a stream must end within it, and a crashed gateway's "
+                     "holds go back to the buyers after it (the ledger caps it, 15 minutes by default).")):
+    """Meter an OpenAI-compatible server: buyers pay per token from their escrows (X-Escrow-Token)."""
     import uvicorn
     from .gateway import create_gateway
     escrow = connect(escrow_url, api_key=api_key) if escrow_url else connect(agent=seller)
     if not escrow_url:
         ensure_registered(escrow, seller)
-    app_ = create_gateway(upstream, escrow=escrow, pricing=pricing, tokenizer=tokenizer)
+    app_ = create_gateway(upstream, escrow=escrow, pricing=pricing, tokenizer=tokenizer, hold_ttl_s=hold_ttl)
     console.print(f"gateway on http://{host}:{port}/v1 -> {upstream}")
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
