@@ -146,6 +146,11 @@ def test_http_tools_full_flow(server):
             assert "rate_limited (429)" in text and "already claimed" in text
             text = await error(s, "claim_faucet", {"agent_id": "mcp-buyer"})
             assert "forbidden (403)" in text
+            # With a key, register_agent makes the new agent the caller's own: the caller may claim for it.
+            worker = await ok(s, "register_agent", {"agent_id": "mcp-worker"})
+            assert worker["owner"] == "mcp-seller" and worker["claim"]["amount_micro"] == 10_000_000
+            assert "already claimed" in await error(s, "claim_faucet", {"agent_id": "mcp-worker"})
+            assert "forbidden (403)" in await error(b, "claim_faucet", {"agent_id": "mcp-worker"})
             after = await ok(b, "escrow_get", {"escrow_id": e4["id"]})
             assert (after["status"], after["remaining_micro"], after["paid_micro"]) == ("active", 100_000, 0)
 

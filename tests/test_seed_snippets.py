@@ -135,7 +135,7 @@ def test_faucet_claim_again_is_rate_limited_and_needs_the_agents_key(market):
     faucet = load_snippet("faucet_curl", market["base"])
     for api_key, status, message in ((key(market, "hf-buyer"), "429", "already claimed"),
                                      (PLACEHOLDER, "401", "unknown API key"),
-                                     (key(market, "stranger"), "403", "only its own key")):
+                                     (key(market, "stranger"), "403", "the agent that registered it")):
         argv = curl_argv(faucet.CLAIM, "hf-buyer", "vllm-worker-1", api_key)
         done = subprocess.run(argv + ["-s", "-D", "-", "-w", "\n%{http_code}"], capture_output=True, text=True,
                               timeout=CURL_TIMEOUT_S, check=True)

@@ -30,6 +30,7 @@ from hf_escrow.ledger.schema import idempotency_keys
 
 import sqlalchemy
 
+from .conftest import FakeClock
 from .helpers import assert_audit_clean, snapshot
 from .liveserver import free_port, serve_app, wait_http
 
@@ -65,7 +66,7 @@ def register(base: str, agent_id: str, **kw) -> dict:
 
 def _raw_request(port: int, head: bytes, body_chunks=()) -> tuple[bytes, int]:
     """Send a request over a plain socket, chunk after chunk until an answer is there to
-    read; returns (the answer's start, body bytes sent before it came)."""
+    read; returns (the answer, body bytes sent before it came)."""
     sent = 0
     with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S) as sock:
         sock.sendall(head)
@@ -79,8 +80,11 @@ def _raw_request(port: int, head: bytes, body_chunks=()) -> tuple[bytes, int]:
             sent += len(chunk)
         answer = b""
         deadline = time.monotonic() + SOCKET_TIMEOUT_S
-        while b"\r\n\r\n" not in answer and time.monotonic() < deadline:
-            more = sock.recv(65536)
+        while time.monotonic() < deadline:  # a 413 closes the connection: read to its end
+            try:
+                more = sock.recv(65536)
+            except ConnectionResetError:  # closed with our unread body still in its buffer
+                break
             if not more:
                 break
             answer += more
@@ -275,7 +279,7 @@ def test_a_claim_needs_the_claimants_own_key(ledger):
         assert keyless.status_code == 401 and keyless.json()["error"] == "unauthorized"
         foreign = httpx.post(f"{base}/claim", json={"agent_id": "victim"},
                              headers={**bearer(stranger["api_key"]), "Idempotency-Key": "plant"}, timeout=10)
-        assert foreign.status_code == 403 and "its own key" in foreign.json()["message"]
+        assert foreign.status_code == 403 and "the agent that registered it" in foreign.json()["message"]
         assert snapshot(ledger) == before
         with ledger.engine.connect() as conn:
             assert conn.scalar(sqlalchemy.select(idempotency_keys.c.key).where(idempotency_keys.c.agent_id == "victim")) is None
@@ -285,7 +289,7 @@ def test_a_claim_needs_the_claimants_own_key(ledger):
         assert nameless.status_code == 422 and "agent_id" in nameless.json()["message"]
 
 
-def test_a_keyed_claim_for_a_new_id_registers_it_for_the_caller(ledger):
+def test_a_keyed_claim_for_a_new_id_registers_it_as_the_callers_own(ledger):
     """The vLLM guide claims for `vllm-worker-1`, which it never registered."""
     with serve(ledger) as base:
         orchestrator = register(base, "orchestrator")
@@ -301,15 +305,41 @@ def test_a_keyed_claim_for_a_new_id_registers_it_for_the_caller(ledger):
             keys = conn.scalars(sqlalchemy.select(idempotency_keys.c.key).where(
                 idempotency_keys.c.agent_id == "worker-1")).all()
         assert len(keys) == 1 and keys[0].startswith("claim-by-orchestrator-") and "k1" not in keys
-        # Registered now: the orchestrator no longer claims for it, the worker does (once a day).
+        assert ledger.owner_of("worker-1") == "orchestrator"
+        # Its owner may claim for it again, once a day like the worker itself.
         again = httpx.post(f"{base}/claim", json={"agent_id": "worker-1"}, headers=bearer(orchestrator["api_key"]),
                            timeout=10)
-        assert again.status_code == 403
+        assert again.status_code == 429
         own = httpx.post(f"{base}/claim", json={"agent_id": "worker-1"}, headers=bearer(worker_key), timeout=10)
         assert own.status_code == 429 and int(own.headers["Retry-After"]) == own.json()["details"]["retry_after_s"]
         bad_key = httpx.post(f"{base}/register", json={"agent_id": "worker-2"},
                              headers=bearer("pf_live_your_key_here"), timeout=10)
         assert bad_key.status_code == 401  # the guide's placeholder, not filled in
+
+
+def test_an_owner_claims_for_the_agents_it_registered_and_nobody_else_does(tmp_path):
+    clock = FakeClock()
+    ledger = Ledger(f"sqlite:///{tmp_path / 'owned.db'}", config=LedgerConfig(), clock=clock)
+    with serve(ledger) as base:
+        owner = register(base, "owner")
+        worker = register(base, "worker", headers=bearer(owner["api_key"]))
+        stranger = register(base, "stranger")
+        assert worker["owner"] == "owner" and ledger.owner_of("worker") == "owner"
+        assert ledger.owner_of("stranger") is None
+
+        def claim(agent_id: str, caller: dict) -> int:
+            return httpx.post(f"{base}/claim", json={"agent_id": agent_id}, headers=bearer(caller["api_key"]),
+                              timeout=10).status_code
+
+        assert claim("worker", stranger) == 403 and claim("owner", worker) == 403  # not theirs
+        assert claim("worker", owner) == 200
+        clock.advance(86_400 + 1)
+        assert claim("worker", owner) == 200 and claim("worker", worker) == 429
+        clock.advance(86_400 + 1)
+        assert claim("worker", worker) == 200 and claim("stranger", stranger) == 200
+    assert ledger.me("worker")["balance_micro"] == 3 * FAUCET_MICRO
+    assert_audit_clean(ledger)
+    ledger.close()
 
 
 def test_one_client_cannot_mint_at_will(ledger):

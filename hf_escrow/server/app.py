@@ -282,17 +282,16 @@ def _faucet_routes(ledger: Ledger, faucet: Faucet, Agent) -> APIRouter:
     @router.post("/register", status_code=201)
     def register(body: bodies.Register, request: Request,
                  authorization: Annotated[Optional[str], Header()] = None) -> dict:
-        """Register an agent: returns its API key (once), wallet and referral code. A key sent
-        along must be a valid one (the guide's placeholder filled in)."""
+        """Register an agent: returns its API key (once), wallet and referral code. With a key,
+        the new agent is that key's agent's own: that agent may claim the faucet for it."""
         token = bearer(authorization)
-        if token is not None:
-            ledger.authenticate(token)
-        return faucet.register(body.agent_id, body.referral_code, client=_client(request))
+        owner = ledger.authenticate(token) if token is not None else None
+        return faucet.register(body.agent_id, body.referral_code, owner=owner, client=_client(request))
 
     @router.post("/claim")
     def claim(body: bodies.Claim, agent_id: Agent, request: Request, idempotency_key: KeyHeader = None) -> dict:
-        """Credit free test USDC to `agent_id`: you, or an id nobody registered, which is
-        registered for you first (its key is in `registered`)."""
+        """Credit free test USDC to `agent_id`: you, an agent you registered, or an id nobody
+        registered, which becomes yours first (its key is in `registered`)."""
         server = request.scope.get("server")
         return faucet.claim(body.agent_id, caller=agent_id, client=_client(request),
                             local_host=server[0] if server else None, idempotency_key=idempotency_key)

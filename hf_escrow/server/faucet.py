@@ -1,9 +1,10 @@
 """The faucet at the server: when it pays, who may claim for whom, and how often.
 
-A claim needs a key: the claimant's own. A keyed claim for an id nobody registered
-registers it for the caller first and hands the caller its key: the vLLM guide claims for
-a worker it never registered. Registrations and claims are limited per client (IP) and in
-all, over a sliding window, in each server process.
+A claim needs a key: the claimant's own, or that of the agent that registered it (a
+registration that carries a key makes the new agent that key's agent's own). A keyed claim
+for an id nobody registered registers it as the caller's own first: the vLLM guide claims
+for a worker it never registered. Registrations and claims are limited per client (IP)
+and in all, over a sliding window, in each server process.
 """
 
 from __future__ import annotations
@@ -81,10 +82,10 @@ class Faucet:
             "amount_micro": self.ledger.config.faucet_amount_micro,
             "interval_s": self.ledger.config.faucet_interval_s})
 
-    def register(self, agent_id: str, referral_code: str | None, *, client: str) -> dict:
-        """Register an agent; its API key is in the answer, once."""
+    def register(self, agent_id: str, referral_code: str | None, *, owner: str | None, client: str) -> dict:
+        """Register an agent (`owner`'s own when given); its API key is in the answer, once."""
         self.registrations.take(client)
-        return self.ledger.register(agent_id, referral_code)
+        return self.ledger.register(agent_id, referral_code, owner=owner)
 
     def claim(self, agent_id: str, *, caller: str, client: str, local_host: str | None,
               idempotency_key: str | None = None) -> dict:
@@ -108,12 +109,15 @@ class Faucet:
         return dict(result, registered=registered) if registered else result
 
     def _owned(self, agent_id: str, caller: str, client: str) -> dict | None:
-        """Refuse a claim for another agent; an id nobody registered is registered for the
-        caller first (its registration, with its key, is returned to the caller)."""
-        if agent_id == caller:
+        """Refuse a claim for another's agent; an id nobody registered becomes the caller's
+        own first (its registration, with its key, is returned to the caller)."""
+        if agent_id == caller or self.ledger.owner_of(agent_id) == caller:
             return None
         self.registrations.take(client)
         try:
-            return self.ledger.register(agent_id)
-        except StateConflict:
-            raise Forbidden(f"agent {agent_id!r} is registered: only its own key claims for it") from None
+            return self.ledger.register(agent_id, owner=caller)
+        except StateConflict:  # registered before: by another, or by a twin of this request
+            if self.ledger.owner_of(agent_id) == caller:
+                return None
+            raise Forbidden(f"only {agent_id!r} itself, or the agent that registered it, may claim for it; "
+                            "send that agent's key") from None

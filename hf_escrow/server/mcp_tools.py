@@ -53,6 +53,11 @@ def build_mcp(ledger: Ledger, *, stdio_agent: str | None = None, faucet: Faucet 
             return ledger.authenticate(os.environ.get("HF_ESCROW_API_KEY"))
         raise Unauthorized("send 'Authorization: Bearer <key>' with MCP calls (register_agent gives a key)")
 
+    def keyed_caller(ctx: Context | None) -> str | None:
+        """The agent whose key an HTTP call carries, or None without one (and over stdio)."""
+        auth = ctx.headers.get("authorization") if ctx is not None and ctx.headers else None
+        return caller(ctx) if auth else None
+
     def origin(ctx: Context | None) -> tuple[str, str | None]:
         """(client, local address) of the call, for the faucet; stdio is this machine."""
         request = getattr(ctx.request_context, "request", None) if ctx is not None else None
@@ -75,9 +80,10 @@ def build_mcp(ledger: Ledger, *, stdio_agent: str | None = None, faucet: Faucet 
     def register_agent(agent_id: str, referral_code: Optional[str] = None,
                        ctx: Context | None = None) -> dict[str, Any]:
         """Register a new agent and claim its first test USDC; returns its api_key (shown once),
-        wallet, referral code and the claim (or why the faucet refused it)."""
+        wallet, referral code and the claim (or why the faucet refused it). With a key, the new
+        agent is that key's agent's own."""
         client, local = origin(ctx)
-        registered = faucet.register(agent_id, referral_code, client=client)
+        registered = faucet.register(agent_id, referral_code, owner=keyed_caller(ctx), client=client)
         try:
             claim = faucet.claim(agent_id, caller=agent_id, client=client, local_host=local)
         except EscrowError as error:
@@ -86,8 +92,8 @@ def build_mcp(ledger: Ledger, *, stdio_agent: str | None = None, faucet: Faucet 
 
     @tool
     def claim_faucet(agent_id: Optional[str] = None, ctx: Context | None = None) -> dict[str, Any]:
-        """Credit free test USDC to you (rate-limited); an id nobody registered is registered for
-        you first (its api_key is in `registered`)."""
+        """Credit free test USDC to you or to an agent you registered (rate-limited); an id nobody
+        registered becomes yours first (its api_key is in `registered`)."""
         me = caller(ctx)
         client, local = origin(ctx)
         return faucet.claim(agent_id or me, caller=me, client=client, local_host=local)
