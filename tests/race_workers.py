@@ -7,6 +7,7 @@ import time
 
 from hf_escrow import EscrowError
 from hf_escrow.ledger import Ledger
+from hf_escrow.money import format_usdc
 
 MAX_OPS = 400
 MAX_SECONDS = 60
@@ -76,3 +77,70 @@ def sweep(url: str, rounds: int) -> int:
             break
     ledger.close()
     return total
+
+
+HOLD_TTLS_S = (1, 2, 3)
+SHARED_SLOTS = 4
+SHARED_HOLD, SHARED_CAPTURE = "0.002", "0.0005"
+
+
+def hold_and_capture(url: str, seed: int, token: str, escrow_id: str, buyer: str, seller: str,
+                     ops: int) -> dict:
+    """Hold parts of one escrow and capture them (slices, finals, batches, voids, abandoned
+    holds), racing other processes for a remainder too small for all of them.
+
+    Some holds are shared: every process makes them under the same key, so they are the same
+    hold, and captures from it race (without a key, and once under a shared key).
+    Returns every capture that succeeded: (hold_id, gross_micro, key or None).
+    """
+    rng = random.Random(seed)
+    ledger = Ledger(url)
+    captured: list[tuple[str, int, str | None]] = []
+    refused = 0
+    deadline = time.monotonic() + MAX_SECONDS
+    for _ in range(min(ops, MAX_OPS)):
+        if time.monotonic() > deadline:
+            break
+        try:
+            if rng.random() < 0.25:
+                _shared_hold(ledger, rng, token, seller, captured)
+            else:
+                _own_hold(ledger, rng, token, escrow_id, buyer, seller, captured)
+        except EscrowError:
+            refused += 1  # the remainder or the hold was too small, or another process closed the hold
+        if rng.random() < 0.1:
+            ledger.expire_due()
+    ledger.close()
+    return {"captured": captured, "refused": refused}
+
+
+def _shared_hold(ledger: Ledger, rng: random.Random, token: str, seller: str, captured: list) -> None:
+    slot = rng.randrange(SHARED_SLOTS)
+    hold = ledger.hold(seller, token, SHARED_HOLD, ttl_seconds=3, idempotency_key=f"shared-hold-{slot}")
+    key = f"shared-capture-{slot}"
+    receipt = ledger.capture(seller, hold["id"], SHARED_CAPTURE, idempotency_key=key)
+    captured.append((hold["id"], receipt["gross_micro"], key))
+    receipt = ledger.capture(seller, hold["id"], format_usdc(rng.randint(1, 300)))
+    captured.append((hold["id"], receipt["gross_micro"], None))
+
+
+def _own_hold(ledger: Ledger, rng: random.Random, token: str, escrow_id: str, buyer: str, seller: str,
+              captured: list) -> None:
+    agent, target = (buyer, escrow_id) if rng.random() < 0.2 else (seller, token)
+    hold = ledger.hold(agent, target, format_usdc(rng.randint(200, 2_500)), ttl_seconds=rng.choice(HOLD_TTLS_S))
+    mode = rng.choice(["slices", "batch", "void", "abandon"])
+    if mode == "void":
+        ledger.void(agent, hold["id"])
+    elif mode == "batch":
+        items = [(hold["id"], format_usdc(rng.randint(1, 500))), (hold["id"], format_usdc(rng.randint(1, 500)), True),
+                 ("hold_" + "0" * 24, "0.000001")]
+        for item in ledger.capture_many(agent, items)["results"]:
+            if item["ok"]:
+                captured.append((hold["id"], item["receipt"]["gross_micro"], None))
+    elif mode == "slices":
+        for _ in range(rng.randint(1, 3)):
+            receipt = ledger.capture(agent, hold["id"], format_usdc(rng.randint(1, 700)))
+            captured.append((hold["id"], receipt["gross_micro"], None))
+            if receipt["hold"]["status"] != "open":
+                return
+        ledger.capture(agent, hold["id"], 0, final=True)
