@@ -347,7 +347,7 @@ def _faucet_on(flag: bool | None, host: str, env_value: str | None) -> bool:
     """The operator's word (--faucet, or HF_ESCROW_FAUCET=1) turns it on, HF_ESCROW_FAUCET=0
     off whatever else says; unsaid, a server bound only to loopback has one."""
     from .server.faucet import faucet_switch
-    from .server.limits import is_loopback
+    from .limits import is_loopback
     switch = faucet_switch(env_value)
     if switch is False:
         return False

@@ -738,12 +738,15 @@ class PaymentFields:
         return f"{receipt['remaining_usdc']} USDC" if receipt and "remaining_usdc" in receipt else ""
 
 
-def payment_fields(gate: Gate, *, price: str, trial_amount: Any = None) -> PaymentFields:
+def payment_fields(gate: Gate, *, price: str, trial_amount: Any = None, trial_per_client: int = 3,
+                   trial_overall: int = 100, trial_window_s: float = 3600) -> PaymentFields:
     """A spend token field, the price, the remaining balance and a "Check balance" button.
 
-    Call it inside ``gr.Blocks``. With `trial_amount` (embedded ledger only) a "Get a test
-    escrow" button fills the token of a fresh escrow of that many USDC. The buttons'
-    events are private: they are not part of the Space's API.
+    Call it inside ``gr.Blocks``. With `trial_amount` (embedded ledger only; the Space's
+    owner turns it on) a "Get a test escrow" button fills the token of a fresh escrow of
+    that many USDC, at most `trial_per_client` times per client (IP) and `trial_overall`
+    times in all per `trial_window_s`: a private event is still callable by a script. The
+    buttons' events are private: they are not part of the Space's API.
 
     Example:
         >>> with gr.Blocks() as demo:
@@ -760,8 +763,13 @@ def payment_fields(gate: Gate, *, price: str, trial_amount: Any = None) -> Payme
         except EscrowError as error:
             raise gr.Error(error.message, title="Escrow", print_exception=False) from None
 
-    def trial() -> tuple[str, str]:
+    from .limits import WindowLimiter, client_key
+    trials = WindowLimiter("test escrows", per_client=trial_per_client, overall=trial_overall,
+                           window_s=trial_window_s)
+
+    def trial(request: gr.Request) -> tuple[str, str]:
         try:
+            trials.take(client_key(getattr(getattr(request, "client", None), "host", None)))
             _, token = trial_escrow(gate.seller_id, trial_amount)
         except EscrowError as error:
             raise gr.Error(error.message, title="Test escrow", print_exception=False) from None

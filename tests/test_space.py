@@ -9,6 +9,7 @@ chat Spaces runs on PostgreSQL for the two-process race.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def spaces(home, tiny_model, tmp_path_factory):
     """The chat Space started twice at once on one ledger (both register the seller), and the embeddings Space."""
     logs = tmp_path_factory.mktemp("space-logs")
     env = dict(CHAT_ENV, HF_ESCROW_SPACE_MODEL=str(tiny_model))
-    started = start([Space("paid-chat", home, logs / "chat-a.log", **env),
+    started = start([Space("paid-chat", home, logs / "chat-a.log", HF_ESCROW_SPACE_TRIAL="1", **env),
                      Space("paid-chat", home, logs / "chat-b.log", **env),
                      Space("paid-embeddings", home, logs / "embeddings.log", HF_ESCROW_PRICE="0.0001")])
     yield started
@@ -384,3 +385,28 @@ def test_a_person_pays_in_the_browser(spaces, ledger):
         message.press("Enter")
         page.wait_for_function("el => el.value === '0.009000 USDC'", arg=balance.element_handle(), timeout=30_000)
     assert_audit_clean(ledger)
+
+
+def test_the_test_escrow_button_is_off_unless_the_owner_turns_it_on(spaces):
+    """It mints test money, and a private event is still callable by a script: chat-b and the
+    embeddings Space were not told HF_ESCROW_SPACE_TRIAL=1, chat-a was."""
+    configs = [json.dumps(httpx.get(f"{space.url}/config", timeout=30).json()) for space in spaces]
+    assert ["Get a test escrow" in config for config in configs] == [True, False, False]
+
+
+def test_test_escrows_are_limited_per_client_and_in_all():
+    from hf_escrow import RateLimited
+    from hf_escrow.limits import WindowLimiter
+    now = [0.0]
+    limiter = WindowLimiter("test escrows", per_client=3, overall=5, window_s=3600, clock=lambda: now[0])
+    for _ in range(3):
+        limiter.take("10.0.0.1")
+    with pytest.raises(RateLimited) as refused:
+        limiter.take("10.0.0.1")
+    assert refused.value.details["retry_after_s"] == 3600
+    limiter.take("10.0.0.2")
+    limiter.take("10.0.0.3")
+    with pytest.raises(RateLimited, match="5 test escrows from all clients"):
+        limiter.take("10.0.0.4")
+    now[0] = 3601
+    limiter.take("10.0.0.1")

@@ -17,12 +17,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .._exceptions import EscrowError, Forbidden, Unauthorized, ValidationError
+from .._exceptions import EscrowError, Forbidden, ValidationError
 from ..ledger import Ledger, audit
 from ..money import to_usdc
 from . import bodies
 from .faucet import Faucet, FaucetSettings
-from .limits import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware, client_key
+from ..limits import client_key
+from .limits import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
 from .wire import escrow_view, receipt_view, with_usdc
 
 _HERE = Path(__file__).parent

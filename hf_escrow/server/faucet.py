@@ -18,7 +18,7 @@ from typing import Mapping
 from .._exceptions import EscrowError, Forbidden, StateConflict, ValidationError
 from ..ledger import Ledger
 from ..ledger.idempotency import check_key
-from .limits import WindowLimiter, is_loopback
+from ..limits import WindowLimiter, is_loopback
 from .wire import with_usdc
 
 

@@ -21,7 +21,7 @@ from .._exceptions import EscrowError, Unauthorized, ValidationError
 from ..ledger import Ledger
 from .bodies import Amount, Score
 from .faucet import Faucet, FaucetSettings
-from .limits import client_key
+from ..limits import client_key
 from .wire import escrow_view, receipt_view, with_usdc
 
 # Strict, as the REST bodies: a JSON `true` is never an amount, a number or a token count.

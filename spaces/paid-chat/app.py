@@ -57,10 +57,17 @@ class Settings:
         self.max_tokens = int(env.get("HF_ESCROW_SPACE_MAX_TOKENS") or 96)
         self.concurrency = int(env.get("HF_ESCROW_SPACE_CONCURRENCY") or 4)
         self.trial_calls = int(env.get("HF_ESCROW_SPACE_TRIAL_CALLS") or 10)
+        # The "Get a test escrow" button mints test money: off unless the Space's owner says so.
+        self.trial = (env.get("HF_ESCROW_SPACE_TRIAL") or "").strip().lower() in ("1", "true", "on", "yes")
 
     @property
     def embedded(self) -> bool:
         return self.escrow_url is None
+
+    @property
+    def trial_amount(self):
+        """USDC per test escrow, when the owner turned the button on (embedded ledger only)."""
+        return self.price * self.trial_calls if self.embedded and self.trial else None
 
 
 class LocalChat:
@@ -138,7 +145,7 @@ def build_demo(settings: Settings, chat_model, gate: Gate) -> gr.Blocks:
             f"# Paid chat\nEvery answer costs **{price} USDC**, paid from your escrow for seller "
             f"`{gate.seller_id}` (model: `{chat_model.name}`). A failed call costs nothing.")
         pay = payment_fields(gate, price=f"{price} USDC per answer",
-                             trial_amount=settings.price * settings.trial_calls if settings.embedded else None)
+                             trial_amount=settings.trial_amount)
         chatbot = gr.Chatbot(label="Chat", height=320)
         with gr.Row():
             message = gr.Textbox(label="Message", placeholder="Ask something", scale=5)

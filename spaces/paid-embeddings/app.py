@@ -53,10 +53,17 @@ class Settings:
         self.model = env.get("HF_ESCROW_SPACE_MODEL") or None
         self.concurrency = int(env.get("HF_ESCROW_SPACE_CONCURRENCY") or 4)
         self.trial_calls = int(env.get("HF_ESCROW_SPACE_TRIAL_CALLS") or 100)
+        # The "Get a test escrow" button mints test money: off unless the Space's owner says so.
+        self.trial = (env.get("HF_ESCROW_SPACE_TRIAL") or "").strip().lower() in ("1", "true", "on", "yes")
 
     @property
     def embedded(self) -> bool:
         return self.escrow_url is None
+
+    @property
+    def trial_amount(self):
+        """USDC per test escrow, when the owner turned the button on (embedded ledger only)."""
+        return self.price * self.trial_calls if self.embedded and self.trial else None
 
 
 def default_model() -> str:
@@ -116,7 +123,7 @@ def build_demo(settings: Settings, embedder, gate: Gate) -> gr.Blocks:
             f"# Paid embeddings\nEach vector costs **{price} USDC**, paid from your escrow for seller "
             f"`{gate.seller_id}` (model: `{embedder.name}`). A failed call costs nothing.")
         pay = payment_fields(gate, price=f"{price} USDC per vector",
-                             trial_amount=settings.price * settings.trial_calls if settings.embedded else None)
+                             trial_amount=settings.trial_amount)
         texts = gr.Textbox(label="Texts, one per line", lines=5)
         send = gr.Button("Embed", variant="primary")
         result = gr.JSON(label="Vectors")
