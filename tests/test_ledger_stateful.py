@@ -2,7 +2,10 @@
 
 The model predicts, in integer micro-USDC, the outcome of each call (its error class, or the
 exact amounts it moves) with arithmetic of its own (integer half-even, fractions), and after
-every step compares every agent balance and every escrow with the ledger, and runs the audit.
+every step compares every agent balance, every escrow and every hold with the ledger, and
+runs the audit. Holds are modelled as reservations: an escrow's `held` is the open part of
+its open holds, `remaining` what is neither paid, refunded nor held, and closing an escrow
+leaves its holds the grace to capture work already delivered.
 """
 
 from __future__ import annotations
@@ -17,18 +20,18 @@ import pytest
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from hf_escrow import (
     EscrowError, Forbidden, IdempotencyConflict, InsufficientFunds, NotFound, RateLimited, StateConflict,
     ValidationError,
 )
 from hf_escrow.ledger import Ledger, LedgerConfig, audit
-from hf_escrow.ledger.schema import accounts, escrows
+from hf_escrow.ledger.schema import accounts, escrows, holds, spend_tokens
 from hf_escrow.money import format_usdc, to_usdc
 
 from .conftest import PG_SKIP_REASON, FakeClock, fresh_pg_database
-from .helpers import snapshot
+from .holds_helpers import hold_snapshot as snapshot
 
 DAY_MS = 86_400_000
 FEE_BPS, REFERRAL_BPS = 100, 1_500
@@ -38,6 +41,12 @@ AGENTS = ("r1", "v1") + PARTIES   # r1 refers s1 at registration; v1 verifies
 KEY_KEEP_MS = DAY_MS - 1_000  # keys are kept at least 24 h: replay only younger ones
 PICK = st.tuples(st.integers(0, 10_000), st.sampled_from([False, False, False, True]))  # (which, any escrow?)
 PRICE_SHEETS = [None, {"input_per_1k": "0.0005", "output_per_1k": "0.0015"}, {"per_token": "0.000003"}]
+GRACE_MS = 30_000            # LedgerConfig's hold_grace_s
+MAX_HOLD_TTL_MS = 900_000    # LedgerConfig's hold_max_ttl_s
+BOGUS_TOKEN = "est_" + "q" * 43
+GHOST_HOLD = "hold_" + "0" * 24
+ERROR_CODES = {NotFound: ("not_found", 404), Forbidden: ("forbidden", 403), StateConflict: ("state_conflict", 409),
+               InsufficientFunds: ("insufficient_funds", 402)}
 
 
 def half_even(value: Fraction) -> int:
@@ -48,10 +57,18 @@ def half_even(value: Fraction) -> int:
     return quotient
 
 
-def split(gross: int, has_referrer: bool) -> tuple[int, int, int]:
-    """(net, fee, referral) of a gross payout, computed independently of hf_escrow.money."""
-    fee = half_even(Fraction(gross * FEE_BPS, 10_000))
-    referral = half_even(Fraction(fee * REFERRAL_BPS, 10_000)) if has_referrer else 0
+def split(e: "ModelEscrow", gross: int) -> tuple[int, int, int]:
+    """(net, fee, referral) of the escrow's next payout, computed independently of hf_escrow.money.
+
+    Fees are exact over the escrow's life: the fee on everything paid so far, less the fees
+    already taken (likewise the referral share of the fee).
+    """
+    fee_after = half_even(Fraction((e.paid + gross) * FEE_BPS, 10_000))
+    fee = min(max(fee_after - e.fees, 0), gross)
+    referral = 0
+    if e.referrer is not None:
+        referral_after = half_even(Fraction((e.fees + fee) * REFERRAL_BPS, 10_000))
+        referral = min(max(referral_after - e.referral_paid, 0), fee)
     return gross - fee, fee, referral
 
 
@@ -80,14 +97,35 @@ class ModelEscrow:
     pricing: dict | None = None
     paid: int = 0
     bonus_paid: int = 0
+    fees: int = 0
+    referral_paid: int = 0
     refunded: int = 0
-    remaining: int = 0
+    held: int = 0          # the open part of its open holds
+    remaining: int = 0     # spendable: amount == paid + refunded + held + remaining
     status: str = "active"
     closed_at_ms: int | None = None
+    cancelled_by: str | None = None
+    tokens: list = field(default_factory=list)  # [token, revoked]
 
     @property
     def open(self) -> bool:
         return self.status in ("active", "awaiting_verification")
+
+
+@dataclass
+class ModelHold:
+    id: str
+    escrow: ModelEscrow
+    holder: str
+    amount: int
+    created_at_ms: int
+    expires_at_ms: int
+    captured: int = 0
+    status: str = "open"
+
+    @property
+    def open_micro(self) -> int:
+        return self.amount - self.captured if self.status == "open" else 0
 
 
 @dataclass
@@ -120,6 +158,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.minted = 0
         self.platform = 0
         self.escrows: list[ModelEscrow] = []
+        self.holds: list[ModelHold] = []
         self.last_faucet: dict[str, int] = {}
         self.keyed: list[KeyedCall] = []
         self.key_counter = 0
@@ -222,32 +261,72 @@ class LedgerMachine(RuleBasedStateMachine):
         return next(a for a in AGENTS if a not in (e.buyer, e.seller, e.verifier))
 
     def _expire(self, e: ModelEscrow) -> None:
-        self.balances[e.buyer] += e.remaining
-        e.refunded += e.remaining
-        e.remaining = 0
-        e.status = "expired"
-        e.closed_at_ms = self.now_ms
+        self._close(e, "expired")
 
     def _close(self, e: ModelEscrow, status: str) -> int:
+        """Refund the spendable remainder; open holds keep at most the grace from now."""
         refund = e.remaining
         self.balances[e.buyer] += refund
         e.refunded += refund
         e.remaining = 0
         e.status = status
         e.closed_at_ms = self.now_ms
+        for h in self._holds_of(e):
+            h.expires_at_ms = min(h.expires_at_ms, self.now_ms + GRACE_MS)
         return refund
 
-    def _pay(self, e: ModelEscrow, gross: int, bonus: int = 0) -> tuple[int, int, int]:
-        net, fee, referral = split(gross, e.referrer is not None)
-        assert gross <= e.remaining
-        e.remaining -= gross
+    def _pay(self, e: ModelEscrow, gross: int, bonus: int = 0, *, held: bool = False) -> tuple[int, int, int]:
+        """Pay the seller out of the remainder, or (a capture) out of what holds reserve."""
+        net, fee, referral = split(e, gross)
+        if held:
+            assert gross <= e.held
+            e.held -= gross
+        else:
+            assert gross <= e.remaining
+            e.remaining -= gross
         e.paid += gross
         e.bonus_paid += bonus
+        e.fees += fee
+        e.referral_paid += referral
         self.balances[e.seller] += net
         if e.referrer:
             self.balances[e.referrer] += referral
         self.platform += fee - referral
         return net, fee, referral
+
+    def _holds_of(self, e: ModelEscrow) -> list[ModelHold]:
+        return [h for h in self.holds if h.escrow is e and h.status == "open"]
+
+    def _free(self, h: ModelHold, status: str) -> int:
+        """Close a hold; what it frees returns to the remainder, or to the buyer once the escrow closed."""
+        e, freed = h.escrow, h.open_micro
+        h.status = status
+        e.held -= freed
+        if e.open:
+            e.remaining += freed
+            return 0
+        self.balances[e.buyer] += freed
+        e.refunded += freed
+        return freed
+
+    def _expire_hold(self, h: ModelHold) -> None:
+        """The ledger's expire_hold: the escrow's own expiry first, then the hold is freed, once."""
+        if h.status != "open":
+            return
+        if h.escrow.open and h.escrow.expires_at_ms <= self.now_ms:
+            self._expire(h.escrow)
+        event(f"hold expired on a {h.escrow.status} escrow")
+        self._free(h, "expired")
+
+    def _sweep(self) -> int:
+        """What one `expire_due()` does: escrows past their TTL, then holds past theirs."""
+        due = [e for e in self.escrows if e.open and e.expires_at_ms <= self.now_ms]
+        for e in due:
+            self._expire(e)
+        due_holds = [h for h in self.holds if h.status == "open" and h.expires_at_ms <= self.now_ms]
+        for h in due_holds:
+            self._expire_hold(h)
+        return len(due) + len(due_holds)
 
     def _gate(self, e: ModelEscrow, actor: str, allowed: tuple, states: tuple):
         """The ledger's checks in its order: visible, role, expiry (refunds), state. Returns an error or None."""
@@ -268,8 +347,8 @@ class LedgerMachine(RuleBasedStateMachine):
         window_start = (today - 7) * DAY_MS
         recent = [x for x in self.escrows if x.seller == seller and x.closed_at_ms is not None
                   and x.closed_at_ms >= window_start and x.status in ("released", "cancelled")]
-        if any(x.status == "cancelled" for x in recent):
-            return False
+        if any(x.status == "cancelled" and x.cancelled_by == seller for x in recent):
+            return False  # only the seller's own cancel breaks its streak
         paid_days = {x.closed_at_ms // DAY_MS for x in recent if x.status == "released"}
         return all(day in paid_days for day in range(today - 7, today))
 
@@ -313,6 +392,11 @@ class LedgerMachine(RuleBasedStateMachine):
     def second_escrow(self, **kwargs):
         self.create_escrow(**kwargs)
 
+    @initialize(**{**CREATE_ARGS, "micro": st.integers(1_000, 3_000_000), "ttl": st.sampled_from([600, 3_600, 86_400]),
+                   "kind": st.sampled_from(["plain", "priced", "bonus"]), "seller_offset": st.sampled_from([1, 2, 3])})
+    def escrow_to_hold_on(self, **kwargs):  # one that lives long enough for holds, captures and their grace
+        self.create_escrow(**kwargs)
+
     @rule(**CREATE_ARGS)
     def create_escrow(self, buyer, seller_offset, micro, form, ttl, kind, sheet, referral, use_key):
         seller = PARTIES[(PARTIES.index(buyer) + seller_offset) % len(PARTIES)]
@@ -348,7 +432,8 @@ class LedgerMachine(RuleBasedStateMachine):
                             **kwargs)
         referrer = "r1" if referral == "r1" else self.referred_by[seller]
         e = ModelEscrow(result["id"], buyer, seller, verifier, referrer, micro, self.now_ms + ttl * 1000,
-                        threshold=threshold, bonus=bonus, pricing=pricing, remaining=micro)
+                        threshold=threshold, bonus=bonus, pricing=pricing, remaining=micro,
+                        tokens=[[result["spend_token"], False]])
         self.balances[buyer] -= micro
         self.escrows.append(e)
         assert (result["amount_micro"], result["remaining_micro"], result["referrer"], result["verifier"]) == \
@@ -470,13 +555,15 @@ class LedgerMachine(RuleBasedStateMachine):
         e = self._pick(pick, lambda e: True)
         actor = self._actor(e, who)
         key = self._key(use_key)
-        error = self._gate(e, actor, (e.buyer, e.seller), ("active", "awaiting_verification"))
+        # Not while a result awaits its verifier: the verdict or the TTL decides.
+        error = self._gate(e, actor, (e.buyer, e.seller), ("active",))
         if error is not None:
             self._call(error, "cancel", actor, e.id, key=key)
             return
         result = self._call(None, "cancel", actor, e.id, key=key,
                             alternatives=[("cancel", (actor, e.id), {"reason": "another reason"})])
         refunded = self._close(e, "cancelled")
+        e.cancelled_by = actor
         assert (result["status"], result["refunded_micro"], result["gross_micro"]) == ("cancelled", refunded, 0)
 
     def _judge(self, e: ModelEscrow, score: float, result: dict) -> None:
@@ -542,17 +629,16 @@ class LedgerMachine(RuleBasedStateMachine):
         if e.open and e.expires_at_ms <= self.now_ms:
             self._expire(e)
         view = self.ledger.get(actor, e.id)
-        assert (view["status"], view["paid_micro"], view["refunded_micro"], view["remaining_micro"]) == \
-            (e.status, e.paid, e.refunded, e.remaining)
+        assert (view["status"], view["paid_micro"], view["refunded_micro"], view["held_micro"],
+                view["remaining_micro"]) == (e.status, e.paid, e.refunded, e.held, e.remaining)
 
-    @rule(seconds=st.sampled_from([0.5, 1, 30, 600, 3_600, 3_600, 43_200, 86_400, 129_600]), sweep=st.booleans())
+    @rule(seconds=st.sampled_from([0.5, 1, 10, 30, 600, 3_600, 3_600, 43_200, 86_400, 129_600]),
+          sweep=st.booleans())
     def advance_clock(self, seconds, sweep):
         self.clock.advance(seconds)
         if sweep:
-            due = [e for e in self.escrows if e.open and e.expires_at_ms <= self.now_ms]
-            assert self.ledger.expire_due() == len(due)
-            for e in due:
-                self._expire(e)
+            expected = self._sweep()
+            assert self.ledger.expire_due() == expected
 
     @precondition(lambda self: self.keyed)
     @rule(index=st.integers(0, 10_000))
@@ -579,6 +665,370 @@ class LedgerMachine(RuleBasedStateMachine):
             getattr(self.ledger, method)(*args, **{**kwargs, "idempotency_key": call.kwargs["idempotency_key"]})
         assert snapshot(self.ledger) == before
 
+    # ---- holds and spend tokens ---------------------------------------------------------
+
+    def _hold_ttl_ms(self, ttl: float, e: ModelEscrow) -> int:
+        return min(self.now_ms + max(1, int(min(ttl * 1000, MAX_HOLD_TTL_MS))), e.expires_at_ms + GRACE_MS)
+
+    def _token_for(self, e: ModelEscrow, via: str) -> str:
+        live = [t for t, revoked in e.tokens if not revoked]
+        revoked = [t for t, gone in e.tokens if gone]
+        if via == "token" and live:
+            return live[-1]
+        if via == "revoked" and revoked:
+            return revoked[0]
+        others = [t for x in self.escrows if x is not e for t, gone in x.tokens if not gone]
+        if via == "other token" and others:
+            return others[0]
+        return BOGUS_TOKEN
+
+    def _token_escrow(self, token: str) -> tuple[ModelEscrow | None, bool]:
+        for x in self.escrows:
+            for t, revoked in x.tokens:
+                if t == token:
+                    return x, revoked
+        return None, False
+
+    def _hold_gate(self, actor: str, target: str, e: ModelEscrow, by_token: bool):
+        """(error or None, the escrow held on), in the ledger's order of checks."""
+        if by_token:
+            e, revoked = self._token_escrow(target)
+            if e is None or revoked or e.seller != actor:
+                return Forbidden, e
+            error = self._gate(e, actor, (e.seller,), ("active",))
+        else:
+            error = self._gate(e, actor, (e.buyer, e.seller), ("active",))
+        if error is None and e.threshold is not None and actor == e.seller:
+            error = StateConflict  # a seller is paid on a gated escrow only by a passing result
+        return error, e
+
+    HOLD_ARGS = dict(
+        pick=PICK, via=st.sampled_from(["token"] * 6 + ["id"] * 3 + ["revoked", "bogus", "other token"]),
+        who=st.sampled_from(["seller"] * 8 + ["buyer", "buyer", "verifier", "other"]),
+        part=st.sampled_from(["small", "small", "half", "all", "over"]), tiny=st.integers(1, 30),
+        ttl=st.sampled_from([0.5, 5, 30, 60, 900, 3_600]), use_key=st.booleans(), form=st.integers(0, 3))
+
+    @precondition(lambda self: self._workable())
+    @rule(**HOLD_ARGS)
+    def hold(self, pick, via, who, part, tiny, ttl, use_key, form):
+        self._hold(pick, via, who, part, tiny, ttl, use_key, form)
+
+    def _hold(self, pick, via, who, part, tiny, ttl, use_key, form) -> ModelHold | None:
+        e = self._pick(pick, lambda e: e.status == "active" and e.remaining > 0 and e.threshold is None)
+        actor = self._actor(e, who)
+        by_token = via != "id"
+        target = self._token_for(e, via) if by_token else e.id
+        key = self._key(use_key)
+        error, held_on = self._hold_gate(actor, target, e, by_token)
+        base = held_on.remaining if held_on is not None else e.remaining
+        micro = {"small": tiny, "half": max(1, base // 2), "all": max(1, base), "over": base + tiny}[part]
+        args = (actor, target, self._amount_forms(micro, form))
+        if error is None and micro > held_on.remaining:
+            error = InsufficientFunds
+        if error is not None:
+            self._call(error, "hold", *args, key=key, ttl_seconds=ttl)
+            return None
+        result = self._call(None, "hold", *args, key=key, ttl_seconds=ttl,
+                            alternatives=[("hold", (actor, target, format_usdc(micro + 1)), {"ttl_seconds": ttl})])
+        h = ModelHold(result["id"], held_on, actor, micro, self.now_ms, self._hold_ttl_ms(ttl, held_on))
+        self.holds.append(h)
+        held_on.remaining -= micro
+        held_on.held += micro
+        assert (result["status"], result["holder"], result["escrow_id"], result["amount_micro"],
+                result["open_micro"], result["expires_at_ms"], result["escrow_remaining_micro"]) == \
+            ("open", actor, held_on.id, micro, micro, h.expires_at_ms, held_on.remaining)
+        return h
+
+    @precondition(lambda self: self._workable())
+    @rule(**HOLD_ARGS)
+    def hold_again(self, **kwargs):  # holds and their captures are most of a paid face's traffic: more weight
+        self.hold(**kwargs)
+
+    def _pick_hold(self, index: int, anyone: bool) -> ModelHold:
+        """Mostly an open hold (past its TTL or not), sometimes any hold."""
+        open_holds = [h for h in self.holds if h.status == "open"]
+        pool = self.holds if anyone or not open_holds else open_holds
+        return pool[index % len(pool)]
+
+    def _hold_actor(self, h: ModelHold, who: str) -> str:
+        if who == "holder":
+            return h.holder
+        if who == "party":
+            return h.escrow.seller if h.holder == h.escrow.buyer else h.escrow.buyer
+        return self._actor(h.escrow, who)
+
+    def _capture_error(self, actor: str, h: ModelHold, micro: int):
+        """Why the ledger refuses this capture (or void), in its order; None if it takes it."""
+        if actor not in (h.escrow.buyer, h.escrow.seller):
+            return NotFound
+        if actor != h.holder:
+            return Forbidden
+        if h.status != "open":
+            return StateConflict
+        if h.expires_at_ms <= self.now_ms:
+            return "expired"
+        if micro > h.open_micro:
+            return InsufficientFunds
+        return None
+
+    def _apply_capture(self, h: ModelHold, micro: int, final: bool, status: str = "captured") -> dict:
+        """A capture the ledger takes: the escrow's expiry settled first, then the payout from the hold."""
+        e = h.escrow
+        if e.open and e.expires_at_ms <= self.now_ms:
+            self._expire(e)
+        if not e.open:
+            event(f"captured within the grace of a {e.status} escrow")
+        open_before = h.open_micro
+        net, fee, referral = self._pay(e, micro, held=True)
+        h.captured += micro
+        refunded = 0
+        if final or micro == open_before:
+            refunded = self._free(h, status)
+        return {"gross_micro": micro, "net_micro": net, "fee_micro": fee, "referral_micro": referral,
+                "refunded_micro": refunded, "status": e.status, "remaining_micro": e.remaining}
+
+    def _check_receipt(self, receipt: dict, h: ModelHold, expected: dict, kind: str) -> None:
+        assert {name: receipt[name] for name in expected} == expected, (receipt, expected)
+        assert receipt["kind"] == kind and receipt["escrow"]["held_micro"] == h.escrow.held
+        hold = receipt["hold"]
+        assert (hold["id"], hold["status"], hold["captured_micro"], hold["open_micro"], hold["expires_at_ms"]) == \
+            (h.id, h.status, h.captured, h.open_micro, h.expires_at_ms)
+
+    CAPTURE_ARGS = dict(
+        index=st.integers(0, 10_000), anyone=st.sampled_from([False] * 4 + [True]),
+        who=st.sampled_from(["holder"] * 7 + ["party", "verifier", "other"]),
+        part=st.sampled_from(["small", "small", "half", "all", "over", "zero"]), final=st.booleans(),
+        tiny=st.integers(1, 30), use_key=st.booleans(), form=st.integers(0, 3), usage=st.booleans())
+
+    @precondition(lambda self: self.holds)
+    @rule(**CAPTURE_ARGS)
+    def capture(self, index, anyone, who, part, final, tiny, use_key, form, usage):
+        h = self._pick_hold(index, anyone)
+        open_micro = h.open_micro
+        micro = {"small": tiny, "half": max(1, open_micro // 2), "all": max(1, open_micro),
+                 "over": open_micro + tiny, "zero": 0}[part]
+        self._capture(h, self._hold_actor(h, who), micro, final, use_key, form,
+                      {"prompt_tokens": tiny, "completion_tokens": 2} if usage else None)
+
+    def _capture(self, h: ModelHold, actor: str, micro: int, final: bool, use_key: bool, form: int,
+                 usage: dict | None) -> None:
+        kwargs = {"final": final, "usage": usage}
+        args = (actor, h.id, self._amount_forms(micro, form))
+        key = self._key(use_key)
+        error = ValidationError if micro == 0 and not final else self._capture_error(actor, h, micro)
+        if error == "expired":
+            self._expire_hold(h)
+            self._expiring = True
+            error = StateConflict
+        if error is not None:
+            self._call(error, "capture", *args, key=key, **kwargs)
+            return
+        result = self._call(None, "capture", *args, key=key, **kwargs,
+                            alternatives=[("capture", (actor, h.id, format_usdc(micro + 1)), kwargs)])
+        expected = self._apply_capture(h, micro, final)
+        self._check_receipt(result, h, expected, "capture")
+
+    @precondition(lambda self: self.holds)
+    @rule(**CAPTURE_ARGS)
+    def capture_again(self, **kwargs):
+        self.capture(**kwargs)
+
+    @precondition(lambda self: self.holds)
+    @rule(index=st.integers(0, 10_000), anyone=st.sampled_from([False] * 4 + [True]),
+          who=st.sampled_from(["holder"] * 7 + ["party", "other"]), use_key=st.booleans())
+    def void(self, index, anyone, who, use_key):
+        h = self._pick_hold(index, anyone)
+        self._void(h, self._hold_actor(h, who), use_key)
+
+    def _void(self, h: ModelHold, actor: str, use_key: bool) -> None:
+        key = self._key(use_key)
+        error = self._capture_error(actor, h, 0)
+        if error == "expired":
+            self._expire_hold(h)
+            self._expiring = True
+            error = StateConflict
+        if error is not None:
+            self._call(error, "void", actor, h.id, key=key)
+            return
+        result = self._call(None, "void", actor, h.id, key=key,
+                            alternatives=[("capture", (actor, h.id, "0"), {"final": True})])
+        expected = self._apply_capture(h, 0, True, "voided")
+        self._check_receipt(result, h, expected, "void")
+
+    @precondition(lambda self: self._workable())
+    @rule(pick=PICK, via=st.sampled_from(["token", "token", "token", "id"]),
+          who=st.sampled_from(["seller"] * 4 + ["buyer"]),
+          part=st.sampled_from(["small", "half", "all"]), tiny=st.integers(1, 5_000), ttl=st.sampled_from([5, 60, 900]),
+          slices=st.lists(st.integers(1, 100), max_size=3), finish=st.sampled_from(["final", "void", "leave open"]),
+          use_key=st.booleans(), form=st.integers(0, 3))
+    def serve_a_piece_of_work(self, pick, via, who, part, tiny, ttl, slices, finish, use_key, form):
+        """What a paid face does: hold for the worst case, capture slices as delivered, then finish or void."""
+        h = self._hold(pick, via, who, part, tiny, ttl, use_key, form)
+        if h is None:
+            return
+        for percent in slices:
+            self._capture(h, h.holder, max(1, h.open_micro * percent // 100), False, use_key, form, None)
+            if h.status != "open":
+                return
+        if finish == "final":
+            self._capture(h, h.holder, 0, True, use_key, form, None)
+        elif finish == "void":
+            self._void(h, h.holder, use_key)
+
+    def _held_live_escrows(self) -> list[ModelEscrow]:
+        return [e for e in self.escrows if e.status == "active" and e.expires_at_ms > self.now_ms and self._holds_of(e)]
+
+    @precondition(lambda self: self._held_live_escrows())
+    @rule(index=st.integers(0, 10_000),
+          how=st.sampled_from(["cancel by the buyer", "cancel by the seller", "release", "expiry", "swept expiry"]),
+          later_ms=st.sampled_from([0, 1_000, GRACE_MS - 1, GRACE_MS, GRACE_MS + 1]),
+          part=st.sampled_from(["small", "all"]), final=st.booleans(), tiny=st.integers(1, 30))
+    def close_with_holds_open(self, index, how, later_ms, part, final, tiny):
+        """Close an escrow that has open holds, then capture from one a while later: within the grace
+        the work already delivered is paid, from the grace's end on the capture is refused and the rest refunded."""
+        escrows = self._held_live_escrows()
+        e = escrows[index % len(escrows)]
+        pick = ([x for x in self.escrows if x.open and x.expires_at_ms > self.now_ms].index(e), False)
+        if how.startswith("cancel"):
+            self.cancel(pick=pick, who=how.rsplit(" ", 1)[-1], use_key=False)
+        elif how == "release":
+            self.release(pick=pick, who="buyer", mode="none", fraction=0, prompt=0, completion=0, refund=True,
+                         quality=None, tps=None, use_key=False)
+        else:
+            self.clock.now = (e.expires_at_ms + 0.5) / 1000
+            if how == "swept expiry":
+                assert self.ledger.expire_due() == self._sweep()
+        closed_ms = self.now_ms
+        self.clock.now = (closed_ms + later_ms + 0.5) / 1000
+        still_open = self._holds_of(e)
+        if not still_open:
+            return  # the sweep at the escrow's expiry also ended every hold that was due by then
+        h = still_open[tiny % len(still_open)]
+        event(f"close with holds open: {how}, capture {later_ms} ms later")
+        self._capture(h, h.holder, tiny if part == "small" else h.open_micro, final, False, 0, None)
+
+    def _batch_item(self, agent: str, h: ModelHold | None, micro: int, final: bool, expired: list) -> Any:
+        """One item of a batch, as the ledger settles it in its savepoint: (error, None) or (None, expected)."""
+        error = NotFound if h is None else self._capture_error(agent, h, micro)
+        if error == "expired":
+            expired.append(h)
+            return StateConflict, None
+        if error is not None:
+            return error, None
+        return None, self._apply_capture(h, micro, final)
+
+    @precondition(lambda self: any(h.status == "open" for h in self.holds))
+    @rule(picks=st.lists(st.tuples(st.integers(0, 10_000), st.sampled_from(["small", "half", "all", "final"])),
+                         min_size=1, max_size=4),
+          bad=st.sampled_from(["over", "stranger", "closed", "unknown", "invalid", "none"]),
+          bad_at=st.integers(0, 4), item_keys=st.booleans(), use_key=st.booleans(), tiny=st.integers(1, 30))
+    def capture_many(self, picks, bad, bad_at, item_keys, use_key, tiny):
+        open_holds = [h for h in self.holds if h.status == "open"]
+        agent = open_holds[picks[0][0] % len(open_holds)].holder
+        mine = [h for h in open_holds if h.holder == agent]
+        plan = []   # (hold or None, micro, final)
+        for index, part in picks:
+            h = mine[index % len(mine)]
+            micro = {"small": tiny, "half": max(1, h.open_micro // 2), "all": h.open_micro, "final": tiny}[part]
+            plan.append((h, micro, part == "final"))
+        others = [h for h in self.holds if h.holder != agent]
+        closed = [h for h in self.holds if h.status != "open"]
+        bad_item = {"over": (mine[0], mine[0].open_micro + tiny, False),
+                    "stranger": (others[tiny % len(others)], 1, False) if others else None,
+                    "closed": (closed[tiny % len(closed)], 1, False) if closed else None,
+                    "unknown": (None, 1, False), "invalid": (mine[0], 0, False), "none": None}[bad]
+        if bad_item is not None:
+            plan.insert(bad_at % (len(plan) + 1), bad_item)
+        items = []
+        for h, micro, final in plan:
+            item = {"hold_id": h.id if h else GHOST_HOLD, "amount": format_usdc(micro), "final": final}
+            if item_keys:
+                item["idempotency_key"] = self._key(True)
+            items.append(item)
+        key = self._key(use_key)
+        if bad == "invalid":
+            self._call(ValidationError, "capture_many", agent, items, key=key)
+            return
+        event(f"capture_many: {len(items)} items, bad {bad}")
+        result = self._call(None, "capture_many", agent, items, key=key,
+                            alternatives=[("capture_many", (agent, items + items[:1]), {})])
+        expired: list[ModelHold] = []
+        assert len(result["results"]) == len(plan)
+        for (h, micro, final), item, answer in zip(plan, items, result["results"]):
+            error, expected = self._batch_item(agent, h, micro, final, expired)
+            if error is not None:
+                assert (answer["ok"], answer["error"], answer["status"]) == (False, *ERROR_CODES[error]), answer
+                continue
+            assert answer["ok"], answer
+            self._check_receipt(answer["receipt"], h, expected, "capture")
+            if item_keys:
+                # Each item is idempotent under its own key, exactly like a single capture.
+                self._remember(item["idempotency_key"], agent, "capture", (agent, h.id, item["amount"]),
+                               {"final": final, "idempotency_key": item["idempotency_key"]}, answer["receipt"],
+                               [("capture", (agent, h.id, format_usdc(micro + 1)), {"final": final})])
+        for h in expired:   # freed after the batch, each once
+            self._expire_hold(h)
+
+    @precondition(lambda self: self.escrows)
+    @rule(pick=PICK, who=st.sampled_from(["buyer"] * 5 + ["seller", "verifier", "other"]))
+    def mint_spend_token(self, pick, who):
+        e = self._pick(pick, lambda e: True)
+        actor = self._actor(e, who)
+        error = self._gate(e, actor, (e.buyer,), ("active",))
+        if error is not None:
+            self._call(error, "mint_spend_token", actor, e.id)
+            return
+        result = self._call(None, "mint_spend_token", actor, e.id)
+        assert result["escrow_id"] == e.id and result["spend_token"].startswith("est_")
+        assert result["spend_token"] not in [t for t, _ in e.tokens]
+        e.tokens.append([result["spend_token"], False])
+
+    @precondition(lambda self: self.escrows)
+    @rule(pick=PICK, who=st.sampled_from(["buyer"] * 5 + ["seller", "verifier", "other"]))
+    def revoke_spend_tokens(self, pick, who):
+        e = self._pick(pick, lambda e: True)
+        actor = self._actor(e, who)
+        if actor not in (e.buyer, e.seller, e.verifier):
+            self._call(NotFound, "revoke_spend_tokens", actor, e.id)
+            return
+        if actor != e.buyer:
+            self._call(Forbidden, "revoke_spend_tokens", actor, e.id)
+            return
+        live = [t for t in e.tokens if not t[1]]
+        assert self.ledger.revoke_spend_tokens(actor, e.id) == {"escrow_id": e.id, "revoked": len(live)}
+        for t in live:
+            t[1] = True
+
+    @precondition(lambda self: self.escrows)
+    @rule(pick=PICK, who=st.sampled_from(["buyer", "seller", "verifier", "other"]), index=st.integers(0, 10_000))
+    def look_at_holds(self, pick, who, index):
+        e = self._pick(pick, lambda e: True)
+        actor = self._actor(e, who)
+        if actor not in (e.buyer, e.seller, e.verifier):
+            self._call(NotFound, "holds", actor, e.id)
+            for h in [h for h in self.holds if h.escrow is e][:1]:
+                self._call(NotFound, "get_hold", actor, h.id)
+            return
+        listed = [(h["id"], h["open_micro"], h["expires_at_ms"]) for h in self.ledger.holds(actor, e.id)]
+        mine = sorted(self._holds_of(e), key=lambda h: (h.created_at_ms, h.id))
+        assert listed == [(h.id, h.open_micro, h.expires_at_ms) for h in mine]
+        for h in mine[:1]:
+            got = self.ledger.get_hold(actor, h.id)
+            assert (got["status"], got["captured_micro"], got["escrow_remaining_micro"]) == \
+                (h.status, h.captured, e.remaining)
+
+    @precondition(lambda self: any(h.status == "open" and h.expires_at_ms > self.now_ms for h in self.holds))
+    @rule(index=st.integers(0, 10_000), offset_ms=st.sampled_from([-1, 0, 0, 1]), sweep=st.booleans())
+    def advance_to_a_hold_expiry(self, index, offset_ms, sweep):
+        """Right to (or a millisecond around) the end of a live hold: its TTL, the grace, or the escrow's cap."""
+        live = [h for h in self.holds if h.status == "open" and h.expires_at_ms > self.now_ms]
+        target = max(self.now_ms, live[index % len(live)].expires_at_ms + offset_ms)
+        self.clock.now = (target + 0.5) / 1000   # half a millisecond in: float seconds never truncate below it
+        assert self.now_ms == target
+        if sweep:
+            expected = self._sweep()
+            assert self.ledger.expire_due() == expected
+
     # ---- invariants ---------------------------------------------------------------------
 
     @invariant()
@@ -588,21 +1038,32 @@ class LedgerMachine(RuleBasedStateMachine):
         assert report["agent_balances_micro"] + report["escrow_holdings_micro"] + report["platform_fees_micro"] \
             == report["minted_micro"] == self.minted
         assert report["platform_fees_micro"] == self.platform
+        assert report["held_micro"] == sum(e.held for e in self.escrows)
         with self.ledger.engine.connect() as conn:
             stored = dict(conn.execute(select(accounts.c.account_id, accounts.c.balance_micro)
                                        .where(accounts.c.kind.in_(("agent", "escrow")))).all())
             rows = {r.escrow_id: r for r in conn.execute(select(escrows))}
+            hold_rows = {r.hold_id: r for r in conn.execute(select(holds))}
+            revoked = dict(conn.execute(select(spend_tokens.c.escrow_id, func.count())
+                                        .where(spend_tokens.c.revoked_at_ms.is_not(None))
+                                        .group_by(spend_tokens.c.escrow_id)).all())
         assert all(value >= 0 for value in stored.values())
         assert {agent: stored[f"agent:{agent}"] for agent in AGENTS} == self.balances
         assert len(rows) == len(self.escrows)
         for e in self.escrows:
             row = rows[e.id]
-            remaining = stored[f"escrow:{e.id}"]
-            assert e.amount == e.paid + e.refunded + e.remaining
-            assert row.amount_micro == row.paid_micro + row.refunded_micro + remaining
-            assert (row.status, row.paid_micro, row.refunded_micro, remaining, row.bonus_micro) == \
-                (e.status, e.paid, e.refunded, e.remaining, e.bonus_paid), e.id
-            assert min(e.paid, e.refunded, e.remaining) >= 0
+            balance = stored[f"escrow:{e.id}"]  # what the escrow still has: held + spendable
+            assert e.amount == e.paid + e.refunded + e.held + e.remaining
+            assert row.amount_micro == row.paid_micro + row.refunded_micro + balance
+            assert (row.status, row.paid_micro, row.refunded_micro, row.held_micro, balance - row.held_micro,
+                    row.bonus_micro, row.fees_micro, row.referral_micro) == \
+                (e.status, e.paid, e.refunded, e.held, e.remaining, e.bonus_paid, e.fees, e.referral_paid), e.id
+            assert min(e.paid, e.refunded, e.held, e.remaining) >= 0
+            assert e.open or e.remaining == 0
+            assert e.held == sum(h.open_micro for h in self._holds_of(e))
+            assert revoked.get(e.id, 0) == sum(1 for _, gone in e.tokens if gone)
+        assert {h.id: (h.status, h.amount, h.captured, h.expires_at_ms) for h in self.holds} == \
+            {r.hold_id: (r.status, r.amount_micro, r.captured_micro, r.expires_at_ms) for r in hold_rows.values()}
 
 
 class SQLiteLedgerMachine(LedgerMachine):
@@ -628,10 +1089,10 @@ class PostgresLedgerMachine(LedgerMachine):
 _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 
 class TestSQLiteLedger(SQLiteLedgerMachine.TestCase):
-    settings = settings(max_examples=40, stateful_step_count=30, **_SETTINGS)
+    settings = settings(max_examples=30, stateful_step_count=50, **_SETTINGS)
 
 
 @pytest.mark.postgres
 @pytest.mark.skipif(PG_SKIP_REASON is not None, reason=PG_SKIP_REASON or "")
 class TestPostgresLedger(PostgresLedgerMachine.TestCase):
-    settings = settings(max_examples=10, stateful_step_count=20, **_SETTINGS)
+    settings = settings(max_examples=10, stateful_step_count=40, **_SETTINGS)
