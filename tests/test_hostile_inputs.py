@@ -14,14 +14,13 @@ import inspect
 import json
 
 import pytest
-from starlette.testclient import TestClient
 
 import hf_escrow
 from hf_escrow import EscrowError
 from hf_escrow.client import EmbeddedTransport, EscrowClient
 
 from .helpers import assert_audit_clean, snapshot
-from .test_service_fuzz import World
+from .test_service_fuzz import World, http, world  # noqa: F401  (the fuzz world's fixtures, one per module)
 
 DEEP = 1
 for _ in range(200):
@@ -35,20 +34,6 @@ HOSTILE = {
     "float max": 1.7976931348623157e308, "tiny": 5e-324,
 }
 BIG_DIGITS = b'{"amount_usdc": ' + b"9" * 5_000 + b"}"   # past Python's int-parsing digit limit
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    w = World(f"sqlite:///{tmp_path_factory.mktemp('hostile') / 'ledger.db'}")
-    yield w
-    assert_audit_clean(w.ledger)
-    w.close()
-
-
-@pytest.fixture(scope="module")
-def http(world):
-    with TestClient(world.app, raise_server_exceptions=False) as client:
-        yield client
 
 
 def _json_routes(world: World) -> list[tuple[str, str, list[str]]]:
