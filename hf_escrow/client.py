@@ -46,15 +46,6 @@ class _BaseClient:
         agent_id = agent_id or self.agent
         return self._request("register", {"agent_id": agent_id, "referral_code": referral_code}, self._adopt)
 
-    def identify(self, api_key: str) -> str:
-        """The agent id that owns `api_key` (Unauthorized if none): how a seller checks who calls.
-
-        Example:
-            >>> seller.identify(request_key) == escrow.buyer
-            True
-        """
-        return self._request("identify", {"api_key": api_key}, lambda d: d["agent_id"])
-
     def claim_faucet(self, idempotency_key: str | None = None) -> Decimal:
         """Claim free test USDC; returns the amount credited."""
         return self._request("claim_faucet", {"idempotency_key": idempotency_key},
@@ -323,8 +314,6 @@ class EmbeddedTransport:
             if not params["agent_id"]:
                 raise Unauthorized("name the agent: connect(agent=...) or register(agent_id)")
             return self.ledger.register(params["agent_id"], params["referral_code"])
-        if op == "identify":
-            return {"agent_id": self.ledger.authenticate(params["api_key"])}
         if client.agent is None:
             raise Unauthorized("this client acts for no agent: connect(agent=\"name\") or register one first")
         if op == "me":

@@ -48,7 +48,7 @@ def build_request(op: str, params: dict, agent: str | None) -> tuple[str, str, d
         return "POST", "/register", {"agent_id": p["agent_id"], "referral_code": p["referral_code"]}, None
     if op == "claim_faucet":
         return "POST", "/claim", {"agent_id": agent}, None
-    if op in ("me", "identify"):
+    if op == "me":
         return "GET", "/api/me", None, None
     if op == "rotate_key":
         return "POST", "/api/me/key", None, None
@@ -151,8 +151,7 @@ class _Base:
 
     def _prepare(self, op: str, params: dict, agent: str | None) -> tuple[dict, dict]:
         method, path, body, query = build_request(op, params, agent or self.agent_id)
-        key = params["api_key"] if op == "identify" else self.api_key
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         if op in _MUTATIONS:
             headers["Idempotency-Key"] = params.get("idempotency_key") or f"hfe-{uuid.uuid4()}"
         request = {"method": method, "url": self.base_url + path, "json": body, "params": query, "headers": headers}

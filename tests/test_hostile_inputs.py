@@ -110,7 +110,7 @@ def test_a_two_mebibyte_body_is_refused_before_it_is_read(world, http):
 
 _CLIENT_OPS = ["create_escrow", "deduct", "release", "cancel", "submit_result", "verify", "get", "history",
                "hold", "capture", "void", "capture_many", "get_hold", "holds", "mint_spend_token",
-               "revoke_spend_tokens", "identify", "register"]
+               "revoke_spend_tokens", "register"]
 
 
 def _valid_args(world: World, op: str) -> dict:
@@ -128,7 +128,7 @@ def _valid_args(world: World, op: str) -> dict:
         "void": {"hold_id": "hold_unknown"}, "capture_many": {"items": [(world.hold, "0.000001", False)]},
         "get_hold": {"hold_id": world.hold}, "holds": {"escrow_id": world.plain},
         "mint_spend_token": {"escrow_id": world.plain}, "revoke_spend_tokens": {"escrow_id": "esc_unknown"},
-        "identify": {"api_key": "hfe_nobody"}, "register": {"agent_id": "fresh-agent"},
+        "register": {"agent_id": "fresh-agent"},
     }[op]
 
 
