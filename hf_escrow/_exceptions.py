@@ -122,11 +122,18 @@ _BY_STATUS = {401: Unauthorized, 403: Forbidden, 404: NotFound, 402: Insufficien
 
 
 def error_for_status(status_code: int, body: Any, *, response: Any = None) -> EscrowError:
-    """Rebuild the error a server sent: by its `error` code, else by the HTTP status."""
-    code = body.get("error") if isinstance(body, dict) else None
-    message = body.get("message") if isinstance(body, dict) else None
-    if not message:
+    """Rebuild the error a server sent: by its `error` code, else by the HTTP status.
+
+    Reads our own body (`{"error": code, "message": ...}`) and OpenAI's, which the gateway
+    answers in (`{"error": {"code": ..., "message": ...}}`); anything else falls back to the status.
+    """
+    fields = body if isinstance(body, dict) else {}
+    if isinstance(fields.get("error"), dict):
+        fields = fields["error"]
+    code = fields.get("error", fields.get("code"))
+    message = fields.get("message")
+    if not isinstance(message, str) or not message:
         message = f"server answered HTTP {status_code}: {str(body)[:200]}"
-    cls = _BY_CODE.get(code) or _BY_STATUS.get(status_code, EscrowError)
-    details = body.get("details") if isinstance(body, dict) else None
-    return cls(message, response=response, details=details)
+    cls = (_BY_CODE.get(code) if isinstance(code, str) else None) or _BY_STATUS.get(status_code, EscrowError)
+    details = fields.get("details")
+    return cls(message, response=response, details=details if isinstance(details, dict) else None)
