@@ -8,7 +8,7 @@ from decimal import Decimal
 from typing import Any
 
 from ._exceptions import EscrowError, error_for_status
-from .money import to_usdc
+from .money import require, to_usdc
 
 
 def _usdc(data: dict, name: str) -> Decimal:
@@ -100,7 +100,8 @@ class Escrow:
     spend_token: str | None = field(default=None, repr=False)  # a secret: kept out of logged reprs
 
     def __post_init__(self):
-        assert self.amount == self.paid + self.refunded + self.held + self.remaining, self
+        require(self.amount == self.paid + self.refunded + self.held + self.remaining,
+                f"escrow {self.id} breaks amount == paid + refunded + held + remaining")
 
     @property
     def is_open(self) -> bool:
@@ -151,8 +152,9 @@ class Hold:
     escrow_remaining: Decimal
 
     def __post_init__(self):
-        assert self.captured <= self.amount, self
-        assert self.open == (self.amount - self.captured if self.status == "open" else 0), self
+        require(self.captured <= self.amount, f"hold {self.id} captured more than it held")
+        require(self.open == (self.amount - self.captured if self.status == "open" else 0),
+                f"hold {self.id}: open amount does not match amount - captured")
 
     @property
     def is_open(self) -> bool:
@@ -199,7 +201,8 @@ class Receipt:
     hold: Hold | None = None
 
     def __post_init__(self):
-        assert self.gross == self.net + self.fee and self.gross == self.base + self.bonus, self
+        require(self.gross == self.net + self.fee and self.gross == self.base + self.bonus,
+                f"receipt for {self.escrow_id} does not add up: {self}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "Receipt":
@@ -231,7 +234,8 @@ class CaptureResult:
     error: EscrowError | None = None
 
     def __post_init__(self):
-        assert (self.receipt is not None) == self.ok and (self.error is None) == self.ok, self
+        if (self.receipt is not None) != self.ok or (self.error is None) != self.ok:
+            raise ValueError(f"a CaptureResult has a receipt when ok and an error otherwise: {self}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "CaptureResult":

@@ -33,6 +33,16 @@ _AMOUNT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)
 BPS = 10_000
 
 
+
+class MoneyInvariantBroken(ArithmeticError):
+    """Money figures that break a rule of this module: a bug, never a caller's input."""
+
+
+def require(ok: bool, what: str) -> None:
+    """Check a money invariant; raised rather than asserted, so it holds under `python -O`."""
+    if not ok:
+        raise MoneyInvariantBroken(what)
+
 def to_decimal(value: Any, *, what: str = "amount") -> Decimal:
     """A finite, non-negative Decimal from str/int/Decimal/float; refuses everything else."""
     if isinstance(value, bool) or value is None:
@@ -93,7 +103,7 @@ def was_rounded(value: Any) -> bool:
 
 def to_usdc(micro: int) -> Decimal:
     """Integer micro-USDC -> exact Decimal USDC with six decimals."""
-    assert isinstance(micro, int) and not isinstance(micro, bool), micro
+    require(isinstance(micro, int) and not isinstance(micro, bool), f"micro-USDC must be an int, got {micro!r}")
     return (Decimal(micro) * _MICRO).quantize(_MICRO)
 
 
@@ -109,7 +119,7 @@ def usdc_number(micro: int) -> float:
 
 def share(amount_micro: int, bps: int) -> int:
     """`bps` basis points of `amount_micro`, rounded half-even to the micro-USDC."""
-    assert amount_micro >= 0 and 0 <= bps <= BPS, (amount_micro, bps)
+    require(amount_micro >= 0 and 0 <= bps <= BPS, f"share of {amount_micro} at {bps} bps")
     return round_micro(Decimal(amount_micro * bps) / BPS / MICRO_PER_USDC)
 
 
@@ -133,12 +143,16 @@ def split_over_life(gross_micro: int, *, paid_before_micro: int, fees_before_mic
     the same fee as one capture of their sum, so splitting a payment cannot avoid it.
 
     Example:
-        >>> sum(split_over_life(50, paid_before_micro=50 * i, fees_before_micro=(50 * i) // 100,
-        ...                     referral_before_micro=0, fee_bps=100, referral_bps=0,
-        ...                     has_referrer=False).fee_micro for i in range(200))
-        100
+        >>> paid = fees = 0
+        >>> for _ in range(200):
+        ...     part = split_over_life(50, paid_before_micro=paid, fees_before_micro=fees,
+        ...                            referral_before_micro=0, fee_bps=100, referral_bps=0, has_referrer=False)
+        ...     paid, fees = paid + part.gross_micro, fees + part.fee_micro
+        >>> fees == share(200 * 50, 100) == 100
+        True
     """
-    assert min(gross_micro, paid_before_micro, fees_before_micro, referral_before_micro) >= 0
+    require(min(gross_micro, paid_before_micro, fees_before_micro, referral_before_micro) >= 0,
+            f"negative payout figures: {gross_micro}, {paid_before_micro}, {fees_before_micro}, {referral_before_micro}")
     fee_after = share(paid_before_micro + gross_micro, fee_bps)
     fee = min(max(fee_after - fees_before_micro, 0), gross_micro)
     referral = 0
@@ -152,8 +166,9 @@ def _checked(result: Split) -> Split:
     if result.net_micro + result.fee_micro != result.gross_micro \
             or result.referral_micro + result.platform_micro != result.fee_micro \
             or min(result.net_micro, result.fee_micro, result.referral_micro, result.platform_micro) < 0:
-        raise ArithmeticError(f"unbalanced split: {result}")  # raised, not asserted: survives python -O
+        raise MoneyInvariantBroken(f"unbalanced split: {result}")
     return result
+
 
 
 def split_payout(gross_micro: int, *, fee_bps: int, referral_bps: int, has_referrer: bool) -> Split:
@@ -169,5 +184,5 @@ def split_payout(gross_micro: int, *, fee_bps: int, referral_bps: int, has_refer
 
 def cost_micro(quantity: int, unit_price: Decimal, *, per: int = 1) -> int:
     """Exact cost of `quantity` units at `unit_price` USDC per `per` units, one rounding."""
-    assert quantity >= 0 and per > 0
+    require(quantity >= 0 and per > 0, f"cost of {quantity} units per {per}")
     return round_micro(Decimal(quantity) * unit_price / per)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from decimal import Decimal
+import subprocess
+import sys
 from fractions import Fraction
 
 import pytest
@@ -376,3 +378,28 @@ def test_two_hundred_payouts_of_fifty_micro_pay_the_fee():
 def test_amount_text_is_ascii_digits_only(text):
     with pytest.raises(InvalidAmount):
         parse_usdc(text)
+
+
+def test_money_invariants_hold_under_python_O():
+    """`python -O` strips asserts; the checks on money must still raise there."""
+    script = (
+        "from hf_escrow.money import MoneyInvariantBroken, share, to_usdc\n"
+        "for bad in (lambda: to_usdc(1.5), lambda: share(-1, 100)):\n"
+        "    try:\n"
+        "        bad()\n"
+        "    except MoneyInvariantBroken:\n"
+        "        continue\n"
+        "    raise SystemExit('an invariant did not raise under -O')\n"
+        "print('checked')\n"
+    )
+    done = subprocess.run([sys.executable, "-O", "-c", script], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout.strip()) == (0, "checked"), done.stderr
+
+
+def test_money_examples_in_docstrings_run():
+    import doctest
+
+    import hf_escrow.money
+
+    outcome = doctest.testmod(hf_escrow.money)
+    assert outcome.attempted > 0 and outcome.failed == 0, outcome
