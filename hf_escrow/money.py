@@ -123,6 +123,18 @@ def share(amount_micro: int, bps: int) -> int:
     return round_micro(Decimal(amount_micro * bps) / BPS / MICRO_PER_USDC)
 
 
+def percent_of(amount_micro: int, pct: Decimal) -> int:
+    """`pct` percent of `amount_micro` (a bonus rate such as Decimal("2.5")), rounded half-even
+    to the micro-USDC: how the ledger rounds each bonus, and how a buyer sizes headroom for it.
+
+    Example:
+        >>> percent_of(1_000_001, Decimal("2.5"))
+        25000
+    """
+    require(amount_micro >= 0 and pct >= 0, f"{pct}% of {amount_micro}")
+    return round_micro(Decimal(amount_micro) * pct / 100 / MICRO_PER_USDC)
+
+
 @dataclass(frozen=True)
 class Split:
     """How a gross payout to a seller is divided."""

@@ -49,7 +49,7 @@ from typing import Any, AsyncIterator, Callable, Iterable
 
 from ._exceptions import ValidationError
 from ._models import Receipt
-from .money import round_micro, to_decimal, to_usdc
+from .money import percent_of, to_decimal, to_usdc
 from .pricing import Pricing
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class EscrowedEngine:
             Decimal('0.002968')
         """
         base = self._pricing.tokens_micro(prompt_tokens, max_tokens)
-        return to_usdc(base + sum(_pct_micro(base, pct) for pct in self._headroom_parts()))
+        return to_usdc(base + sum(percent_of(base, pct) for pct in self._headroom_parts()))
 
     def _headroom_parts(self) -> list[Decimal]:
         if self.headroom_pct is not None:
@@ -331,11 +331,6 @@ class EscrowedEngine:
         except Exception as cancel_error:  # keep the original error; say the refund did not happen
             logger.error("could not cancel escrow %s after a failed generation", escrow_id, exc_info=True)
             error.add_note(f"cancelling escrow {escrow_id} also failed: {cancel_error!r}; it refunds at its TTL")
-
-
-def _pct_micro(base_micro: int, pct: Decimal) -> int:
-    """`pct` % of a base, rounded as the ledger rounds each bonus (half-even micro-USDC)."""
-    return round_micro(Decimal(base_micro) * pct / 100 / 1_000_000)
 
 
 def _sampling_params(sampling_params: Any, max_tokens: int | None) -> Any:

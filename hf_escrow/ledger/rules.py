@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 from .._exceptions import StateConflict, ValidationError
-from ..money import round_micro, to_decimal
+from ..money import percent_of, to_decimal
 
 QUALITY_BONUS_ABOVE = 0.9
 MAX_BONUS_PCT = Decimal(100)
@@ -203,7 +203,7 @@ def earned_bonus(base_micro: int, conditions: dict | None, *, throughput_tps: fl
                  streak_pct: Decimal) -> Bonus:
     """Bonuses on the base payout: throughput above the minimum, quality > 0.9, the streak."""
     def pct_of(pct: Decimal) -> int:
-        return round_micro(Decimal(base_micro) * pct / 100 / 1_000_000)
+        return percent_of(base_micro, pct)
 
     throughput = 0
     if conditions and throughput_tps is not None and throughput_tps > conditions["throughput_tps_min"]:
