@@ -51,7 +51,7 @@ MAX_ESCROWS = 1_000                # escrows one AutoPay opens in its life
 DISCOVERY_TIMEOUT_S = 10.0
 MIN_TTL_S = 1.0
 
-__all__ = ["AutoPay", "Mandate", "EscrowAuth"]
+__all__ = ["AutoPay", "Mandate", "EscrowAuth", "PaidClient"]
 
 
 @dataclass(frozen=True)
@@ -286,10 +286,38 @@ class AutoPay:
         """``storage_options`` for `datasets` streaming from a shard server: its spend-token header."""
         return {"headers": self.headers_for(url)}
 
-    def gradio_client(self, url: str, **options: Any) -> Any:
-        """A `gradio_client.Client` for a paid Space, paying with this AutoPay's escrow for its seller."""
+    def gradio_client(self, url: str, **options: Any) -> "PaidClient":
+        """A `gradio_client.Client` for a paid Space whose calls pay with this AutoPay.
+
+        Gradio's queue answers a refusal inside an error (`hf_escrow.challenge.from_text`):
+        `predict` pays it and calls again; a refusal comes before the handler runs.
+        """
         from gradio_client import Client
-        return Client(url, headers={**options.pop("headers", {}), **self.headers_for(url)}, **options)
+        from gradio_client.exceptions import AppError
+        client = Client(url, headers={**options.pop("headers", {}), **self.headers_for(url)}, **options)
+        return PaidClient(self, client, client.headers, AppError, lambda error: challenge.from_text(str(error)),
+                          retried=("predict",))
+
+    def inference_client(self, base_url: str, **options: Any) -> "PaidClient":
+        """A `huggingface_hub.InferenceClient` for a paid gateway whose calls pay with this AutoPay.
+
+        A 402 (`HfHubHTTPError`) is paid and the call made again.
+        """
+        from huggingface_hub import InferenceClient
+        from huggingface_hub.errors import HfHubHTTPError
+        client = InferenceClient(base_url=base_url, headers={**options.pop("headers", {}),
+                                                             **self.headers_for(base_url)}, **options)
+
+        def found(error: Any) -> Challenge | None:
+            answer = getattr(error, "response", None)
+            if answer is None:
+                return None
+            try:
+                body = answer.content
+            except Exception:   # a streamed answer whose body was not read
+                body = None
+            return challenge.from_response(answer.status_code, answer.headers, body)
+        return PaidClient(self, client, client.headers, HfHubHTTPError, found)
 
     # ---- closing ----------------------------------------------------------------------
 
@@ -314,6 +342,40 @@ class AutoPay:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await asyncio.to_thread(self.close)
+
+
+class PaidClient:
+    """A client with fixed headers (gradio_client, InferenceClient) whose refused calls AutoPay pays.
+
+    Every attribute is the wrapped client's; its calls (those named in `retried`, or all)
+    are made again with a new spend token when they fail with a challenge AutoPay pays.
+    """
+
+    def __init__(self, pay: AutoPay, client: Any, headers: dict, error_type: type, challenge_of: Any, *,
+                 retried: tuple[str, ...] | None = None):
+        self._pay, self._client, self._headers = pay, client, headers
+        self._error_type, self._challenge_of, self._retried = error_type, challenge_of, retried
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._client, name)
+        if not callable(value) or name.startswith("_") or (self._retried is not None and name not in self._retried):
+            return value
+
+        def paying(*args: Any, **kwargs: Any) -> Any:
+            for _ in range(MAX_PAYMENTS_PER_REQUEST):
+                sent = self._headers.get(challenge.TOKEN_HEADER)
+                try:
+                    return value(*args, **kwargs)
+                except self._error_type as error:
+                    found = self._challenge_of(error)
+                    if found is None:
+                        raise
+                    try:
+                        self._headers[challenge.TOKEN_HEADER] = self._pay.pay(found, sent)
+                    except (Forbidden, StateConflict):
+                        raise error from None
+            return value(*args, **kwargs)
+        return paying
 
 
 class EscrowAuth(httpx.Auth):

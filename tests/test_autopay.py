@@ -184,6 +184,8 @@ def test_autopay_pays_the_gateway_sync_and_async_exactly_and_refunds_the_rest(wo
             assert answer.status_code == 200, answer.text
             usages.append(answer.json()["usage"])
     asyncio.run(run_async())
+    hub = pay.inference_client(url + "/v1")
+    usages.append(hub.chat_completion(MSGS, model=model, max_tokens=3).usage.__dict__)
     assert len(pay.escrow_ids) == 1                       # one escrow, reused by every later call
     summary = pay.close()
     escrow = buyer.get(pay.escrow_ids[0])
@@ -194,17 +196,22 @@ def test_autopay_pays_the_gateway_sync_and_async_exactly_and_refunds_the_rest(wo
     assert ledger.me("buyer")["balance_micro"] == start - owed
 
 
-def test_autopay_pays_a_gradio_app_per_call(world, gradio_app):
+def test_autopay_pays_a_gradio_app_per_call_and_opens_another_escrow_when_low(world, gradio_app):
+    from gradio_client.exceptions import AppError
     ledger, buyer, _ = world
     start = ledger.me("buyer")["balance_micro"]
-    with AutoPay(buyer, budget="0.02", max_per_seller="0.01", calls_per_escrow=4) as pay:
+    with AutoPay(buyer, budget="0.02", max_per_seller="0.005", calls_per_escrow=2) as pay:
         client = pay.gradio_client(gradio_app, verbose=False)
-        assert [client.predict(w, api_name="/shout") for w in ("a", "b", "c")] == ["A", "B", "C"]
-        escrow_id = pay.escrow_ids[0]
-        assert buyer.get(escrow_id).amount == Decimal("0.004")     # 4 calls of the challenge's price
-    escrow = buyer.get(escrow_id)
-    assert escrow.paid == Decimal("0.003") and escrow.refunded == Decimal("0.001") and escrow.status == "cancelled"
-    assert ledger.me("buyer")["balance_micro"] == start - 3_000
+        words = ("a", "b", "c", "d", "e")
+        assert [client.predict(w, api_name="/shout") for w in words] == [w.upper() for w in words]
+        with pytest.raises(AppError) as refused:     # the seller's share of the mandate is spent
+            client.predict("f", api_name="/shout")
+        assert challenge.from_text(str(refused.value)).reason == "insufficient_remaining"
+        amounts = [buyer.get(i).amount for i in pay.escrow_ids]
+    assert amounts == [Decimal("0.002"), Decimal("0.002"), Decimal("0.001")]   # the last one capped by the mandate
+    escrows = [buyer.get(i) for i in pay.escrow_ids]
+    assert sum(e.paid for e in escrows) == Decimal("0.005") and all(e.status == "cancelled" for e in escrows)
+    assert ledger.me("buyer")["balance_micro"] == start - 5_000
 
 
 def test_autopay_pays_datasets_streaming_per_shard(world, shards):
