@@ -17,10 +17,10 @@ shard's price, once, through the till's ledger: one hold of the price, captured 
 (`ShardGate`). Further ranged reads, retries and reconnects of that shard are free - also
 after a server restart and across several server processes on one ledger, because both
 the hold and the capture carry idempotency keys every process derives alike, and the
-ledger answers a repeated key with the stored result. Not enough left in the escrow:
-402 with a JSON message, and no bytes of the file. A new shard needs a live token: a
-revoked token (403) or a closed escrow (409) pays for nothing more, at once and in every
-process, but the shards the escrow paid for can be read again with the token that paid
+ledger answers a repeated key with the stored result. Every refusal to pay is a 402
+carrying the challenge of `hf_escrow.challenge` (its `reason` says why; the offer is also
+at ``/.well-known/hf-escrow``), and no bytes of the file. A new shard needs a live token: a
+revoked token or a closed escrow pays for nothing more, at once and in every process, but the shards the escrow paid for can be read again with the token that paid
 them (a re-read moves no money; the ledger keeps the keys that prove it at least 24 h).
 
 HEAD never charges and asks the ledger nothing: it needs a spend token and tells the
