@@ -30,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import time
 from dataclasses import dataclass, field
@@ -298,15 +299,16 @@ class AutoPay:
         return PaidClient(self, client, client.headers, AppError, lambda error: challenge.from_text(str(error)),
                           retried=("predict",))
 
-    def inference_client(self, base_url: str, **options: Any) -> "PaidClient":
-        """A `huggingface_hub.InferenceClient` for a paid gateway whose calls pay with this AutoPay.
-
-        A 402 (`HfHubHTTPError`) is paid and the call made again.
+    def inference_client(self, base_url: str, *, asynchronous: bool = False, **options: Any) -> "PaidClient":
+        """A `huggingface_hub.InferenceClient` (`AsyncInferenceClient` with `asynchronous`) for a
+        paid gateway whose calls pay with this AutoPay: a 402 (`HfHubHTTPError`) is paid and
+        the call made again.
         """
-        from huggingface_hub import InferenceClient
+        from huggingface_hub import AsyncInferenceClient, InferenceClient
         from huggingface_hub.errors import HfHubHTTPError
-        client = InferenceClient(base_url=base_url, headers={**options.pop("headers", {}),
-                                                             **self.headers_for(base_url)}, **options)
+        kind = AsyncInferenceClient if asynchronous else InferenceClient
+        client = kind(base_url=base_url, headers={**options.pop("headers", {}), **self.headers_for(base_url)},
+                      **options)
 
         def found(error: Any) -> Challenge | None:
             answer = getattr(error, "response", None)
@@ -361,21 +363,36 @@ class PaidClient:
         if not callable(value) or name.startswith("_") or (self._retried is not None and name not in self._retried):
             return value
 
+        if inspect.iscoroutinefunction(value):
+            async def paying_async(*args: Any, **kwargs: Any) -> Any:
+                for _ in range(MAX_PAYMENTS_PER_REQUEST):
+                    sent = self._headers.get(challenge.TOKEN_HEADER)
+                    try:
+                        return await value(*args, **kwargs)
+                    except self._error_type as error:
+                        await asyncio.to_thread(self._paid, error, sent)   # the ledger blocks: off the loop
+                return await value(*args, **kwargs)
+            return paying_async
+
         def paying(*args: Any, **kwargs: Any) -> Any:
             for _ in range(MAX_PAYMENTS_PER_REQUEST):
                 sent = self._headers.get(challenge.TOKEN_HEADER)
                 try:
                     return value(*args, **kwargs)
                 except self._error_type as error:
-                    found = self._challenge_of(error)
-                    if found is None:
-                        raise
-                    try:
-                        self._headers[challenge.TOKEN_HEADER] = self._pay.pay(found, sent)
-                    except (Forbidden, StateConflict):
-                        raise error from None
+                    self._paid(error, sent)
             return value(*args, **kwargs)
         return paying
+
+    def _paid(self, error: BaseException, sent: str | None) -> None:
+        """Pay the challenge a call failed with and take up its token; else raise the failure as it came."""
+        found = self._challenge_of(error)
+        if found is None:
+            raise error
+        try:
+            self._headers[challenge.TOKEN_HEADER] = self._pay.pay(found, sent)
+        except (Forbidden, StateConflict):
+            raise error from None
 
 
 class EscrowAuth(httpx.Auth):

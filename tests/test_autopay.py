@@ -186,6 +186,11 @@ def test_autopay_pays_the_gateway_sync_and_async_exactly_and_refunds_the_rest(wo
     asyncio.run(run_async())
     hub = pay.inference_client(url + "/v1")
     usages.append(hub.chat_completion(MSGS, model=model, max_tokens=3).usage.__dict__)
+
+    async def run_hub() -> None:
+        ahub = pay.inference_client(url + "/v1", asynchronous=True)
+        usages.append((await ahub.chat_completion(MSGS, model=model, max_tokens=2)).usage.__dict__)
+    asyncio.run(run_hub())
     assert len(pay.escrow_ids) == 1                       # one escrow, reused by every later call
     summary = pay.close()
     escrow = buyer.get(pay.escrow_ids[0])
