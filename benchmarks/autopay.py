@@ -38,6 +38,7 @@ from hf_escrow.serving import serve_in_thread  # noqa: E402
 PRICES = {"input_per_1k": "0.0005", "output_per_1k": "0.0015"}
 MSGS = [{"role": "user", "content": "hello"}]
 MAX_TOKENS = 4
+FIRST_CALL_SAMPLES = 5
 
 
 def stub_upstream():
@@ -102,20 +103,34 @@ def main() -> None:
                 warm = manual_buyer.create_escrow("seller", "0.01", ttl_seconds=600)
                 with httpx.Client(headers={"X-Escrow-Token": warm.spend_token}, timeout=60) as warming:
                     timed_calls(warming, url, model, 3)      # the gateway's first requests: not anyone's cost
-                start = time.perf_counter()
-                escrow = manual_buyer.create_escrow("seller", "5", ttl_seconds=3600)
-                manual = httpx.Client(headers={"X-Escrow-Token": escrow.spend_token}, timeout=60)
-                manual_first_ms = (time.perf_counter() - start) * 1000 + timed_calls(manual, url, model, 1)[0]
-                pay = AutoPay(auto_buyer, budget="5", calls_per_escrow=100_000)
-                auto = httpx.Client(auth=pay.auth, timeout=60)
-                auto_first_ms = timed_calls(auto, url, model, 1)[0]
+                firsts = {"manual": [], "auto": []}
+                for _ in range(FIRST_CALL_SAMPLES):   # a fresh escrow each time: its creation and first call
+                    manual = httpx.Client(timeout=60)    # clients are built outside the timings (TLS setup)
+                    start = time.perf_counter()
+                    escrow = manual_buyer.create_escrow("seller", "5", ttl_seconds=3600)
+                    manual.headers["X-Escrow-Token"] = escrow.spend_token
+                    firsts["manual"].append((time.perf_counter() - start) * 1000
+                                            + timed_calls(manual, url, model, 1)[0])
+                    pay = AutoPay(auto_buyer, budget="5", calls_per_escrow=100_000)
+                    auto = httpx.Client(auth=pay.auth, timeout=60)
+                    firsts["auto"].append(timed_calls(auto, url, model, 1)[0])
+                    if len(firsts["auto"]) < FIRST_CALL_SAMPLES:
+                        pay.close()
+                        manual_buyer.cancel(escrow.id)
+                        manual.close()
+                        auto.close()
+                manual_first_ms, auto_first_ms = median(firsts["manual"]), median(firsts["auto"])
                 times = {"manual": [], "auto": []}
                 spent_s = {"manual": 0.0, "auto": 0.0}
+                ratios = []   # per round: AutoPay's calls/s over the manual client's, in adjacent blocks
                 for _ in range(args.rounds):
+                    block_s = {}
                     for name, client in (("manual", manual), ("auto", auto)):
                         block = timed_calls(client, url, model, args.calls)
                         times[name] += block
-                        spent_s[name] += sum(block) / 1000
+                        block_s[name] = sum(block) / 1000
+                        spent_s[name] += block_s[name]
+                    ratios.append(block_s["manual"] / block_s["auto"])
                 summary = pay.close()
                 manual.close()
                 auto.close()
@@ -123,12 +138,14 @@ def main() -> None:
     p50 = {name: median(times[name]) for name in times}
     show(f"AutoPay vs a hand-opened escrow through the gateway ({args.model} upstream, "
          f"{args.rounds} x {args.calls} calls each, interleaved)", [
-        ("manual: create_escrow + first call", f"{manual_first_ms:.1f} ms", ""),
+        ("manual: create_escrow + first call", f"{manual_first_ms:.1f} ms", f"median of {FIRST_CALL_SAMPLES}"),
         ("AutoPay: first call (402, escrow, retry)", f"{auto_first_ms:.1f} ms",
-         f"pays the escrow creation once ({auto_first_ms - manual_first_ms:+.1f} ms vs manual)"),
+         f"median of {FIRST_CALL_SAMPLES}; pays the escrow creation once ({auto_first_ms - manual_first_ms:+.1f} ms "
+         "vs manual)"),
         ("manual calls/s", f"{rate['manual']:.1f}", ""),
         ("AutoPay calls/s", f"{rate['auto']:.1f}", ""),
-        ("AutoPay / manual calls/s", f"{rate['auto'] / rate['manual']:.3f}", "goal >= 0.98"),
+        ("AutoPay / manual calls/s", f"{rate['auto'] / rate['manual']:.3f}", "all calls"),
+        ("AutoPay / manual calls/s, median round", f"{median(ratios):.3f}", "goal >= 0.98 (robust to load spikes)"),
         ("latency p50 manual / AutoPay", f"{p50['manual']:.2f} / {p50['auto']:.2f} ms", ""),
         ("added latency p50", f"{p50['auto'] - p50['manual']:+.2f} ms", "AutoPay after its first call"),
         ("escrows AutoPay opened", str(summary["escrows"]), "one, reused; the rest refunded on close"),
