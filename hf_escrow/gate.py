@@ -187,7 +187,11 @@ class Gate:
         from starlette.routing import Route
 
         async def discovery(request: Any) -> JSONResponse:
-            return JSONResponse((await run_in_threadpool(self.offer)).document())
+            try:
+                return JSONResponse((await run_in_threadpool(self.offer)).document())
+            except EscrowError as error:   # nothing gated yet, or the escrow server is unreachable
+                return JSONResponse(error.to_dict(), status_code=404 if isinstance(error, ValidationError)
+                                    else error.status_code)
         return [Route(challenge.WELL_KNOWN_PATH, discovery, methods=["GET"])]
 
     def balance(self, token: Any) -> Decimal:

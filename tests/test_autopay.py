@@ -345,3 +345,19 @@ def test_mandate_refuses_bad_terms():
         AutoPay(hf_escrow.connect_async(agent="buyer"), budget="1")
     with pytest.raises(hf_escrow.ValidationError):
         AutoPay(hf_escrow.connect(agent="buyer"))
+
+
+def test_only_well_formed_hf_escrow_challenges_parse():
+    good = _challenge_for(hf_escrow.connect(agent="buyer"))
+    assert challenge.from_response(402, {}, json.dumps(good)).seller == "seller"
+    assert challenge.from_response(200, {}, json.dumps(good)) is None                # only a 402 challenges
+    header = {"x-escrow-challenge": challenge.encode_header(good)}
+    assert challenge.from_response(402, header, b"not json").reason == "no_token"   # the header stands in
+    for bad in ({**good, "scheme": "x402"}, {**good, "min_escrow_micro": -1}, {**good, "min_escrow_micro": True},
+                {**good, "seller": ""}, {**good, "pricing": "cheap"}, {**good, "escrow_server": 7}, [good]):
+        assert challenge.from_response(402, {}, json.dumps(bad)) is None, bad
+    assert challenge.from_response(402, {"X-Escrow-Challenge": "%%%"}, b"") is None
+    assert challenge.from_response(402, {}, b"{" * 20_000) is None
+    assert challenge.from_text("plain error") is None and challenge.from_text("x hf-escrow-402: {oops") is None
+    text = "refused " + challenge.GRADIO_MARK + json.dumps(good) + " (and more)"
+    assert challenge.from_text(text).min_escrow_micro == 1_000
