@@ -22,6 +22,7 @@ Example:
     >>> buyer = hf_escrow.connect("http://127.0.0.1:8787", api_key="hfe_...")
     >>> with hf_escrow.AutoPay(buyer, budget="0.05", sellers=["my-space"]) as pay:
     ...     http = httpx.Client(auth=pay.auth)                 # or httpx.AsyncClient(auth=pay.auth)
+    ...     requests.get(shard_url, auth=pay.requests_auth)    # requests
     ...     http.post("http://127.0.0.1:8788/v1/chat/completions", json={...})   # 402 -> escrow -> retry
     ...     Client(space_url, headers=pay.headers_for(space_url))              # gradio_client
     ...     load_dataset(..., storage_options=pay.storage_options(shard_url))   # datasets streaming
@@ -52,7 +53,7 @@ MAX_ESCROWS = 1_000                # escrows one AutoPay opens in its life
 DISCOVERY_TIMEOUT_S = 10.0
 MIN_TTL_S = 1.0
 
-__all__ = ["AutoPay", "Mandate", "EscrowAuth", "PaidClient"]
+__all__ = ["AutoPay", "Mandate", "EscrowAuth", "RequestsAuth", "PaidClient"]
 
 
 @dataclass(frozen=True)
@@ -147,6 +148,7 @@ class AutoPay:
         self._faces: dict[str, str] = {}          # origin -> the seller its challenge named
         self.closed = False
         self.auth = EscrowAuth(self)
+        self.requests_auth = RequestsAuth(self)
 
     # ---- what it has done -------------------------------------------------------------
 
@@ -393,6 +395,42 @@ class PaidClient:
             self._headers[challenge.TOKEN_HEADER] = self._pay.pay(found, sent)
         except (Forbidden, StateConflict):
             raise error from None
+
+
+class RequestsAuth:
+    """The `requests` side of an AutoPay (``requests.get(url, auth=pay.requests_auth)``).
+
+    Like `EscrowAuth`: a face already paid gets its token; a 402 challenge is paid and the
+    request sent again on the same connection adapter, the 402 kept in ``history``.
+    """
+
+    def __init__(self, pay: AutoPay):
+        self.pay = pay
+
+    def __call__(self, request: Any) -> Any:
+        token = self.pay.token_for(request.url)
+        if token is not None:
+            request.headers[challenge.TOKEN_HEADER] = token
+        request.register_hook("response", self._answered)
+        return request
+
+    def _answered(self, response: Any, **send_options: Any) -> Any:
+        sent = response.request.headers.get(challenge.TOKEN_HEADER)
+        for _ in range(MAX_PAYMENTS_PER_REQUEST):
+            if response.status_code != 402:
+                return response
+            token = self.pay.answer(response.request.url, 402, response.headers, response.content, sent)
+            if token is None:
+                return response
+            retry = response.request.copy()
+            retry.hooks = {"response": []}    # this loop answers the retry's 402, not a nested hook
+            retry.headers[challenge.TOKEN_HEADER] = sent = token
+            response.close()
+            again = response.connection.send(retry, **send_options)
+            again.history.append(response)
+            again.request = retry
+            response = again
+        return response
 
 
 class EscrowAuth(httpx.Auth):

@@ -234,6 +234,19 @@ def test_autopay_pays_datasets_streaming_per_shard(world, shards):
     assert ledger.me("buyer")["balance_micro"] == start - 3 * SHARD_PRICE_MICRO
 
 
+def test_autopay_pays_through_requests_too(world, shards):
+    import requests
+    ledger, buyer, _ = world
+    url, names = shards
+    start = ledger.me("buyer")["balance_micro"]
+    with AutoPay(buyer, budget="0.01") as pay, requests.Session() as session:
+        first = session.get(f"{url}/{names[0]}", auth=pay.requests_auth, timeout=30)
+        second = session.get(f"{url}/{names[1]}", auth=pay.requests_auth, timeout=30)
+        assert first.status_code == second.status_code == 200 and first.content[:4] == b"PAR1"
+        assert [r.status_code for r in first.history] == [402] and second.history == []   # the token was known
+    assert len(pay.escrow_ids) == 1 and ledger.me("buyer")["balance_micro"] == start - 2 * SHARD_PRICE_MICRO
+
+
 def test_many_threads_and_tasks_sharing_one_autopay_never_lock_more_than_the_budget(db_url, tmp_path):
     """16 threads and 16 asyncio tasks buy distinct shards (one charge each) with a 0.05 USDC budget."""
     ledger, buyer, seller = _world(db_url)
