@@ -53,10 +53,6 @@ ESCROW_CLOSED = "escrow_closed"                  # released, cancelled, expired 
 INSUFFICIENT = "insufficient_remaining"          # too little left for this work
 REASONS = (NO_TOKEN, API_KEY_SENT, TOKEN_MALFORMED, TOKEN_REFUSED, ESCROW_CLOSED, INSUFFICIENT)
 
-# The facts of an offer, in the order a reader meets them.
-_OFFER_KEYS = ("scheme", "version", "escrow_server", "seller", "currency", "pricing", "min_escrow_micro",
-               "min_escrow_usdc", "token_header", "discovery")
-
 __all__ = ["Offer", "Challenge", "REASONS", "TOKEN_HEADER", "CHALLENGE_HEADER", "WELL_KNOWN_PATH", "GRADIO_MARK",
            "tag", "reason_of", "server_id", "from_response", "from_text", "parse"]
 
