@@ -29,6 +29,7 @@ _LAZY = {
     "load_paid_dataset": "datasets", "paid_shards": "datasets",
     "paid": "gate", "Gate": "gate",
     "EscrowedEngine": "vllm",
+    "AutoPay": "autopay", "Mandate": "autopay",
 }
 
 
@@ -43,7 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "connect", "connect_async", "EscrowClient", "AsyncEscrowClient",
     "PaidInferenceClient", "AsyncPaidInferenceClient", "paid_inference",
-    "load_paid_dataset", "paid_shards", "paid", "Gate", "EscrowedEngine",
+    "load_paid_dataset", "paid_shards", "paid", "Gate", "EscrowedEngine", "AutoPay", "Mandate",
     "Agent", "Escrow", "EscrowEvent", "Me", "Receipt", "Hold", "CaptureResult", "Pricing",
     "EscrowError", "ValidationError", "InvalidAmount", "Unauthorized", "Forbidden", "NotFound",
     "InsufficientFunds", "PaymentRequired", "StateConflict", "IdempotencyConflict", "RateLimited", "TransportError",

@@ -66,6 +66,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Any, Callable, Mapping
 
+from . import challenge
 from ._exceptions import EscrowError, Forbidden, InsufficientFunds, StateConflict, Unauthorized, ValidationError
 from .money import format_usdc, parse_usdc, to_usdc
 from .till import DEFAULT_HOLD_TTL_S, TOKEN_HEADER, Tab, Till, spend_token_from
@@ -114,6 +115,11 @@ class Gate:
             `seller_from_env`, which registers it on an embedded ledger), or None for
             `$HF_ESCROW_SELLER`.
         hold_ttl_s: how long a call's hold lives; a call or stream must end within it.
+        escrow_url: the escrow server its challenges name, when buyers reach it under
+            another URL than the seller's client.
+
+    Refusals carry the challenge of `hf_escrow.challenge` (in Gradio: a ``gr.Error``
+    whose message ends with it); `discovery_routes` serves ``/.well-known/hf-escrow``.
 
     Example:
         >>> gate = Gate(hf_escrow.connect(agent="my-space"))
@@ -121,7 +127,7 @@ class Gate:
         ... def embed(text): ...
     """
 
-    def __init__(self, seller: Any = None, *, hold_ttl_s: float = DEFAULT_HOLD_TTL_S):
+    def __init__(self, seller: Any = None, *, hold_ttl_s: float = DEFAULT_HOLD_TTL_S, escrow_url: str | None = None):
         if seller is not None and not isinstance(seller, str) and not callable(getattr(seller, "hold", None)):
             raise ValidationError("seller must be an EscrowClient (hf_escrow.connect(...)) or a seller agent id")
         from .client import AsyncEscrowClient
@@ -132,8 +138,10 @@ class Gate:
         self._till: Till | None = None
         self._seller_id: str | None = None
         self.hold_ttl_s = hold_ttl_s
+        self.escrow_url = escrow_url
         self._connect_lock = threading.Lock()
         self.receipts: deque[GateReceipt] = deque(maxlen=MAX_RECEIPTS)
+        self._sheets: dict[str, tuple[dict, int]] = {}   # gated function -> (price sheet, smallest escrow)
 
     @property
     def client(self) -> Any:
@@ -157,6 +165,35 @@ class Gate:
             self._seller_id = getattr(client, "agent", None) or client.me().agent_id
         return self._seller_id
 
+    def offer(self, name: str | None = None) -> challenge.Offer:
+        """The challenge facts of one gated function (by its name), or of the whole gate.
+
+        The gate's own offer lists every gated function's prices under ``endpoints`` and
+        names the cheapest as the smallest useful escrow.
+        """
+        if name is not None:
+            sheet, minimum = self._sheets[name]
+            return self.till.offer(sheet, minimum, escrow_server=self.escrow_url)
+        if not self._sheets:
+            raise ValidationError("this gate gates no function yet")
+        first = next(iter(self._sheets.values()))[0]
+        return self.till.offer(first, min(m for _, m in self._sheets.values()), escrow_server=self.escrow_url,
+                               endpoints={n: sheet for n, (sheet, _) in self._sheets.items()})
+
+    def discovery_routes(self) -> list:
+        """The ``/.well-known/hf-escrow`` route, for ``demo.launch(app_kwargs={"routes": ...})``."""
+        from starlette.concurrency import run_in_threadpool
+        from starlette.responses import JSONResponse
+        from starlette.routing import Route
+
+        async def discovery(request: Any) -> JSONResponse:
+            try:
+                return JSONResponse((await run_in_threadpool(self.offer)).document())
+            except EscrowError as error:   # nothing gated yet, or the escrow server is unreachable
+                return JSONResponse(error.to_dict(), status_code=404 if isinstance(error, ValidationError)
+                                    else error.status_code)
+        return [Route(challenge.WELL_KNOWN_PATH, discovery, methods=["GET"])]
+
     def balance(self, token: Any) -> Decimal:
         """What the token's escrow can still spend (a "Check balance" button).
 
@@ -175,7 +212,7 @@ class Gate:
 
     def paid(self, price: Any, *, per: str = "call", fields: bool = False, token_field: str = "spend_token",
              with_receipt: bool = False, notify: bool = True, max_chunks: int = DEFAULT_MAX_CHUNKS,
-             capture_every: int = MAX_CAPTURE_EVERY) -> Callable[[Callable], Callable]:
+             capture_every: int = MAX_CAPTURE_EVERY, pricing: Any = None) -> Callable[[Callable], Callable]:
         """Gate a function: see `paid` (the module function) for the arguments."""
         if per not in ("call", "chunk"):
             raise ValidationError('per must be "call" or "chunk"')
@@ -187,11 +224,26 @@ class Gate:
                 or not 1 <= capture_every <= MAX_CAPTURE_EVERY:
             raise ValidationError(f"capture_every must be between 1 and {MAX_CAPTURE_EVERY} chunks")
 
+        sheet, minimum = _advertised(price, per, pricing)
+
         def decorate(fn: Callable) -> Callable:
+            self._sheets[getattr(fn, "__name__", "call")] = (sheet, minimum)
             return _GatedFunction(self, fn, price=price, per=per, fields=fields, token_field=token_field,
                                   with_receipt=with_receipt, notify=notify, max_chunks=max_chunks,
                                   capture_every=capture_every).wrapper
         return decorate
+
+
+def _advertised(price: Any, per: str, pricing: Any) -> tuple[dict, int]:
+    """The price sheet a gated function advertises, and the smallest escrow that buys one unit."""
+    from .pricing import Pricing
+    if pricing is not None:
+        sheet = Pricing.coerce(pricing).to_dict()
+        return sheet, min(parse_usdc(value, what="price") for value in sheet.values())
+    if callable(price):   # priced per call: each refusal names the refused call's price (price_micro)
+        return {}, 1
+    micro = parse_usdc(price, what="price")
+    return {f"per_{per}": format_usdc(micro)}, micro
 
 
 _GATES: dict[Any, Gate] = {}
@@ -211,7 +263,7 @@ def _gate_for(seller: Any) -> Gate:
 
 def paid(price: Any, seller: Any = None, *, per: str = "call", fields: bool = False, token_field: str = "spend_token",
          with_receipt: bool = False, notify: bool = True, max_chunks: int = DEFAULT_MAX_CHUNKS,
-         capture_every: int = MAX_CAPTURE_EVERY) -> Callable[[Callable], Callable]:
+         capture_every: int = MAX_CAPTURE_EVERY, pricing: Any = None) -> Callable[[Callable], Callable]:
     """Charge the caller's escrow `price` USDC for every call of the decorated function.
 
     Args:
@@ -229,6 +281,8 @@ def paid(price: Any, seller: Any = None, *, per: str = "call", fields: bool = Fa
         notify: in Gradio, show a toast with the charge and the remaining balance.
         max_chunks: per="chunk": the most chunks one stream delivers (its hold's worst case).
         capture_every: per="chunk": capture the delivered chunks at least this often (1-64).
+        pricing: the price sheet refusals and ``/.well-known/hf-escrow`` advertise (needed
+            when `price` is a function); by default ``{"per_call": price}`` (or per_chunk).
 
     The handler may take ``request: gr.Request`` itself; the gate adds one otherwise.
     Refusals raise before the handler runs: `PaymentRequired` (no token, or an API key),
@@ -243,7 +297,7 @@ def paid(price: Any, seller: Any = None, *, per: str = "call", fields: bool = Fa
         ('HI', {'charged_usdc': '0.001000', 'remaining_usdc': '0.049000', ...})
     """
     return _gate_for(seller).paid(price, per=per, fields=fields, token_field=token_field, with_receipt=with_receipt,
-                                  notify=notify, max_chunks=max_chunks, capture_every=capture_every)
+                                  notify=notify, max_chunks=max_chunks, capture_every=capture_every, pricing=pricing)
 
 
 # ---- one call's bill ------------------------------------------------------------------
@@ -372,6 +426,7 @@ class _GatedFunction:
         if not callable(fn):
             raise ValidationError("@paid decorates a function")
         self.gate, self.fn, self.price, self.per = gate, fn, price, per
+        self.name = getattr(fn, "__name__", "call")
         self.token_field = token_field if fields else None
         self.with_receipt, self.notify = with_receipt, notify
         self.max_chunks, self.capture_every = max_chunks, capture_every
@@ -520,13 +575,21 @@ class _GatedFunction:
         return self.output(result, receipt)
 
     def refused(self, error: EscrowError, call: _Call) -> BaseException:
-        """A payment error, as a gr.Error inside Gradio (so its message reaches the caller)."""
+        """A payment error, as a gr.Error inside Gradio (so its message reaches the caller).
+
+        A refusal to pay carries the challenge (`hf_escrow.challenge`) behind its message.
+        """
+        if getattr(call, "price", None) and challenge.reason_of(error):
+            error.details = {"price_micro": call.price, **error.details}
         if not call.in_gradio:
             return error
         title = {"payment_required": "Payment required", "insufficient_funds": "Escrow too small",
                  "state_conflict": "Escrow closed", "forbidden": "Spend token refused"}.get(error.code,
                                                                                            "Payment refused")
-        return self.gr.Error(error.message, title=title, print_exception=False)
+        message = error.message
+        if challenge.reason_of(error):
+            message = self.gate.offer(self.name).gradio_message(error)
+        return self.gr.Error(message, title=title, print_exception=False)
 
     def failed(self, error: BaseException, call: _Call) -> BaseException:
         """A handler error: the caller learns what it was charged."""

@@ -9,7 +9,8 @@ How money moves, per request:
    price, and opens a tab on the seller's till: one ledger hold of that amount. The ledger
    admits the request (token live, escrow active and paying this seller, enough free);
    nothing is cached, so a cancel or a revoke stops the very next request, in every
-   gateway process on the same ledger. A refusal answers 402/403/409 and the upstream
+   gateway process on the same ledger. A refusal answers 402 with the machine-readable
+   challenge of `hf_escrow.challenge` (why, whom to pay, the prices) and the upstream
    never sees the request.
 3. The upstream is told the limit that was held (``max_tokens`` and
    ``max_completion_tokens`` both) and, for streams, to report ``usage``. Neither
@@ -42,6 +43,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
+from . import challenge
 from ._exceptions import EscrowError, PaymentRequired, StateConflict, ValidationError
 from .metering import TokenCounter
 from .pricing import Pricing
@@ -61,12 +63,15 @@ log = logging.getLogger(__name__)
 
 
 def create_gateway(upstream: str, *, escrow: Any, pricing: Any, tokenizer: Any = None,
-                   max_tokens: int = DEFAULT_MAX_TOKENS, hold_ttl_s: float = DEFAULT_HOLD_TTL_S) -> FastAPI:
+                   max_tokens: int = DEFAULT_MAX_TOKENS, hold_ttl_s: float = DEFAULT_HOLD_TTL_S,
+                   escrow_url: str | None = None) -> FastAPI:
     """The gateway app: `escrow` is the seller's EscrowClient, `upstream` ends in `/v1`.
 
     `max_tokens` is the output limit of requests that set none; `hold_ttl_s` how long a
     request's hold lives: a stream must end within it, and a crashed gateway's holds return
-    to their buyers after it.
+    to their buyers after it. Refusals to pay answer 402 with the challenge of
+    `hf_escrow.challenge` (also at ``/.well-known/hf-escrow``); `escrow_url` is the escrow
+    server it names, when buyers reach it under another URL than the seller's client.
 
     Example:
         >>> import uvicorn, hf_escrow
@@ -83,9 +88,21 @@ def create_gateway(upstream: str, *, escrow: Any, pricing: Any, tokenizer: Any =
     app = FastAPI(title="hf-escrow gateway", version="0.2.0")
     app.router.on_shutdown.append(gateway.client.aclose)
 
+    def offer() -> challenge.Offer:
+        # The smallest useful escrow pays one short request (16 prompt tokens) at the default output limit.
+        return gateway.till.offer(sheet.to_dict(), sheet.tokens_micro(16, max_tokens), escrow_server=escrow_url,
+                                  max_tokens_default=max_tokens)
+
     @app.exception_handler(EscrowError)
     async def escrow_error(request: Request, error: EscrowError) -> JSONResponse:
+        if challenge.reason_of(error):
+            status, body, headers = (await anyio.to_thread.run_sync(offer)).refusal(error)
+            return JSONResponse(body, status_code=status, headers=headers)
         return _error(error.status_code, error.code, error.message, error.details)
+
+    @app.get(challenge.WELL_KNOWN_PATH)
+    async def discovery() -> dict:
+        return (await anyio.to_thread.run_sync(offer)).document()
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:

@@ -17,10 +17,10 @@ shard's price, once, through the till's ledger: one hold of the price, captured 
 (`ShardGate`). Further ranged reads, retries and reconnects of that shard are free - also
 after a server restart and across several server processes on one ledger, because both
 the hold and the capture carry idempotency keys every process derives alike, and the
-ledger answers a repeated key with the stored result. Not enough left in the escrow:
-402 with a JSON message, and no bytes of the file. A new shard needs a live token: a
-revoked token (403) or a closed escrow (409) pays for nothing more, at once and in every
-process, but the shards the escrow paid for can be read again with the token that paid
+ledger answers a repeated key with the stored result. Every refusal to pay is a 402
+carrying the challenge of `hf_escrow.challenge` (its `reason` says why; the offer is also
+at ``/.well-known/hf-escrow``), and no bytes of the file. A new shard needs a live token: a
+revoked token or a closed escrow pays for nothing more, at once and in every process, but the shards the escrow paid for can be read again with the token that paid
 them (a re-read moves no money; the ledger keeps the keys that prove it at least 24 h).
 
 HEAD never charges and asks the ledger nothing: it needs a spend token and tells the
@@ -51,8 +51,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from . import challenge
 from ._exceptions import EscrowError, InsufficientFunds, NotFound, ValidationError
-from .money import parse_usdc, usdc_number
+from .money import format_usdc, parse_usdc, usdc_number
 from .till import TOKEN_HEADER, Till, check_token, once_capture_key, once_hold_key, spend_token_from
 
 # extension -> the `datasets` packaged builder that reads it
@@ -225,7 +226,8 @@ def _digest(token: str) -> str:
     return hashlib.sha256(f"hf-escrow shard cache:{token}".encode()).hexdigest()[:32]
 
 
-def create_shard_app(folder: str | Path, *, escrow: Any = None, price_per_shard: Any = "0") -> Any:
+def create_shard_app(folder: str | Path, *, escrow: Any = None, price_per_shard: Any = "0",
+                     escrow_url: str | None = None) -> Any:
     """The shard server app (FastAPI). `escrow` is the seller's `EscrowClient`.
 
     Args:
@@ -233,6 +235,8 @@ def create_shard_app(folder: str | Path, *, escrow: Any = None, price_per_shard:
         escrow: an `EscrowClient` acting as the seller (embedded or over HTTP).
         price_per_shard: USDC per shard (str, Decimal, int, float, or a `Pricing` with
             `per_shard`). ``0`` without an escrow serves the files free.
+        escrow_url: the escrow server its 402 challenges name (see `hf_escrow.challenge`),
+            when buyers reach it under another URL than the seller's client.
 
     Example:
         >>> import uvicorn, hf_escrow
@@ -259,9 +263,21 @@ def create_shard_app(folder: str | Path, *, escrow: Any = None, price_per_shard:
                   description="Dataset shards over HTTP, paid once per shard from the buyer's escrow.")
     app.state.shards, app.state.gate = shards, gate
 
+    def offer() -> challenge.Offer:
+        return gate.till.offer({"per_shard": format_usdc(price_micro)}, price_micro, escrow_server=escrow_url)
+
     @app.exception_handler(EscrowError)
     async def escrow_error(request: Request, error: EscrowError) -> JSONResponse:
+        if gate is not None and challenge.reason_of(error):
+            status, body, headers = (await anyio.to_thread.run_sync(offer)).refusal(error)
+            return JSONResponse(body, status_code=status, headers=headers)
         return JSONResponse(error.to_dict(), status_code=error.status_code)
+
+    @app.get(challenge.WELL_KNOWN_PATH)
+    async def discovery() -> dict:
+        if gate is None:
+            raise NotFound("these shards are free: nothing to pay")
+        return (await anyio.to_thread.run_sync(offer)).document()
 
     def listing(request: Request, under: str) -> dict:
         base = str(request.base_url)

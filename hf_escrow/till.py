@@ -29,13 +29,14 @@ import threading
 from decimal import Decimal
 from typing import Any, Mapping
 
+from . import challenge
 from ._exceptions import (
-    EscrowError, IdempotencyConflict, InsufficientFunds, PaymentRequired, StateConflict, ValidationError,
+    EscrowError, Forbidden, IdempotencyConflict, InsufficientFunds, PaymentRequired, StateConflict, ValidationError,
 )
 from ._models import Receipt
+from .challenge import TOKEN_HEADER
 from .money import format_usdc, parse_usdc, to_usdc
 
-TOKEN_HEADER = "X-Escrow-Token"
 SPEND_TOKEN_PREFIX = "est_"
 API_KEY_PREFIX = "hfe_"
 DEFAULT_HOLD_TTL_S = 120.0
@@ -62,21 +63,36 @@ def spend_token_from(headers: Mapping[str, str] | None) -> str | None:
 def check_token(token: Any) -> str:
     """A spend token as given, or PaymentRequired saying what to send instead."""
     if token is None or (isinstance(token, str) and not token.strip()):
-        raise PaymentRequired(f"this is a paid endpoint: send the escrow's spend token in the {TOKEN_HEADER} "
-                              "header (create_escrow returns it as spend_token; mint_spend_token makes more)")
+        raise challenge.tag(PaymentRequired(
+            f"this is a paid endpoint: send the escrow's spend token in the {TOKEN_HEADER} header (create_escrow "
+            "returns it as spend_token; mint_spend_token makes more)"), challenge.NO_TOKEN)
     if not isinstance(token, str) or len(token.strip()) > MAX_TOKEN_CHARS:
-        raise ValidationError(f"{TOKEN_HEADER} must be a spend token such as est_...")
+        raise _malformed(f"{TOKEN_HEADER} must be a spend token such as est_...")
     token = token.strip()
     if token.startswith(API_KEY_PREFIX):
         raise _key_sent()
     if not token.startswith(SPEND_TOKEN_PREFIX):
-        raise ValidationError(f"{TOKEN_HEADER} must be a spend token (est_...), the secret create_escrow returned")
+        raise _malformed(f"{TOKEN_HEADER} must be a spend token (est_...), the secret create_escrow returned")
     return token
 
 
+def _malformed(message: str) -> ValidationError:
+    return challenge.tag(ValidationError(message), challenge.TOKEN_MALFORMED)
+
+
 def _key_sent() -> PaymentRequired:
-    return PaymentRequired(f"that is a buyer API key: never send it to a seller. Send the escrow's spend token "
-                           f"(est_..., returned by create_escrow as spend_token) in the {TOKEN_HEADER} header")
+    return challenge.tag(PaymentRequired(
+        f"that is a buyer API key: never send it to a seller. Send the escrow's spend token (est_..., returned by "
+        f"create_escrow as spend_token) in the {TOKEN_HEADER} header"), challenge.API_KEY_SENT)
+
+
+def _refused(error: EscrowError) -> EscrowError:
+    """A ledger refusal of a hold by token, tagged with its payment reason (other errors unchanged)."""
+    if isinstance(error, Forbidden):
+        return challenge.tag(error, challenge.TOKEN_REFUSED)
+    if isinstance(error, StateConflict):
+        return challenge.tag(error, challenge.ESCROW_CLOSED)
+    return error
 
 
 class Till:
@@ -92,6 +108,25 @@ class Till:
             raise ValidationError("the till needs the seller's EscrowClient (hf_escrow.connect(...))")
         self.seller = seller
         self.hold_ttl_s = hold_ttl_s
+        self._seller_id: str | None = None
+
+    @property
+    def seller_id(self) -> str:
+        """The seller's agent id (asked of the ledger once when the client does not know it)."""
+        if self._seller_id is None:
+            self._seller_id = getattr(self.seller, "agent", None) or self.seller.me().agent_id
+        return self._seller_id
+
+    def offer(self, pricing: Mapping[str, str], min_escrow_micro: int, *, escrow_server: str | None = None,
+              **extra: Any) -> challenge.Offer:
+        """What this till's face sells: the facts of its 402s and its discovery document.
+
+        `escrow_server` is the server's public URL when buyers reach it under another name
+        than the seller's client does.
+        """
+        server = challenge.normalize_server(escrow_server) if escrow_server else challenge.server_id(self.seller)
+        return challenge.Offer(seller=self.seller_id, escrow_server=server, pricing=dict(pricing),
+                               min_escrow_micro=min_escrow_micro, extra=extra)
 
     def open(self, token: Any, amount_micro: int, *, ttl_seconds: float | None = None,
              what: str = "this work") -> "Tab":
@@ -108,6 +143,8 @@ class Till:
             hold = self.seller.hold(token, to_usdc(amount_micro), ttl_seconds=ttl_seconds or self.hold_ttl_s)
         except InsufficientFunds as error:
             raise _too_little(error, amount_micro, what) from None
+        except (Forbidden, StateConflict) as error:
+            raise _refused(error)
         return Tab(self.seller, hold)
 
     def pay_once(self, token: Any, amount_micro: int, item: str, *, scope: str, ttl_seconds: float | None = None,
@@ -145,6 +182,8 @@ class Till:
                                     idempotency_key=key)
         except InsufficientFunds as error:
             raise _too_little(error, amount_micro, what, "costs") from None
+        except (Forbidden, StateConflict) as error:
+            raise _refused(error)
 
     def _capture_once(self, hold: Any, amount_micro: int, scope: str, item: str) -> Receipt | None:
         try:
@@ -179,9 +218,10 @@ def _too_little(error: InsufficientFunds, amount_micro: int, what: str,
                 costs: str = "may cost up to") -> InsufficientFunds:
     left = (error.details or {}).get("remaining_micro")
     left_text = f"; the escrow has {format_usdc(int(left))} USDC free" if left is not None else ""
-    return InsufficientFunds(f"{what} {costs} {format_usdc(amount_micro)} USDC{left_text}: the buyer must "
-                             "fund a new escrow (or ask for less)",
-                             details={**(error.details or {}), "price_micro": amount_micro})
+    return challenge.tag(InsufficientFunds(f"{what} {costs} {format_usdc(amount_micro)} USDC{left_text}: the buyer "
+                                           "must fund a new escrow (or ask for less)",
+                                           details={**(error.details or {}), "price_micro": amount_micro}),
+                         challenge.INSUFFICIENT)
 
 
 class Tab:

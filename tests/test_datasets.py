@@ -179,7 +179,7 @@ def test_a_buyer_key_is_refused_with_the_tills_message(market, server, shard_dir
     for headers in ({}, {"X-Escrow-Id": e.id}):
         answer = httpx.get(shard, headers=headers)
         assert answer.status_code == 402 and "send the escrow's spend token" in answer.json()["message"]
-    assert httpx.get(shard, headers=token_headers("not-a-token")).status_code == 422
+    assert httpx.get(shard, headers=token_headers("not-a-token")).json()["reason"] == "token_malformed"
     assert market.buyer.get(e.id).paid == 0 and market.buyer.holds(e.id) == []
 
 
@@ -269,7 +269,8 @@ def test_refusals_no_bytes_without_funds_head_and_range(market, server, shard_di
     assert answer.status_code == 402 and b"PAR1" not in answer.content
     assert answer.json()["error"] == "insufficient_funds" and "no bytes were sent" in answer.json()["message"]
     e = market.escrow()
-    assert httpx.get(shard, headers=token_headers("est_" + "x" * 40)).status_code == 403  # unknown token
+    unknown = httpx.get(shard, headers=token_headers("est_" + "x" * 40))
+    assert unknown.status_code == 402 and unknown.json()["reason"] == "token_unknown_or_revoked"
     assert httpx.get(f"{url}/notes.txt", headers=token_headers(e.spend_token)).status_code == 404
     for bad in ("../l.db", "%2e%2e/l.db", "%2e%2e/", ".hidden.parquet", "train-00003-of-00010.parquet/x"):
         assert httpx.get(f"{url}/{bad}", headers=token_headers(e.spend_token)).status_code == 404, bad
@@ -297,7 +298,7 @@ def test_refusals_no_bytes_without_funds_head_and_range(market, server, shard_di
     market.buyer.release(e.id)  # closed: the paid shard can still be read, a new one cannot be bought
     assert httpx.get(shard, headers=token_headers(e.spend_token)).content == data
     answer = httpx.get(f"{url}/train-00004-of-{SHARDS:05d}.parquet", headers=token_headers(e.spend_token))
-    assert answer.status_code == 409
+    assert answer.status_code == 402 and answer.json()["reason"] == "escrow_closed"
     with pytest.raises(StateConflict):
         load_paid_dataset(url, escrow=market.buyer, escrow_id=e.id)
     assert market.payments(e.id) == [f"train-00003-of-{SHARDS:05d}.parquet"]
@@ -310,7 +311,8 @@ def test_another_sellers_token_is_refused(market, server):
     shard = f"{url}/train-00001-of-{SHARDS:05d}.parquet"
     for method in ("GET", "POST"):
         answer = httpx.request(method, shard, headers=token_headers(other.spend_token))
-        assert answer.status_code == 403 and "another seller" in answer.json()["message"]
+        assert answer.status_code == 402 and "another seller" in answer.json()["message"]
+        assert answer.json()["reason"] == "token_unknown_or_revoked"
         assert b"PAR1" not in answer.content
     with pytest.raises(Forbidden, match="another seller"):
         next(iter(load_paid_dataset(url, spend_token=other.spend_token, progress=False)))
@@ -333,7 +335,8 @@ def test_revoke_or_cancel_stops_new_shards_at_once(market, server, unpaid_rows, 
     with pytest.raises(Forbidden if stop == "revoke" else StateConflict):
         next(rows)  # the very next shard, on a server that just served this token
     shard0, shard1 = (f"{url}/train-0000{i}-of-{SHARDS:05d}.parquet" for i in (0, 1))
-    assert httpx.get(shard1, headers=token_headers(ds.spend_token)).status_code == (403 if stop == "revoke" else 409)
+    refused = httpx.get(shard1, headers=token_headers(ds.spend_token)).json()
+    assert refused["reason"] == ("token_unknown_or_revoked" if stop == "revoke" else "escrow_closed")
     # what the escrow paid for stays readable with the token that paid it (no money moves)
     assert httpx.get(shard0, headers=token_headers(ds.spend_token)).status_code == 200
     again = load_paid_dataset([shard0], spend_token=ds.spend_token, progress=False)
@@ -366,7 +369,7 @@ def test_charged_once_across_restarts_and_two_servers(market, shard_dir):
         market.buyer.cancel(e.id)  # closed: the token that paid still reads it, in a process that never saw it
         assert httpx.get(two + shard, headers=token_headers(e.spend_token)).status_code == 200
         assert httpx.get(two + "/train-00006-of-00010.parquet", headers=token_headers(e.spend_token)).status_code \
-            == 409
+            == 402
     got = market.buyer.get(e.id)
     assert got.paid == PRICE and got.refunded == got.amount - PRICE and market.payments(e.id) == [shard[1:]]
 

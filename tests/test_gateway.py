@@ -256,8 +256,9 @@ def test_an_escrow_paying_another_seller_is_refused_even_with_the_gateway_as_ver
         "buyer2", "0.01", release_condition={"metric": "accuracy", "threshold": 0.5, "verifier": "seller"})
     answer = market.post(escrow.spend_token, max_tokens=3)
     streamed = market.stream(escrow.spend_token, 400)
-    assert answer.status_code == 403 and answer.json()["error"] == "forbidden"
-    assert streamed["status"] == 403 and not streamed["pieces"]
+    assert answer.status_code == 402 and answer.json()["error"] == "forbidden"
+    assert answer.json()["reason"] == "token_unknown_or_revoked"
+    assert streamed["status"] == 402 and not streamed["pieces"]
     assert market.relay.count == 0
     assert market.ledger.get("buyer", escrow.id)["paid_micro"] == 0
 
@@ -323,7 +324,8 @@ def test_buyer_cancel_mid_stream_cuts_it_pays_the_delivered_slices_and_refuses_t
     assert view["refunded_micro"] == view["amount_micro"] - view["paid_micro"]
     forwarded = market.relay.count
     again = market.post(escrow.spend_token, max_tokens=3)
-    assert again.status_code == 409 and again.json()["error"] == "state_conflict"
+    assert again.status_code == 402 and again.json()["error"] == "state_conflict"
+    assert again.json()["reason"] == "escrow_closed"
     assert market.relay.count == forwarded
 
 
@@ -332,7 +334,8 @@ def test_a_revoked_token_is_refused_at_once(market):
     assert market.post(escrow.spend_token, max_tokens=2).status_code == 200
     hf_escrow.connect(agent="buyer", database_url=market.db).revoke_spend_tokens(escrow.id)
     answer = market.post(escrow.spend_token, max_tokens=2)
-    assert answer.status_code == 403 and "revoked" in answer.json()["message"] and market.relay.count == 1
+    assert answer.status_code == 402 and "revoked" in answer.json()["message"] and market.relay.count == 1
+    assert answer.json()["reason"] == "token_unknown_or_revoked"
 
 
 def test_an_escrow_that_cannot_cover_the_request_gets_402_and_the_upstream_sees_nothing(market):

@@ -410,3 +410,27 @@ def test_test_escrows_are_limited_per_client_and_in_all():
         limiter.take("10.0.0.4")
     now[0] = 3601
     limiter.take("10.0.0.1")
+
+
+def test_both_templates_publish_their_offer_and_autopay_pays_them(spaces, ledger):
+    """`/.well-known/hf-escrow` on each template; an agent with AutoPay and no escrow gets its answers."""
+    from hf_escrow import challenge
+    chat_a, chat_b, embeddings = spaces
+    chat_doc = httpx.get(chat_a.url + "/.well-known/hf-escrow").json()
+    assert chat_doc["seller"] == SELLER and chat_doc["pricing"] == {"per_call": "0.001000"}
+    assert chat_doc["escrow_server"] == httpx.get(chat_b.url + "/.well-known/hf-escrow").json()["escrow_server"]
+    embed_doc = httpx.get(embeddings.url + "/.well-known/hf-escrow").json()
+    assert embed_doc["seller"] == "paid-embeddings" and embed_doc["pricing"] == {"per_vector": "0.0001"}
+    buyer, _ = new_buyer(ledger)
+    assert challenge.server_id(buyer) == chat_doc["escrow_server"]
+    start = buyer.me().balance
+    with hf_escrow.AutoPay(buyer, budget="0.01", sellers=[SELLER, "paid-embeddings"], calls_per_escrow=3) as pay:
+        for space in (chat_a, chat_b):
+            answer, receipt = pay.gradio_client(space.url, verbose=False).predict("hello", api_name="/chat")
+            assert answer and Decimal(receipt["charged_usdc"]) == PRICE
+        result, _ = pay.gradio_client(embeddings.url, verbose=False).predict("one\ntwo", api_name="/embed")
+        assert result["count"] == 2
+        escrows = [buyer.get(i) for i in pay.escrow_ids]
+    assert [e.seller for e in escrows] == [SELLER, "paid-embeddings"]       # one escrow per seller, reused
+    assert buyer.me().balance == start - 2 * PRICE - Decimal("0.0002")      # exactly the listed prices
+    assert all(buyer.get(e.id).status == "cancelled" for e in escrows)

@@ -192,7 +192,7 @@ def main() -> None:
     chat_model = load_model(settings)
     demo = build_demo(settings, chat_model, gate)
     demo.queue(default_concurrency_limit=settings.concurrency)
-    demo.launch()
+    demo.launch(app_kwargs={"routes": gate.discovery_routes()})   # /.well-known/hf-escrow
 
 
 if __name__ == "__main__":

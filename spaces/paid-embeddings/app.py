@@ -108,7 +108,7 @@ def build_demo(settings: Settings, embedder, gate: Gate) -> gr.Blocks:
         # an empty call is priced as one vector; the handler then refuses it, and it costs nothing
         return settings.price * max(1, min(len(split_texts(text)), MAX_TEXTS))
 
-    @gate.paid(price=cost, fields=True, with_receipt=True)
+    @gate.paid(price=cost, fields=True, with_receipt=True, pricing={"per_vector": settings.price})
     def embed(text: str) -> dict:
         texts = split_texts(text)
         if not texts:
@@ -142,7 +142,7 @@ def main() -> None:
              settings.price)
     demo = build_demo(settings, Embedder(settings.model or default_model()), gate)
     demo.queue(default_concurrency_limit=settings.concurrency)
-    demo.launch()
+    demo.launch(app_kwargs={"routes": gate.discovery_routes()})   # /.well-known/hf-escrow
 
 
 if __name__ == "__main__":
