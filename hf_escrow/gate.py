@@ -97,7 +97,7 @@ OPEN_ATTEMPTS = 3                    # a stream's hold re-sized to what is free,
 ZERO_GPU_DEFAULT_DURATION_S = 60     # what @spaces.GPU reserves when given no duration
 HOLD_MARGIN_S = 30.0                 # a per-second hold outlives max_seconds by this, for its capture to land
 BILLINGS = ("call", "chunk", "second")
-MAX_SECONDS = 900                    # the ledger's default cap on a hold's TTL
+MAX_SECONDS = 870                    # the ledger's default cap on a hold's life (900 s), less HOLD_MARGIN_S
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,8 @@ def _max_ns(per: str, max_seconds: Any, gpu: bool) -> int | None:
     if gpu:
         seconds = seconds.to_integral_value(rounding="ROUND_CEILING")  # @spaces.GPU reserves whole seconds
     if not 0 < seconds <= MAX_SECONDS:
-        raise ValidationError(f"max_seconds must be more than 0 and at most {MAX_SECONDS} s (a hold's longest life)")
+        raise ValidationError(f"max_seconds must be more than 0 and at most {MAX_SECONDS} s (a hold's longest life, "
+                              "less the time its capture needs)")
     return int(seconds * NS_PER_SECOND)
 
 
