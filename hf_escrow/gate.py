@@ -48,7 +48,7 @@ holds, and a cancel or a revoke stops the next call at once.
   price, rounded once by `hf_escrow.money.seconds_cost_micro`, and voids the rest. A
   generator is timed inside each step (the time its consumer takes is not its run time)
   and captured as it flows, every `capture_every` chunks; it stops once its run time
-  reaches `max_seconds`. A handler that raises costs nothing (a stream: its delivered
+  reaches `max_seconds`, or before its next step once a capture reports the escrow closed. A handler that raises costs nothing (a stream: its delivered
   steps only). With ``gpu=True`` the gate puts ZeroGPU's ``@spaces.GPU(duration=...)``
   inside its clock, the duration being `max_seconds` (default 60 s, ZeroGPU's): the time
   spent waiting for a GPU is not billed either. `spaces` is imported only when it is
@@ -345,14 +345,22 @@ class _Bill:
         """Add a measured run (a call, or one step of a stream) to what the call owes."""
         self.ran_ns += elapsed_ns
 
-    @property
-    def out_of_time(self) -> bool:
-        """per="second": the run reached max_seconds, all its hold pays for; the stream stops."""
-        if self.billing != "second" or self.ran_ns < self.max_ns:
-            return False
+    def may_run(self) -> bool:
+        """per="second": may the stream run another step? Not past max_seconds; raises once the escrow closed.
+
+        Asked before the step runs, since its time is what it costs; other billings ask
+        `admit_chunk` about the chunk once it is made.
+        """
+        if self.billing != "second":
+            return True
+        if not self.tab.escrow_open:
+            raise StateConflict(f"escrow {self.tab.escrow_id} was closed: the stream stopped after {self.units} "
+                                "paid chunk(s)")
+        if self.ran_ns < self.max_ns:
+            return True
         log.warning("a stream ran max_seconds=%g and was cut; raise max_seconds to run longer",
                     self.max_ns / NS_PER_SECOND)
-        return True
+        return False
 
     def admit_chunk(self) -> bool:
         """May one more chunk leave? False at `max_chunks`; raises when the escrow cannot pay for it."""
@@ -608,6 +616,12 @@ class _GatedFunction:
         raise InsufficientFunds("the escrow's free amount kept changing while this stream asked for a hold; "
                                 "try again")
 
+    def may_run(self, bill: _Bill, call: _Call) -> bool:
+        try:
+            return bill.may_run()
+        except EscrowError as error:
+            raise self.refused(error, call) from None
+
     def admit(self, bill: _Bill, call: _Call) -> bool:
         try:
             return bill.admit_chunk()
@@ -713,7 +727,7 @@ class _GatedFunction:
             failed, last = False, None
             stream = self.run(*call.args, **call.kwargs)
             try:
-                while not bill.out_of_time:
+                while self.may_run(bill, call):
                     try:
                         item = self.step(bill, next(stream))
                     except StopIteration:
@@ -743,7 +757,7 @@ class _GatedFunction:
             failed, last = False, None
             stream = self.run(*call.args, **call.kwargs)
             try:
-                while not bill.out_of_time:
+                while self.may_run(bill, call):
                     try:
                         item = self.step(bill, await stream.__anext__())
                     except StopAsyncIteration:

@@ -19,7 +19,7 @@ from decimal import Decimal
 
 import pytest
 
-from hf_escrow import InsufficientFunds, InvalidAmount, ValidationError
+from hf_escrow import InsufficientFunds, InvalidAmount, StateConflict, ValidationError
 from hf_escrow.gate import _spaces_gpu
 from hf_escrow.money import to_usdc
 from hf_escrow.pricing import Pricing
@@ -198,6 +198,32 @@ def test_a_stream_is_timed_per_step_captured_as_it_flows_and_cut_at_max_seconds(
     long = list(stream(100, request=world.pay(e)))
     assert len(long) - 1 == len(steps) == 17 and Decimal(long[-1][1]["charged_usdc"]) == Decimal("0.01")
     assert world.buyer.get(e.id).held == 0
+    assert_audit_clean(world.ledger)
+
+
+def test_a_cancel_mid_stream_pays_the_steps_run_and_stops_the_stream(world):
+    steps: list[int] = []
+
+    @world.gate.paid(price=RATE, per="second", max_seconds=5, capture_every=1)
+    def stream(n):
+        for i in range(n):
+            started = time.perf_counter_ns()
+            time.sleep(0.03)
+            steps.append(time.perf_counter_ns() - started)
+            yield i
+
+    e = world.escrow("0.1")
+    seen = []
+    with pytest.raises(StateConflict, match="was closed"):
+        for item in stream(50, request=world.pay(e)):
+            seen.append(item)
+            if len(seen) == 3:
+                world.buyer.cancel(e.id)          # the buyer walks away mid-stream
+    after = world.buyer.get(e.id)
+    # cut at the next capture: the steps that ran were delivered, and each is paid
+    assert len(seen) == len(steps) == 4 and after.held == 0 and after.status == "cancelled"
+    assert abs(after.paid * 1_000_000 - expected_micro(sum(steps))) <= TOLERANCE_MICRO
+    assert after.refunded == after.amount - after.paid
     assert_audit_clean(world.ledger)
 
 
