@@ -124,7 +124,7 @@ def test_a_call_holds_max_seconds_at_the_rate_and_frees_what_it_did_not_run(worl
         return "done"
 
     e = world.escrow("0.05")
-    answer, receipt = work(0.12, request=world.pay(e))
+    _, receipt = work(0.12, request=world.pay(e))
     assert [h.amount for h in seen["hold"]] == [Decimal("0.03")]            # 3 s x 0.01 USDC/s, held first
     assert_charged_for(receipt, seen["ns"])
     assert receipt["units"] == 1 and world.gate.receipts[-1].seconds == Decimal(receipt["seconds"])

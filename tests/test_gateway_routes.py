@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from huggingface_hub import InferenceClient
-from openai import OpenAI, PermissionDeniedError, APIStatusError
+from openai import APIStatusError, OpenAI, PermissionDeniedError
 
 import hf_escrow
 from hf_escrow.gateway import EMBED_OVERHEAD_TOKENS, MAX_EMBED_INPUTS, create_gateway
