@@ -35,7 +35,8 @@ How money moves, per generation request (chat or completion):
 An embedding request holds its exact price (inputs x ``per_vector``) or its worst case
 (the inputs' UTF-8 bytes plus `EMBED_OVERHEAD_TOKENS` each, an upper bound of any
 tokenizer's count; token-id inputs exactly), and captures the vectors returned (at most
-one per input) or the ``usage.prompt_tokens`` the server reports, never more than held.
+one per input) or the ``usage.prompt_tokens`` the server reports, never more than held,
+just after the answer leaves (the hold already reserves it, as for a finished stream).
 
 Errors are JSON ``{"error": code, "message": ...}``, the shape the escrow server uses;
 a stream cut short ends with one such ``data:`` event.
@@ -223,11 +224,15 @@ class _Gateway:
         if not isinstance(vectors, list) or not vectors:
             await anyio.to_thread.run_sync(tab.void)
             return _upstream_failed(answer.status_code, answer.content.decode(errors="replace"))
-        await anyio.to_thread.run_sync(self._settle_embeddings, tab, len(inputs), len(vectors), bound,
-                                       data.get("usage"))
+        # The hold already reserves the price, so the capture lands just after the answer leaves, as a
+        # finished stream's does: billing adds no round trip to the ledger to the buyer's wait.
+        settle = BackgroundTask(anyio.to_thread.run_sync, self._settle_embeddings, tab, len(inputs), len(vectors),
+                                bound, data.get("usage"))
         if tei:
-            return JSONResponse([item.get("embedding") if isinstance(item, dict) else None for item in vectors])
-        return Response(answer.content, status_code=answer.status_code, media_type="application/json")
+            return JSONResponse([item.get("embedding") if isinstance(item, dict) else None for item in vectors],
+                                background=settle)
+        return Response(answer.content, status_code=answer.status_code, media_type="application/json",
+                        background=settle)
 
     def _open_embeddings(self, token: str, inputs: list) -> tuple[Tab, int]:
         """Hold the price of `inputs`: exact per vector, or their tokens' upper bound."""
@@ -243,13 +248,16 @@ class _Gateway:
     def _settle_embeddings(self, tab: Tab, asked: int, returned: int, bound: int, usage: Any) -> None:
         """Pay the vectors returned (one per input at most), or the input tokens the server reports."""
         delivered = min(returned, asked)
-        if self.pricing.per_vector is not None:
-            tab.finish(self.pricing.unit_micro("per_vector", delivered))
-            return
-        reported = usage.get("prompt_tokens") if isinstance(usage, dict) else None
-        valid = isinstance(reported, int) and not isinstance(reported, bool) and 0 <= reported
-        tokens = min(reported, bound) if valid else bound
-        tab.finish(min(self.pricing.tokens_micro(tokens, 0), tab.held_micro), usage={"prompt_tokens": tokens})
+        try:
+            if self.pricing.per_vector is not None:
+                tab.finish(self.pricing.unit_micro("per_vector", delivered))
+                return
+            reported = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+            valid = isinstance(reported, int) and not isinstance(reported, bool) and 0 <= reported
+            tokens = min(reported, bound) if valid else bound
+            tab.finish(min(self.pricing.tokens_micro(tokens, 0), tab.held_micro), usage={"prompt_tokens": tokens})
+        except EscrowError as error:   # the answer has left: log it; an unsettled hold ends at its TTL
+            log.warning("capture on hold %s refused: %s", tab.hold_id, error.message)
 
     async def _stream(self, path: str, body: dict, bill: "_Bill") -> Response:
         request = self.client.build_request("POST", f"{self.upstream}/{path}", json=body)
