@@ -9,6 +9,11 @@ alternating rounds, so drift hits both alike. Every paid call is a ledger hold b
 handler and a capture after it (no cache). Reported: calls/s of each (median of the rounds)
 and their ratio (goal >= 0.95), the p50 latency of a lone caller on each and the difference,
 and the gate's own time per call (p50/p95 of the receipts' `gate_ms`: the hold and the capture).
+
+The same handler is also gated per second (`/paid_s`, ``per="second"``): its calls/s against
+the ungated one (goal >= 0.98), and the seconds it billed against the handler's own measured
+run time, per call for the lone caller and in total over every call (goal: equal within 2 ms),
+each charge being exactly the billed seconds x the rate.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from decimal import Decimal
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +33,8 @@ sys.path.insert(0, str(ROOT))
 from _table import median, percentile, show  # noqa: E402
 
 PRICE = "0.000001"
+PRICE_PER_SECOND = "0.0001"
+MAX_SECONDS = 60
 
 
 def load_space_module():
@@ -83,6 +91,7 @@ def main() -> None:
 
     import hf_escrow
     from hf_escrow.gate import Gate
+    from hf_escrow.money import seconds_cost_micro
     from tests.liveserver import free_port
 
     space = load_space_module()
@@ -106,12 +115,24 @@ def main() -> None:
         def answer(message: str) -> str:
             return chat(message)
 
+        measured_ns: list[int] = []
+
+        def timed_answer(message: str) -> str:
+            started = time.perf_counter_ns()
+            try:
+                return chat(message)
+            finally:
+                measured_ns.append(time.perf_counter_ns() - started)
+
         paid_answer = gate.paid(price=PRICE)(answer)
+        timed_gate = Gate(seller)
+        paid_by_second = timed_gate.paid(price=PRICE_PER_SECOND, per="second", max_seconds=MAX_SECONDS)(timed_answer)
 
         with gr.Blocks() as demo:
             box, out = gr.Textbox(), gr.Textbox()
             gr.Button().click(answer, box, out, api_name="free")
             gr.Button().click(paid_answer, box, out, api_name="paid")
+            gr.Button().click(paid_by_second, box, out, api_name="paid_s")
         port = free_port()
         demo.queue(default_concurrency_limit=args.concurrency).launch(
             server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
@@ -122,20 +143,25 @@ def main() -> None:
             # a generous read timeout: 64 callers queue behind a concurrency limit of 4 on a busy machine
             return Client(url, headers=headers, verbose=False, httpx_kwargs={"timeout": 300})
 
+        names = ("/free", "/paid", "/paid_s")
         try:
             lone = factory()
-            for name in ("/free", "/paid"):      # warm up both paths
+            for name in names:                   # warm up every path
                 for _ in range(3):
                     lone.predict("warm up", api_name=name)
-            latency = {"/free": [], "/paid": []}
+            latency = {name: [] for name in names}
+            lone_seconds_diff_ms = []
             for _ in range(args.lone_calls):
-                for name in ("/free", "/paid"):
+                for name in names:
                     start = time.perf_counter()
                     lone.predict("one question", api_name=name)
                     latency[name].append((time.perf_counter() - start) * 1000)
-            rates = {"/free": [], "/paid": []}
+                    if name == "/paid_s":        # one call at a time: its receipt and its measure pair up
+                        billed = timed_gate.receipts[-1].seconds
+                        lone_seconds_diff_ms.append(abs(float(billed) * 1000 - measured_ns[-1] / 1e6))
+            rates = {name: [] for name in names}
             for _ in range(args.rounds):
-                for name in ("/free", "/paid"):
+                for name in names:
                     rates[name].append(run_round(factory, name, args.callers, args.calls_each))
         finally:
             demo.close()
@@ -145,7 +171,18 @@ def main() -> None:
         p50_free, p50_paid = median(latency["/free"]), median(latency["/paid"])
         charged = buyer.get(escrow.id)
         calls = 3 + args.lone_calls + args.rounds * args.callers * args.calls_each   # every /paid call made
-        assert charged.paid == hf_escrow.money.to_usdc(calls), (charged.paid, calls)  # 1 micro-USDC per call
+        timed = list(timed_gate.receipts)
+        if len(timed) != calls or len(measured_ns) != calls:
+            raise RuntimeError(f"expected {calls} per-second receipts and measures, got {len(timed)}/{len(measured_ns)}")
+        billed_s = sum(r.seconds for r in timed)
+        measured_s = sum(measured_ns) / 1e9
+        rate = Decimal(PRICE_PER_SECOND)
+        exact = all(r.charged == hf_escrow.money.to_usdc(seconds_cost_micro(int(r.seconds * 10**9), rate))
+                    for r in timed)
+        timed_micro = sum(hf_escrow.money.parse_usdc(r.charged, allow_zero=True) for r in timed)
+        if charged.paid != hf_escrow.money.to_usdc(calls + timed_micro):   # 1 micro-USDC per /paid call
+            raise RuntimeError(f"escrow paid {charged.paid}, expected {calls} + {timed_micro} micro-USDC")
+        timed_rate = median(rates["/paid_s"])
         show(f"paid Space vs unpaid ({args.model} model, {args.max_tokens} tokens, {args.callers} callers, "
              f"concurrency_limit {args.concurrency})", [
                  ("ungated calls/s (median of rounds)", f"{free_rate:.1f}", _list(rates["/free"])),
@@ -158,6 +195,19 @@ def main() -> None:
                   "ledger hold + capture (receipts' gate_ms)"),
                  ("paid calls, charged exactly", f"{calls}", f"escrow paid {charged.paid} USDC"),
              ])
+        show(f"per-second gate ({PRICE_PER_SECOND} USDC/s, max_seconds {MAX_SECONDS}) vs ungated, same run", [
+            ("per-second gated calls/s (median of rounds)", f"{timed_rate:.1f}", _list(rates["/paid_s"])),
+            ("per-second gated / ungated calls/s", f"{timed_rate / free_rate:.3f}", "goal >= 0.98"),
+            ("lone caller p50, per-second gated", f"{median(latency['/paid_s']):.1f} ms", ""),
+            ("billed - measured seconds, lone calls p50 / max",
+             f"{median(lone_seconds_diff_ms):.3f} / {max(lone_seconds_diff_ms):.3f} ms", "goal: within 2 ms"),
+            ("billed - measured seconds, all calls, total",
+             f"{(float(billed_s) - measured_s) * 1000:.3f} ms", f"over {calls} calls, {measured_s:.2f} s measured"),
+            ("each charge == billed seconds x rate (one rounding)", "yes" if exact else "NO",
+             f"{timed_micro} micro-USDC in all"),
+            ("per-second gate's own time per call p50 / p95",
+             f"{median([r.gate_ms for r in timed]):.1f} / {percentile([r.gate_ms for r in timed], 95):.1f} ms", ""),
+        ])
 
 
 if __name__ == "__main__":

@@ -40,6 +40,20 @@ holds, and a cancel or a revoke stops the next call at once.
   was held before it left, and the ledger keeps an open hold capturable for delivered work
   during the grace after a buyer cancels.
 
+- ``per="second"``: the price is USDC per second of the handler's own run time (or a
+  `Pricing` with ``per_second`` / ``per_gpu_second`` and its ``hardware``). The call holds
+  its worst case, `max_seconds` x price, before the handler runs; the gate times the
+  handler itself (an integer nanosecond clock started when it is called, so Gradio's queue
+  wait and the gate's own ledger calls are never billed), captures the measured seconds x
+  price, rounded once by `hf_escrow.money.seconds_cost_micro`, and voids the rest. A
+  generator is timed inside each step (the time its consumer takes is not its run time)
+  and captured as it flows, every `capture_every` chunks; it stops once its run time
+  reaches `max_seconds`, or before its next step once a capture reports the escrow closed. A handler that raises costs nothing (a stream: its delivered
+  steps only). With ``gpu=True`` the gate puts ZeroGPU's ``@spaces.GPU(duration=...)``
+  inside its clock, the duration being `max_seconds` (default 60 s, ZeroGPU's): the time
+  spent waiting for a GPU is not billed either. `spaces` is imported only when it is
+  installed (off ZeroGPU the handler runs as it is). Receipts show the seconds and the rate.
+
 ``with_receipt=True`` appends a receipt output (`GateReceipt.to_dict`); a stream's chunks
 carry ``{"status": "pending", ...}`` and one last output repeats the final chunk with the
 receipt. Holds last `Gate(hold_ttl_s=...)` (default 120 s, the ledger caps it): a call or a
@@ -68,7 +82,8 @@ from typing import Any, Callable, Mapping
 
 from . import challenge
 from ._exceptions import EscrowError, Forbidden, InsufficientFunds, StateConflict, Unauthorized, ValidationError
-from .money import format_usdc, parse_usdc, to_usdc
+from .money import NS_PER_SECOND, format_usdc, parse_usdc, seconds_cost_micro, to_decimal, to_usdc
+from .pricing import Pricing
 from .till import DEFAULT_HOLD_TTL_S, TOKEN_HEADER, Tab, Till, spend_token_from
 
 __all__ = ["paid", "Gate", "GateReceipt", "seller_from_env", "trial_escrow", "payment_fields", "PaymentFields"]
@@ -80,6 +95,10 @@ DEFAULT_SELLER = "space-seller"
 DEFAULT_MAX_CHUNKS = 64
 MAX_CAPTURE_EVERY = 64               # the most chunks a crash or a cancel may leave uncaptured
 OPEN_ATTEMPTS = 3                    # a stream's hold re-sized to what is free, while others spend the escrow
+ZERO_GPU_DEFAULT_DURATION_S = 60     # what @spaces.GPU reserves when given no duration
+HOLD_MARGIN_S = 30.0                 # a per-second hold outlives max_seconds by this, for its capture to land
+BILLINGS = ("call", "chunk", "second")
+MAX_SECONDS = 870                    # the ledger's default cap on a hold's life (900 s), less HOLD_MARGIN_S
 
 
 @dataclass(frozen=True)
@@ -90,21 +109,26 @@ class GateReceipt:
     escrow_id: str
     buyer: str
     seller: str
-    billing: str             # "call" or "chunk"
-    units: int               # 1 for a call; the chunks delivered for per="chunk"
+    billing: str             # "call", "chunk" or "second"
+    units: int               # 1 for a call; the chunks delivered by a stream billed per chunk or second
     charged: Decimal         # gross paid out of the escrow for this call
     fee: Decimal             # the platform's share of `charged`
     seller_net: Decimal      # what the seller received
     remaining: Decimal       # what the escrow could still spend after the last capture
     gate_ms: float           # time the gate added to the call (hold and captures)
     at: datetime
+    seconds: Decimal | None = None   # per="second": the handler's measured run time (ns precision)
+    rate: Decimal | None = None      # per="second": USDC per second
 
     def to_dict(self) -> dict:
         """A JSON-able view (amounts as exact decimal strings), as shown in a UI."""
-        return {"receipt_id": self.receipt_id, "escrow_id": self.escrow_id, "buyer": self.buyer,
-                "seller": self.seller, "billing": self.billing, "units": self.units,
-                "charged_usdc": str(self.charged), "fee_usdc": str(self.fee), "seller_net_usdc": str(self.seller_net),
-                "remaining_usdc": str(self.remaining), "gate_ms": round(self.gate_ms, 3), "at": self.at.isoformat()}
+        shown = {"receipt_id": self.receipt_id, "escrow_id": self.escrow_id, "buyer": self.buyer,
+                 "seller": self.seller, "billing": self.billing, "units": self.units,
+                 "charged_usdc": str(self.charged), "fee_usdc": str(self.fee), "seller_net_usdc": str(self.seller_net),
+                 "remaining_usdc": str(self.remaining), "gate_ms": round(self.gate_ms, 3), "at": self.at.isoformat()}
+        if self.billing == "second":
+            shown.update(seconds=str(self.seconds), rate_usdc_per_s=str(self.rate))
+        return shown
 
 
 class Gate:
@@ -212,38 +236,77 @@ class Gate:
 
     def paid(self, price: Any, *, per: str = "call", fields: bool = False, token_field: str = "spend_token",
              with_receipt: bool = False, notify: bool = True, max_chunks: int = DEFAULT_MAX_CHUNKS,
-             capture_every: int = MAX_CAPTURE_EVERY, pricing: Any = None) -> Callable[[Callable], Callable]:
+             capture_every: int = MAX_CAPTURE_EVERY, pricing: Any = None, max_seconds: Any = None,
+             gpu: bool = False) -> Callable[[Callable], Callable]:
         """Gate a function: see `paid` (the module function) for the arguments."""
-        if per not in ("call", "chunk"):
-            raise ValidationError('per must be "call" or "chunk"')
+        if per not in BILLINGS:
+            raise ValidationError('per must be "call", "chunk" or "second"')
         if not callable(price):
-            parse_usdc(price, what="price")  # refuse a bad price when the app starts, not at the first call
+            _price_of(price, per)  # refuse a bad price when the app starts, not at the first call
+        max_ns = _max_ns(per, max_seconds, gpu)
         if not isinstance(max_chunks, int) or isinstance(max_chunks, bool) or max_chunks < 1:
             raise ValidationError("max_chunks must be a whole number of chunks, at least 1")
         if not isinstance(capture_every, int) or isinstance(capture_every, bool) \
                 or not 1 <= capture_every <= MAX_CAPTURE_EVERY:
             raise ValidationError(f"capture_every must be between 1 and {MAX_CAPTURE_EVERY} chunks")
 
-        sheet, minimum = _advertised(price, per, pricing)
+        sheet, minimum = _advertised(price, per, pricing, max_ns)
 
         def decorate(fn: Callable) -> Callable:
             self._sheets[getattr(fn, "__name__", "call")] = (sheet, minimum)
             return _GatedFunction(self, fn, price=price, per=per, fields=fields, token_field=token_field,
                                   with_receipt=with_receipt, notify=notify, max_chunks=max_chunks,
-                                  capture_every=capture_every).wrapper
+                                  capture_every=capture_every, max_ns=max_ns, gpu=gpu).wrapper
         return decorate
 
 
-def _advertised(price: Any, per: str, pricing: Any) -> tuple[dict, int]:
-    """The price sheet a gated function advertises, and the smallest escrow that buys one unit."""
-    from .pricing import Pricing
+def _advertised(price: Any, per: str, pricing: Any, max_ns: int | None) -> tuple[dict, int]:
+    """The price sheet a gated function advertises, and the smallest escrow that buys one unit
+    (per second: one call's hold, its longest run at the rate)."""
     if pricing is not None:
         sheet = Pricing.coerce(pricing).to_dict()
         return sheet, min(parse_usdc(value, what="price") for value in sheet.values())
     if callable(price):   # priced per call: each refusal names the refused call's price (price_micro)
         return {}, 1
+    if per == "second":
+        rate = _price_of(price, per)
+        sheet = Pricing.coerce(price).to_dict() if isinstance(price, (Pricing, Mapping)) else {"per_second": str(rate)}
+        return sheet, max(seconds_cost_micro(max_ns, rate), 1)
     micro = parse_usdc(price, what="price")
     return {f"per_{per}": format_usdc(micro)}, micro
+
+
+def _price_of(price: Any, per: str) -> Any:
+    """A call's or chunk's price in micro-USDC; per second, the rate in USDC (exact, never rounded)."""
+    if per != "second":
+        if isinstance(price, (Pricing, Mapping)):
+            raise ValidationError('a price sheet prices time: use it with per="second", or give a price in USDC')
+        return parse_usdc(price, what="price")
+    if isinstance(price, (Pricing, Mapping)):
+        return Pricing.coerce(price).second_rate
+    rate = to_decimal(price, what="price per second")
+    if rate <= 0:
+        raise ValidationError("a price per second must be more than 0")
+    return rate
+
+
+def _max_ns(per: str, max_seconds: Any, gpu: bool) -> int | None:
+    """The longest run a per-second call may bill, in nanoseconds (ZeroGPU's whole seconds with gpu=True)."""
+    if per != "second":
+        if max_seconds is not None or gpu:
+            raise ValidationError('max_seconds and gpu are for per="second" billing')
+        return None
+    if max_seconds is None:
+        if not gpu:
+            raise ValidationError('per="second" needs max_seconds, the longest run a call may bill (its hold)')
+        max_seconds = ZERO_GPU_DEFAULT_DURATION_S
+    seconds = to_decimal(max_seconds, what="max_seconds")
+    if gpu:
+        seconds = seconds.to_integral_value(rounding="ROUND_CEILING")  # @spaces.GPU reserves whole seconds
+    if not 0 < seconds <= MAX_SECONDS:
+        raise ValidationError(f"max_seconds must be more than 0 and at most {MAX_SECONDS} s (a hold's longest life, "
+                              "less the time its capture needs)")
+    return int(seconds * NS_PER_SECOND)
 
 
 _GATES: dict[Any, Gate] = {}
@@ -263,16 +326,19 @@ def _gate_for(seller: Any) -> Gate:
 
 def paid(price: Any, seller: Any = None, *, per: str = "call", fields: bool = False, token_field: str = "spend_token",
          with_receipt: bool = False, notify: bool = True, max_chunks: int = DEFAULT_MAX_CHUNKS,
-         capture_every: int = MAX_CAPTURE_EVERY, pricing: Any = None) -> Callable[[Callable], Callable]:
+         capture_every: int = MAX_CAPTURE_EVERY, pricing: Any = None, max_seconds: Any = None,
+         gpu: bool = False) -> Callable[[Callable], Callable]:
     """Charge the caller's escrow `price` USDC for every call of the decorated function.
 
     Args:
-        price: USDC per call (or per chunk): a decimal string such as ``"0.001"``, an int,
-            a Decimal; or a function of the handler's arguments returning one (e.g. a
-            price per line of input).
+        price: USDC per call (or per chunk, or per second): a decimal string such as
+            ``"0.001"``, an int, a Decimal; per second also a `Pricing` (``per_second``, or
+            ``per_gpu_second`` with its ``hardware``); or a function of the handler's
+            arguments returning one (e.g. a price per line of input).
         seller: the seller's `EscrowClient`, its agent id, a `Gate`, or None
             (`$HF_ESCROW_SELLER`); functions with the same seller share one `Gate`.
-        per: ``"call"``, or for generator handlers ``"chunk"`` (each yielded item).
+        per: ``"call"``; for generator handlers ``"chunk"`` (each yielded item); or
+            ``"second"`` of the handler's own run time.
         fields: read the spend token from an input named `token_field` too, for people
             using the UI; a filled field wins over the header. It is added after the
             handler's own parameters (list its component last among the event's inputs;
@@ -280,9 +346,12 @@ def paid(price: Any, seller: Any = None, *, per: str = "call", fields: bool = Fa
         with_receipt: append the receipt (a dict, `GateReceipt.to_dict`) to the outputs.
         notify: in Gradio, show a toast with the charge and the remaining balance.
         max_chunks: per="chunk": the most chunks one stream delivers (its hold's worst case).
-        capture_every: per="chunk": capture the delivered chunks at least this often (1-64).
+        capture_every: per="chunk"/"second" streams: capture the delivered chunks at least this often (1-64).
         pricing: the price sheet refusals and ``/.well-known/hf-escrow`` advertise (needed
-            when `price` is a function); by default ``{"per_call": price}`` (or per_chunk).
+            when `price` is a function); by default ``{"per_call": price}`` (or per_chunk, per_second).
+        max_seconds: per="second": the longest run a call bills; its hold is max_seconds x price.
+        gpu: per="second": run the handler under ZeroGPU's ``@spaces.GPU(duration=max_seconds)``
+            when `spaces` is installed, inside the gate's clock (the GPU wait is not billed).
 
     The handler may take ``request: gr.Request`` itself; the gate adds one otherwise.
     Refusals raise before the handler runs: `PaymentRequired` (no token, or an API key),
@@ -297,24 +366,27 @@ def paid(price: Any, seller: Any = None, *, per: str = "call", fields: bool = Fa
         ('HI', {'charged_usdc': '0.001000', 'remaining_usdc': '0.049000', ...})
     """
     return _gate_for(seller).paid(price, per=per, fields=fields, token_field=token_field, with_receipt=with_receipt,
-                                  notify=notify, max_chunks=max_chunks, capture_every=capture_every, pricing=pricing)
+                                  notify=notify, max_chunks=max_chunks, capture_every=capture_every, pricing=pricing,
+                                  max_seconds=max_seconds, gpu=gpu)
 
 
 # ---- one call's bill ------------------------------------------------------------------
 
 
 class _Bill:
-    """One gated call's tab and what it owes: a call's price, or `unit_micro` per delivered chunk.
+    """One gated call's tab and what it owes: a call's price, `unit_micro` per delivered chunk, or its run time.
 
     Its I/O methods (`flush`, `settle`, `abandon`) block on the ledger; the async wrappers
     run them in a worker thread.
     """
 
     def __init__(self, gate: Gate, tab: Tab, *, billing: str, unit_micro: int, units_held: int, capped: bool,
-                 capture_every: int, spent_s: float):
+                 capture_every: int, spent_s: float, rate: Decimal | None = None, max_ns: int | None = None):
         self.gate, self.tab, self.billing = gate, tab, billing
         self.unit_micro, self.units_held, self.capped = unit_micro, units_held, capped
         self.capture_every = capture_every
+        self.rate, self.max_ns = rate, max_ns
+        self.ran_ns = 0                   # per="second": the handler's own run time, of delivered work only
         self.units = 0                    # chunks that left the gate
         self.fee = self.net = Decimal(0)
         self.remaining: Decimal | None = None
@@ -323,7 +395,30 @@ class _Bill:
 
     @property
     def owed_micro(self) -> int:
+        if self.billing == "second":
+            return min(seconds_cost_micro(self.ran_ns, self.rate), self.tab.held_micro)
         return self.units * self.unit_micro if self.billing == "chunk" else self.unit_micro
+
+    def ran(self, elapsed_ns: int) -> None:
+        """Add a measured run (a call, or one step of a stream) to what the call owes."""
+        self.ran_ns += elapsed_ns
+
+    def may_run(self) -> bool:
+        """per="second": may the stream run another step? Not past max_seconds; raises once the escrow closed.
+
+        Asked before the step runs, since its time is what it costs; other billings ask
+        `admit_chunk` about the chunk once it is made.
+        """
+        if self.billing != "second":
+            return True
+        if not self.tab.escrow_open:
+            raise StateConflict(f"escrow {self.tab.escrow_id} was closed: the stream stopped after {self.units} "
+                                "paid chunk(s)")
+        if self.ran_ns < self.max_ns:
+            return True
+        log.warning("a stream ran max_seconds=%g and was cut; raise max_seconds to run longer",
+                    self.max_ns / NS_PER_SECOND)
+        return False
 
     def admit_chunk(self) -> bool:
         """May one more chunk leave? False at `max_chunks`; raises when the escrow cannot pay for it."""
@@ -332,7 +427,7 @@ class _Bill:
         if not self.tab.escrow_open:
             raise StateConflict(f"escrow {self.tab.escrow_id} was closed: the stream stopped after {self.units} "
                                 "paid chunk(s)")
-        if self.units < self.units_held:
+        if self.billing == "second" or self.units < self.units_held:
             return True
         if self.capped:
             raise InsufficientFunds(
@@ -345,12 +440,20 @@ class _Bill:
     def delivered(self) -> bool:
         """Count a chunk about to leave; True when its slice is due for capture."""
         self.units += 1
+        if self.billing == "second":
+            return self.units % self.capture_every == 0
         uncaptured = self.owed_micro - self.tab.captured_micro
         return self.billing == "chunk" and uncaptured >= self.capture_every * self.unit_micro
 
     def pending(self) -> dict:
         shown = {"status": "pending", "units": self.units}
-        return {**shown, "owed_usdc": str(to_usdc(self.owed_micro))} if self.billing == "chunk" else shown
+        if self.billing == "second":
+            shown["seconds"] = str(self.seconds)
+        return {**shown, "owed_usdc": str(to_usdc(self.owed_micro))} if self.billing != "call" else shown
+
+    @property
+    def seconds(self) -> Decimal:
+        return Decimal(self.ran_ns) / NS_PER_SECOND
 
     def flush(self) -> None:
         self._timed(self.tab.capture, self.owed_micro - self.tab.captured_micro)
@@ -360,10 +463,11 @@ class _Bill:
         self._timed(self.tab.finish, self.owed_micro - self.tab.captured_micro)
         receipt = GateReceipt(
             receipt_id=self.tab.hold_id, escrow_id=self.tab.escrow_id, buyer=self.buyer, seller=self.gate.seller_id,
-            billing=self.billing, units=self.units if self.billing == "chunk" else 1,
+            billing=self.billing, units=self.units if self.billing != "call" else 1,
             charged=to_usdc(self.tab.captured_micro), fee=self.fee, seller_net=self.net,
             remaining=self.remaining if self.remaining is not None else Decimal(0), gate_ms=self.spent_s * 1000,
-            at=datetime.now(timezone.utc))
+            at=datetime.now(timezone.utc), seconds=self.seconds if self.billing == "second" else None,
+            rate=self.rate)
         self.gate.receipts.append(receipt)
         return receipt
 
@@ -422,11 +526,13 @@ class _GatedFunction:
     """
 
     def __init__(self, gate: Gate, fn: Callable, *, price: Any, per: str, fields: bool, token_field: str,
-                 with_receipt: bool, notify: bool, max_chunks: int, capture_every: int):
+                 with_receipt: bool, notify: bool, max_chunks: int, capture_every: int, max_ns: int | None,
+                 gpu: bool):
         if not callable(fn):
             raise ValidationError("@paid decorates a function")
         self.gate, self.fn, self.price, self.per = gate, fn, price, per
         self.name = getattr(fn, "__name__", "call")
+        self.max_ns = max_ns
         self.token_field = token_field if fields else None
         self.with_receipt, self.notify = with_receipt, notify
         self.max_chunks, self.capture_every = max_chunks, capture_every
@@ -435,7 +541,8 @@ class _GatedFunction:
         self.is_gen = inspect.isgeneratorfunction(fn)
         if per == "chunk" and not (self.is_gen or self.is_async_gen):
             raise ValidationError('per="chunk" needs a generator handler (one that yields); use per="call"')
-        self.static_price = None if callable(price) else parse_usdc(price, what="price")
+        self.static_price = None if callable(price) else _price_of(price, per)
+        self.run = _timed(fn, self.is_gen, self.is_async_gen, max_ns if gpu else None) if per == "second" else fn
         self._build_signatures()
         self.wrapper = self._build()
         functools.update_wrapper(self.wrapper, fn)
@@ -506,10 +613,20 @@ class _GatedFunction:
         call.price = self.static_price
         if call.price is None:
             try:
-                call.price = parse_usdc(self.price(*call.args, **call.kwargs), what="price")
+                call.price = _price_of(self.price(*call.args, **call.kwargs), self.per)
             except EscrowError as error:
                 raise self.refused(error, call) from None
         return call
+
+    def step(self, bill: _Bill, produced: Any) -> Any:
+        """The handler's output; per second, unpacked from its measured run time."""
+        if self.per != "second":
+            return produced
+        item, elapsed_ns = produced
+        bill.ran(elapsed_ns)
+        if not (self.is_gen or self.is_async_gen):
+            bill.units = 1
+        return item
 
     # -- the core: holds and captures, as the caller sees them --
 
@@ -519,13 +636,26 @@ class _GatedFunction:
         try:
             if self.per == "chunk":
                 tab, chunks = self._open_stream(call)
+            elif self.per == "second":
+                tab, chunks = self._open_timed(call), 1
             else:
                 tab, chunks = self.gate.till.open(call.token, call.price, what="this call"), 1
         except EscrowError as error:
             raise self.refused(error, call) from None
-        return _Bill(self.gate, tab, billing=self.per, unit_micro=call.price, units_held=chunks,
+        rate = call.price if self.per == "second" else None
+        return _Bill(self.gate, tab, billing=self.per, unit_micro=0 if rate else call.price, units_held=chunks,
                      capped=chunks < self.max_chunks, capture_every=self.capture_every,
-                     spent_s=time.perf_counter() - started)
+                     spent_s=time.perf_counter() - started, rate=rate, max_ns=self.max_ns)
+
+    def _open_timed(self, call: _Call) -> Tab:
+        """Hold the worst case of a per-second call: max_seconds at its rate."""
+        worst = seconds_cost_micro(self.max_ns, call.price)
+        seconds = self.max_ns / NS_PER_SECOND
+        if worst < 1:
+            raise ValidationError(f"{seconds:g} s at {call.price} USDC/s rounds to 0 micro-USDC: raise the price "
+                                  "or max_seconds")
+        return self.gate.till.open(call.token, worst, ttl_seconds=max(self.gate.hold_ttl_s, seconds + HOLD_MARGIN_S),
+                                   what=f"this call (up to {seconds:g} s at {call.price} USDC/s)")
 
     def _open_stream(self, call: _Call) -> tuple[Tab, int]:
         """A hold for `max_chunks`, or for as many whole chunks as the escrow has free."""
@@ -544,6 +674,12 @@ class _GatedFunction:
                 chunks = fits
         raise InsufficientFunds("the escrow's free amount kept changing while this stream asked for a hold; "
                                 "try again")
+
+    def may_run(self, bill: _Bill, call: _Call) -> bool:
+        try:
+            return bill.may_run()
+        except EscrowError as error:
+            raise self.refused(error, call) from None
 
     def admit(self, bill: _Bill, call: _Call) -> bool:
         try:
@@ -595,7 +731,8 @@ class _GatedFunction:
         """A handler error: the caller learns what it was charged."""
         if not call.in_gradio or not isinstance(error, Exception):
             return error
-        note = "not charged" if self.per == "call" else "charged for the delivered chunks only"
+        streamed = self.is_gen or self.is_async_gen
+        note = "not charged" if self.per == "call" or not streamed else "charged for the delivered chunks only"
         if isinstance(error, self.gr.Error):
             error.message = f"{error.message} ({note})"
             return error
@@ -631,7 +768,7 @@ class _GatedFunction:
             call = self.prepare(args, kwargs)
             bill = self.open(call)
             try:
-                result = self.fn(*call.args, **call.kwargs)
+                result = self.step(bill, self.run(*call.args, **call.kwargs))
             except BaseException as error:
                 bill.abandon(failed=True)
                 _rethrow(self.failed(error, call), error)
@@ -643,7 +780,7 @@ class _GatedFunction:
             call = self.prepare(args, kwargs)
             bill = await _blocking(self.open, call)
             try:
-                result = await self.fn(*call.args, **call.kwargs)
+                result = self.step(bill, await self.run(*call.args, **call.kwargs))
             except BaseException as error:
                 await _blocking(bill.abandon, True)
                 _rethrow(self.failed(error, call), error)
@@ -655,11 +792,11 @@ class _GatedFunction:
             call = self.prepare(args, kwargs)
             bill = self.open(call)
             failed, last = False, None
-            stream = self.fn(*call.args, **call.kwargs)
+            stream = self.run(*call.args, **call.kwargs)
             try:
-                while True:
+                while self.may_run(bill, call):
                     try:
-                        item = next(stream)
+                        item = self.step(bill, next(stream))
                     except StopIteration:
                         break
                     except BaseException as error:
@@ -685,11 +822,11 @@ class _GatedFunction:
             call = self.prepare(args, kwargs)
             bill = await _blocking(self.open, call)
             failed, last = False, None
-            stream = self.fn(*call.args, **call.kwargs)
+            stream = self.run(*call.args, **call.kwargs)
             try:
-                while True:
+                while self.may_run(bill, call):
                     try:
-                        item = await stream.__anext__()
+                        item = self.step(bill, await stream.__anext__())
                     except StopAsyncIteration:
                         break
                     except BaseException as error:
@@ -709,6 +846,69 @@ class _GatedFunction:
                 await _shielded(stream.aclose)
                 await _blocking(bill.abandon, failed)
         return gated
+
+
+def _timed(fn: Callable, is_gen: bool, is_async_gen: bool, gpu_ns: int | None) -> Callable:
+    """`fn`, returning (or yielding) each output with the nanoseconds it took to make it.
+
+    The clock runs inside the function, so under ``@spaces.GPU`` (`gpu_ns`: its duration)
+    the GPU wait is outside it, and the time travels back with the result from ZeroGPU's
+    worker process.
+    """
+    clock = time.perf_counter_ns
+    if is_async_gen:
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            stream = fn(*args, **kwargs)
+            try:
+                while True:
+                    started = clock()
+                    try:
+                        item = await stream.__anext__()
+                    except StopAsyncIteration:
+                        return
+                    yield item, clock() - started
+            finally:
+                await stream.aclose()
+    elif is_gen:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            stream = fn(*args, **kwargs)
+            try:
+                while True:
+                    started = clock()
+                    try:
+                        item = next(stream)
+                    except StopIteration:
+                        return
+                    yield item, clock() - started
+            finally:
+                stream.close()
+    elif inspect.iscoroutinefunction(fn):
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            started = clock()
+            result = await fn(*args, **kwargs)
+            return result, clock() - started
+    else:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = clock()
+            result = fn(*args, **kwargs)
+            return result, clock() - started
+    functools.update_wrapper(timed, fn)
+    if gpu_ns is None:
+        return timed
+    gpu = _spaces_gpu()
+    return timed if gpu is None else gpu(duration=gpu_ns // NS_PER_SECOND)(timed)
+
+
+def _spaces_gpu() -> Callable | None:
+    """ZeroGPU's ``spaces.GPU`` when the `spaces` package is installed, else None (imported on first use)."""
+    import sys
+    module = sys.modules.get("spaces")
+    if module is None:
+        if importlib.util.find_spec("spaces") is None:
+            return None
+        import spaces as module
+    gpu = getattr(module, "GPU", None)   # a folder named spaces/ (Space templates) is no ZeroGPU package
+    return gpu if callable(gpu) else None
 
 
 async def _blocking(fn: Callable, *args: Any) -> Any:

@@ -1,7 +1,15 @@
-"""A metered OpenAI-compatible gateway: sellers put it in front of vLLM, TGI or
-`transformers serve` and are paid from each buyer's escrow for the tokens delivered.
+"""A metered OpenAI-compatible gateway: sellers put it in front of vLLM, TGI, TEI or
+`transformers serve` and are paid from each buyer's escrow for the work delivered.
 
-How money moves, per request:
+It meters every route its upstream bills: ``/v1/chat/completions`` and
+``/v1/completions`` per token (as below), ``/v1/embeddings`` per vector (or, when the
+price sheet sets no ``per_vector``, per input token by the server's ``usage``), and
+``/embed``, the same embeddings in the shape Text Embeddings Inference and
+``InferenceClient.feature_extraction`` speak. ``/v1/models`` is free and passes
+through; every other route is refused (404), since it would be work nobody pays for.
+A route the price sheet does not price is refused the same way.
+
+How money moves, per generation request (chat or completion):
 
 1. The buyer sends the escrow's spend token in ``X-Escrow-Token`` (never its API key: a
    request carrying ``Authorization: Bearer hfe_...`` and no token is refused with 402).
@@ -25,6 +33,12 @@ How money moves, per request:
    with its ``usage`` in one final capture.
 5. An upstream error, or an unreachable upstream, voids the hold: the buyer pays nothing.
 
+An embedding request holds its exact price (inputs x ``per_vector``) or its worst case
+(the inputs' UTF-8 bytes plus `EMBED_OVERHEAD_TOKENS` each, an upper bound of any
+tokenizer's count; token-id inputs exactly), and captures the vectors returned (at most
+one per input) or the ``usage.prompt_tokens`` the server reports, never more than held,
+just after the answer leaves (the hold already reserves it, as for a finished stream).
+
 Errors are JSON ``{"error": code, "message": ...}``, the shape the escrow server uses;
 a stream cut short ends with one such ``data:`` event.
 """
@@ -34,7 +48,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any, AsyncIterator
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
 
 import anyio
 import httpx
@@ -44,7 +59,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 from . import challenge
-from ._exceptions import EscrowError, PaymentRequired, StateConflict, ValidationError
+from ._exceptions import EscrowError, NotFound, PaymentRequired, StateConflict, ValidationError
 from .metering import TokenCounter
 from .pricing import Pricing
 from .till import Tab, Till, check_token, spend_token_from
@@ -58,6 +73,8 @@ CAPTURE_EVERY = MAX_UNPAID_CHUNKS // 2
 UPSTREAM_TIMEOUT_S = 300.0
 DEFAULT_HOLD_TTL_S = UPSTREAM_TIMEOUT_S  # a stream must finish inside its hold; the ledger caps it
 UPSTREAM_ERROR_CHARS = 500
+MAX_EMBED_INPUTS = 2048        # OpenAI's own limit on inputs per embeddings request
+EMBED_OVERHEAD_TOKENS = 8      # special tokens an embedding tokenizer adds per input, at most
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +97,9 @@ def create_gateway(upstream: str, *, escrow: Any, pricing: Any, tokenizer: Any =
         >>> uvicorn.run(app, host="127.0.0.1", port=8788)  # doctest: +SKIP
     """
     sheet = Pricing.coerce(pricing)
-    if sheet is None or not sheet.sells_tokens:
-        raise ValidationError("the gateway needs token prices, e.g. input_per_1k and output_per_1k")
+    if sheet is None or not (sheet.sells_tokens or sheet.per_vector is not None):
+        raise ValidationError("the gateway needs token prices (input_per_1k and output_per_1k) for chat and "
+                              "completions, or per_vector for embeddings")
     _check_limit(max_tokens, "max_tokens")
     gateway = _Gateway(upstream.rstrip("/"), Till(escrow, hold_ttl_s=hold_ttl_s), sheet, TokenCounter(tokenizer),
                        max_tokens)
@@ -122,52 +140,144 @@ def create_gateway(upstream: str, *, escrow: Any, pricing: Any, tokenizer: Any =
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Response:
-        return await gateway.chat(request)
+        return await gateway.generate(request, CHAT)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await gateway.generate(request, COMPLETION)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        return await gateway.embed(request, tei=False)
+
+    @app.post("/embed")
+    async def embed(request: Request) -> Response:
+        return await gateway.embed(request, tei=True)
+
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    async def unsold(path: str) -> Response:
+        raise NotFound(f"/v1/{path[:100]} is not served here: this gateway sells /v1/chat/completions, "
+                       "/v1/completions and /v1/embeddings (and /embed), and passes /v1/models through for free")
 
     return app
 
 
+@dataclass(frozen=True)
+class _Generation:
+    """One generating route: where it goes upstream, how its body is checked and its prompt counted."""
+
+    path: str
+    parse: Callable[[bytes], dict]
+    prompt_tokens: Callable[[TokenCounter, dict], tuple[int, bool]]
+    limit_fields: tuple[str, ...]   # the output limits the upstream is told
+
+
+CHAT = _Generation("chat/completions", lambda raw: _chat_body(raw),
+                   lambda counter, body: counter.prompt_tokens(body["messages"]),
+                   ("max_tokens", "max_completion_tokens"))
+COMPLETION = _Generation("completions", lambda raw: _completion_body(raw),
+                         lambda counter, body: counter.plain_prompt_tokens(body["prompt"]), ("max_tokens",))
+
+
 class _Gateway:
-    """Admits, forwards and bills chat requests for one seller."""
+    """Admits, forwards and bills chat, completion and embedding requests for one seller."""
 
     def __init__(self, upstream: str, till: Till, pricing: Pricing, counter: TokenCounter, max_tokens: int):
         self.upstream, self.till, self.pricing, self.counter = upstream, till, pricing, counter
         self.max_tokens = max_tokens
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(UPSTREAM_TIMEOUT_S, connect=10.0))
 
-    async def chat(self, request: Request) -> Response:
+    async def generate(self, request: Request, route: _Generation) -> Response:
         token = check_token(spend_token_from(request.headers))   # refused before any work, keys included
-        body = _chat_body(await request.body())
+        if not self.pricing.sells_tokens:
+            raise NotFound(f"/v1/{route.path} is not sold here: the price sheet sets no token prices")
+        body = route.parse(await request.body())
         limit = _output_limit(body, self.max_tokens)
-        bill = await anyio.to_thread.run_sync(self._open, token, body["messages"], limit)
-        body["max_tokens"] = body["max_completion_tokens"] = limit
+        bill = await anyio.to_thread.run_sync(self._open, token, route, body, limit)
+        for name in route.limit_fields:
+            body[name] = limit
         try:
             if body.get("stream"):
                 body["stream_options"] = {**(body.get("stream_options") or {}), "include_usage": True}
-                return await self._stream(body, bill)
-            return await self._answer(body, bill)
+                return await self._stream(route.path, body, bill)
+            return await self._answer(route.path, body, bill)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await bill.close()
             raise
 
-    def _open(self, token: str, messages: list, limit: int) -> "_Bill":
+    def _open(self, token: str, route: _Generation, body: dict, limit: int) -> "_Bill":
         """Hold the request's worst case: its prompt plus `limit` output tokens."""
-        prompt_tokens, exact = self.counter.prompt_tokens(messages)
+        prompt_tokens, exact = route.prompt_tokens(self.counter, body)
         worst = self.pricing.tokens_micro(prompt_tokens, limit)
         tab = self.till.open(token, worst, what=f"this request ({prompt_tokens} prompt + up to {limit} output tokens)")
         return _Bill(tab, self.pricing, self.counter, prompt_tokens, exact, limit)
 
-    async def _answer(self, body: dict, bill: "_Bill") -> Response:
+    async def _answer(self, path: str, body: dict, bill: "_Bill") -> Response:
         try:
-            answer = await self.client.post(f"{self.upstream}/chat/completions", json=body)
+            answer = await self.client.post(f"{self.upstream}/{path}", json=body)
         except httpx.HTTPError as error:
             await bill.close()
             return _unreachable(error)
         return await _whole(answer.status_code, answer.content, bill)
 
-    async def _stream(self, body: dict, bill: "_Bill") -> Response:
-        request = self.client.build_request("POST", f"{self.upstream}/chat/completions", json=body)
+    async def embed(self, request: Request, *, tei: bool) -> Response:
+        """Embeddings: OpenAI's body at /v1/embeddings, or TEI's ``{"inputs": ...}`` at /embed."""
+        token = check_token(spend_token_from(request.headers))
+        if self.pricing.per_vector is None and not self.pricing.sells_tokens:
+            raise NotFound("embeddings are not sold here: the price sheet sets neither per_vector nor input prices")
+        body, inputs = _embedding_body(await request.body(), tei=tei)
+        tab, bound = await anyio.to_thread.run_sync(self._open_embeddings, token, inputs)
+        try:
+            answer = await self.client.post(f"{self.upstream}/embeddings", json=body)
+        except BaseException as error:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(tab.void)
+            if isinstance(error, httpx.HTTPError):
+                return _unreachable(error)
+            raise
+        data = _json_or_none(answer.content) if answer.status_code < 400 else None
+        vectors = data.get("data") if isinstance(data, dict) else None
+        if not isinstance(vectors, list) or not vectors:
+            await anyio.to_thread.run_sync(tab.void)
+            return _upstream_failed(answer.status_code, answer.content.decode(errors="replace"))
+        # The hold already reserves the price, so the capture lands just after the answer leaves, as a
+        # finished stream's does: billing adds no round trip to the ledger to the buyer's wait.
+        settle = BackgroundTask(anyio.to_thread.run_sync, self._settle_embeddings, tab, len(inputs), len(vectors),
+                                bound, data.get("usage"))
+        if tei:
+            return JSONResponse([item.get("embedding") if isinstance(item, dict) else None for item in vectors],
+                                background=settle)
+        return Response(answer.content, status_code=answer.status_code, media_type="application/json",
+                        background=settle)
+
+    def _open_embeddings(self, token: str, inputs: list) -> tuple[Tab, int]:
+        """Hold the price of `inputs`: exact per vector, or their tokens' upper bound."""
+        count = len(inputs)
+        if self.pricing.per_vector is not None:
+            return self.till.open(token, self.pricing.unit_micro("per_vector", count),
+                                  what=f"embedding {count} input(s)"), 0
+        bound = sum(len(item) if isinstance(item, list) else len(item.encode()) + EMBED_OVERHEAD_TOKENS
+                    for item in inputs)
+        return self.till.open(token, self.pricing.tokens_micro(bound, 0),
+                              what=f"embedding {count} input(s) (up to {bound} tokens)"), bound
+
+    def _settle_embeddings(self, tab: Tab, asked: int, returned: int, bound: int, usage: Any) -> None:
+        """Pay the vectors returned (one per input at most), or the input tokens the server reports."""
+        delivered = min(returned, asked)
+        try:
+            if self.pricing.per_vector is not None:
+                tab.finish(self.pricing.unit_micro("per_vector", delivered))
+                return
+            reported = usage.get("prompt_tokens") if isinstance(usage, dict) else None
+            valid = isinstance(reported, int) and not isinstance(reported, bool) and 0 <= reported
+            tokens = min(reported, bound) if valid else bound
+            tab.finish(min(self.pricing.tokens_micro(tokens, 0), tab.held_micro), usage={"prompt_tokens": tokens})
+        except EscrowError as error:   # the answer has left: log it; an unsettled hold ends at its TTL
+            log.warning("capture on hold %s refused: %s", tab.hold_id, error.message)
+
+    async def _stream(self, path: str, body: dict, bill: "_Bill") -> Response:
+        request = self.client.build_request("POST", f"{self.upstream}/{path}", json=body)
         try:
             answer = await self.client.send(request, stream=True)
         except httpx.HTTPError as error:
@@ -246,8 +356,7 @@ class _Bill:
         """A whole (non-streamed) answer: its text (words stand in for chunks) and the server's usage."""
         choices = data.get("choices") if isinstance(data.get("choices"), list) else []
         for choice in choices:
-            message = choice.get("message") if isinstance(choice, dict) else None
-            text = _message_text(message) if isinstance(message, dict) else ""
+            text = _choice_text(choice.get("message") if isinstance(choice, dict) else None, choice)
             if text:
                 self.pieces.append(text)
                 self.chunks += max(len(text.split()), 1)
@@ -360,6 +469,49 @@ def _chat_body(raw: bytes) -> dict:
     return body
 
 
+def _completion_body(raw: bytes) -> dict:
+    body = _json_or_none(raw)
+    if not isinstance(body, dict) or not isinstance(body.get("prompt"), str):
+        raise ValidationError("a completion request needs a JSON body with a prompt string (one prompt per request)")
+    if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
+        raise ValidationError("the gateway sells one choice per request: leave n (and best_of) at 1")
+    if body.get("echo"):
+        raise ValidationError("echo is not sold: the prompt is already yours")
+    if not isinstance(body.get("stream_options") or {}, dict):
+        raise ValidationError("stream_options must be an object, such as {\"include_usage\": true}")
+    return body
+
+
+def _embedding_body(raw: bytes, *, tei: bool) -> tuple[dict, list]:
+    """The upstream's OpenAI embeddings body, and the inputs (strings, or lists of token ids) it embeds."""
+    body = _json_or_none(raw)
+    field = "inputs" if tei else "input"
+    if not isinstance(body, dict) or field not in body:
+        raise ValidationError(f"an embeddings request needs a JSON body with {field}: a string or a list of them")
+    given = body[field]
+    if isinstance(given, str) or (isinstance(given, list) and given and all(_is_token_id(t) for t in given)):
+        inputs = [given]
+    elif isinstance(given, list) and given and (all(isinstance(t, str) for t in given) or all(
+            isinstance(t, list) and t and all(_is_token_id(i) for i in t) for t in given)):
+        inputs = list(given)
+    else:
+        raise ValidationError(f"{field} must be a string, a non-empty list of strings, or token ids (a list of "
+                              "integers, or a list of such lists)")
+    if len(inputs) > MAX_EMBED_INPUTS:
+        raise ValidationError(f"at most {MAX_EMBED_INPUTS} inputs per request, got {len(inputs)}")
+    if not tei:
+        return body, inputs
+    upstream = {"input": given, "encoding_format": "float"}
+    for name in ("model", "dimensions"):
+        if body.get(name) is not None:
+            upstream[name] = body[name]
+    return upstream, inputs
+
+
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _output_limit(body: dict, default: int) -> int:
     """The output limit the buyer asked for; vLLM-style servers obey max_completion_tokens first."""
     for name in ("max_completion_tokens", "max_tokens"):
@@ -408,9 +560,16 @@ def _event_json(lines: list[str]) -> dict | None:
 def _delta_text(event: dict | None) -> str:
     """What an event delivers: content, reasoning or tool-call text all cost output tokens."""
     choices = (event or {}).get("choices")
-    delta = choices[0].get("delta") if isinstance(choices, list) and choices and isinstance(choices[0], dict) \
-        else None
-    return _message_text(delta) if isinstance(delta, dict) else ""
+    first = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
+    return _choice_text(first.get("delta"), first) if first is not None else ""
+
+
+def _choice_text(message: Any, choice: Any) -> str:
+    """A chat choice's message (or delta) text, or a completion choice's ``text``."""
+    if isinstance(message, dict):
+        return _message_text(message)
+    text = choice.get("text") if isinstance(choice, dict) else None
+    return text if isinstance(text, str) else ""
 
 
 def _message_text(message: dict) -> str:

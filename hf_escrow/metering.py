@@ -59,6 +59,12 @@ class TokenCounter:
             return len(self.tokenizer.encode(_messages_text(messages))), True
         return len(_messages_text(messages).encode()) + PER_MESSAGE_OVERHEAD_TOKENS * len(messages), False
 
+    def plain_prompt_tokens(self, text: str) -> tuple[int, bool]:
+        """(tokens, exact) of a raw prompt (no chat template), special tokens included as servers add them."""
+        if self.tokenizer is not None:
+            return len(self.tokenizer(text)["input_ids"]), True
+        return len(text.encode()) + PER_MESSAGE_OVERHEAD_TOKENS, False
+
     def text_tokens(self, text: str, fallback: int) -> tuple[int, str]:
         """Tokens of delivered text: with the tokenizer, else the number of chunks received."""
         if self.tokenizer is not None:

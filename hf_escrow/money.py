@@ -7,6 +7,11 @@ such as 1% of 150 micro-USDC - it is rounded to the nearest micro-USDC, ties to 
 subtraction, so ``net + fee == gross`` and ``referral + platform == fee`` hold exactly
 for every amount, one micro-USDC included.
 
+Time is priced the same way: a run is measured in whole nanoseconds (an integer clock,
+never a float), and its cost - nanoseconds x the rate per second / 10^9 - is rounded
+once, by the rule above (`seconds_cost_micro`). A stream's captures are differences of
+that rounded cost of its running total, so slicing a run never changes its price.
+
 Floats are accepted at the edge (JSON numbers, the seed snippets) and converted through
 their shortest ``repr`` - the number the caller wrote - never through binary arithmetic.
 """
@@ -198,3 +203,18 @@ def cost_micro(quantity: int, unit_price: Decimal, *, per: int = 1) -> int:
     """Exact cost of `quantity` units at `unit_price` USDC per `per` units, one rounding."""
     require(quantity >= 0 and per > 0, f"cost of {quantity} units per {per}")
     return round_micro(Decimal(quantity) * unit_price / per)
+
+
+NS_PER_SECOND = 1_000_000_000
+
+
+def seconds_cost_micro(elapsed_ns: int, per_second: Decimal) -> int:
+    """What `elapsed_ns` nanoseconds cost at `per_second` USDC a second, rounded once (half-even).
+
+    Example:
+        >>> seconds_cost_micro(250_000_000, Decimal("0.0004")), seconds_cost_micro(1_250_000, Decimal("0.0004"))
+        (100, 0)
+    """
+    if isinstance(elapsed_ns, bool) or not isinstance(elapsed_ns, int) or elapsed_ns < 0:
+        raise ValueError(f"elapsed time must be a whole, non-negative number of nanoseconds, got {elapsed_ns!r}")
+    return cost_micro(elapsed_ns, per_second, per=NS_PER_SECOND)

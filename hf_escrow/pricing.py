@@ -1,9 +1,11 @@
 """Price sheets: what one unit of work costs, in exact USDC.
 
 Prices are per 1k input/output tokens (the convention of the Inference API and the
-guides), per 1M tokens (converted), per token (the vLLM guide), or per call, image,
-vector or shard. A cost is computed on the whole call and rounded once, by the rule in
-`hf_escrow.money`.
+guides), per 1M tokens (converted), per token (the vLLM guide), per call, image,
+vector or shard, or per second of compute: `per_second`, and `per_gpu_second` for a
+Space that names its hardware (``hardware="a10g-largex2"`` runs 2 GPUs, so a second
+costs twice the GPU-second price). A cost is computed on the whole call and rounded
+once, by the rule in `hf_escrow.money`.
 
 Example:
     >>> p = Pricing(input_per_1k="0.0005", output_per_1k="0.0015")
@@ -20,12 +22,29 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ._exceptions import ValidationError
-from .money import round_micro, to_decimal
+from .money import round_micro, seconds_cost_micro, to_decimal
 
 UNIT_PRICES = ("per_call", "per_image", "per_vector", "per_shard")
 _ALIASES = {"input_per_1m": ("input_per_1k", 1000), "output_per_1m": ("output_per_1k", 1000),
             "price_per_token": ("per_token", 1)}
 MAX_TOKENS_PER_CALL = 10_000_000
+MAX_GPUS = 64
+
+
+def gpus_of(hardware: str) -> int:
+    """GPUs of a Spaces hardware flavour: ``cpu-*`` none, ``...x<N>`` N (``l4x4``), any other one.
+
+    Example:
+        >>> gpus_of("a10g-largex2"), gpus_of("zero-a10g"), gpus_of("t4-small"), gpus_of("cpu-basic")
+        (2, 1, 1, 0)
+    """
+    if not isinstance(hardware, str) or not hardware.strip() or len(hardware) > 64:
+        raise ValidationError(f"hardware must name a Spaces hardware flavour such as \"a10g-small\", got {hardware!r}")
+    name = hardware.strip().lower()
+    if name.startswith("cpu"):
+        return 0
+    head, _, count = name.rpartition("x")
+    return int(count) if head and count.isdigit() and 0 < int(count) <= MAX_GPUS else 1
 
 
 @dataclass(frozen=True)
@@ -39,12 +58,17 @@ class Pricing:
     per_image: Decimal | None = None
     per_vector: Decimal | None = None
     per_shard: Decimal | None = None
+    per_second: Decimal | None = None       # a second of the handler's own run time
+    per_gpu_second: Decimal | None = None   # a second of one GPU of `hardware`
+    hardware: str | None = None             # the Space's hardware flavour (e.g. "a10g-largex2")
 
     def __init__(self, *, input_per_1k: Any = None, output_per_1k: Any = None, per_token: Any = None,
                  per_call: Any = None, per_image: Any = None, per_vector: Any = None, per_shard: Any = None,
-                 input_per_1m: Any = None, output_per_1m: Any = None):
+                 input_per_1m: Any = None, output_per_1m: Any = None, per_second: Any = None,
+                 per_gpu_second: Any = None, hardware: str | None = None):
         given = dict(input_per_1k=input_per_1k, output_per_1k=output_per_1k, per_token=per_token,
-                     per_call=per_call, per_image=per_image, per_vector=per_vector, per_shard=per_shard)
+                     per_call=per_call, per_image=per_image, per_vector=per_vector, per_shard=per_shard,
+                     per_second=per_second, per_gpu_second=per_gpu_second)
         for name, value in (("input_per_1m", input_per_1m), ("output_per_1m", output_per_1m)):
             if value is not None:
                 target, divisor = _ALIASES[name]
@@ -55,6 +79,12 @@ class Pricing:
             object.__setattr__(self, name, None if value is None else to_decimal(value, what=f"price {name}"))
         if all(value is None for value in given.values()):
             raise ValidationError("a price sheet needs at least one price, e.g. input_per_1k=\"0.0005\"")
+        if (per_gpu_second is None) != (hardware is None):
+            raise ValidationError("per_gpu_second needs the hardware it prices (e.g. hardware=\"a10g-small\"), "
+                                  "and hardware is only read with per_gpu_second")
+        if hardware is not None and gpus_of(hardware) == 0:
+            raise ValidationError(f"hardware {hardware!r} has no GPU: price it with per_second")
+        object.__setattr__(self, "hardware", hardware.strip().lower() if hardware is not None else None)
 
     @classmethod
     def coerce(cls, value: "Pricing | Mapping[str, Any] | str | Path | None") -> "Pricing | None":
@@ -86,6 +116,26 @@ class Pricing:
     def to_dict(self) -> dict[str, str]:
         """The sheet as exact decimal strings (JSON- and TOML-safe)."""
         return {f.name: str(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None}
+
+    @property
+    def sells_seconds(self) -> bool:
+        return self.per_second is not None or self.per_gpu_second is not None
+
+    @property
+    def second_rate(self) -> Decimal:
+        """USDC per second of run time: `per_second` plus `per_gpu_second` x the hardware's GPUs."""
+        if not self.sells_seconds:
+            raise ValidationError("this price sheet has no time prices (per_second/per_gpu_second)")
+        rate = self.per_second or Decimal(0)
+        if self.per_gpu_second is not None:
+            rate += self.per_gpu_second * gpus_of(self.hardware)
+        if rate <= 0:
+            raise ValidationError("a price per second must be more than 0")
+        return rate
+
+    def seconds_micro(self, elapsed_ns: int) -> int:
+        """Cost of `elapsed_ns` nanoseconds of run time, rounded once."""
+        return seconds_cost_micro(elapsed_ns, self.second_rate)
 
     @property
     def sells_tokens(self) -> bool:

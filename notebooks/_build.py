@@ -505,6 +505,95 @@ NOTEBOOKS = {
                       f'verified {s.verified_score:.3f}  paid {s.paid}  refunded {s.refunded}')
         """),
     ],
+    "05_per_second_space.ipynb": [
+        md("""
+            # A Space paid per second of compute
+
+            A handler that runs 0.1 s should not cost what one that runs 4 s costs. With
+            `per="second"` the gate holds the worst case (`max_seconds` x the price) before the
+            handler runs, times the handler itself, captures the measured seconds x the price and
+            frees the rest. Gradio's queue wait is not billed, and neither is the gate's own ledger
+            work. Everything runs locally: an embedded SQLite ledger and the app on 127.0.0.1.
+        """),
+        code("""
+            import os, tempfile
+            os.environ.setdefault('HF_ESCROW_HOME', tempfile.mkdtemp())  # a fresh ledger for this run
+            os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')   # keep Gradio on 127.0.0.1
+            import socket, time
+            from decimal import Decimal
+            import gradio as gr
+            import hf_escrow
+
+            buyer, seller = hf_escrow.connect(agent='nb-buyer'), hf_escrow.connect(agent='nb-gpu-space')
+            buyer.register()
+            seller.register()
+            print('faucet:', buyer.claim_faucet(), 'USDC')
+        """),
+        md("""
+            ## The seller's app
+
+            The price is a sheet: 0.0005 USDC per GPU-second on `a10g-largex2`, two GPUs, so a
+            second costs 0.001 USDC. A sleep proportional to the input stands in for a model. On a
+            ZeroGPU Space, `gpu=True` would also run the handler under `@spaces.GPU(duration=
+            max_seconds)`, inside the gate's clock, so the wait for a GPU would not be billed either.
+        """),
+        code("""
+            sheet = hf_escrow.Pricing(per_gpu_second='0.0005', hardware='a10g-largex2')
+            print('rate:', sheet.second_rate, 'USDC per second')
+
+            @hf_escrow.paid(price=sheet, per='second', max_seconds=5, seller=seller, with_receipt=True)
+            def render(steps: float) -> str:
+                if steps < 0:
+                    raise ValueError('steps must be positive')
+                time.sleep(steps / 10)          # the model's work: 0.1 s a step
+                return f'rendered {steps:g} steps'
+
+            with gr.Blocks() as demo:
+                steps, answer, receipt = gr.Number(label='steps'), gr.Textbox(label='answer'), gr.JSON(label='receipt')
+                gr.Button('Render').click(render, steps, [answer, receipt], api_name='render')
+
+            with socket.socket() as sock:  # a free port, so that several runs can share the machine
+                sock.bind(('127.0.0.1', 0))
+                port = sock.getsockname()[1]
+            demo.launch(server_name='127.0.0.1', server_port=port, prevent_thread_lock=True, quiet=True, inline=False)
+            url = f'http://127.0.0.1:{port}/'
+        """),
+        md("""
+            ## The buyer calls it
+
+            One escrow, its spend token in one header. Short and long calls each pay their own run
+            time; the hold for 5 s (0.005 USDC) is taken before each call and what it did not use
+            goes back to the escrow at once.
+        """),
+        code("""
+            from gradio_client import Client
+
+            escrow = buyer.create_escrow('nb-gpu-space', '0.05', ttl_seconds=600)
+            client = Client(url, headers={'X-Escrow-Token': escrow.spend_token}, verbose=False)
+            for n in (1, 5, 12):
+                text, r = client.predict(n, api_name='/render')
+                print(f"{text:<20} {r['seconds'][:6]} s x {r['rate_usdc_per_s']} USDC/s = {r['charged_usdc']} USDC")
+                assert abs(Decimal(r['charged_usdc']) - Decimal(r['seconds']) * sheet.second_rate) <= Decimal('0.000001')
+        """),
+        md("""
+            A handler that raises costs nothing, and the escrow adds up: locked = paid + remaining,
+            nothing left held.
+        """),
+        code("""
+            from gradio_client.exceptions import AppError
+
+            before = buyer.get(escrow.id).paid
+            try:
+                client.predict(-1, api_name='/render')
+            except AppError as error:
+                print('refused:', error)
+            after = buyer.get(escrow.id)
+            assert after.paid == before and after.held == 0
+            assert after.amount == after.paid + after.refunded + after.held + after.remaining
+            print('paid', after.paid, 'remaining', after.remaining, 'held', after.held)
+            demo.close()
+        """),
+    ],
 }
 
 

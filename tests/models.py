@@ -42,7 +42,8 @@ def build_tiny_chat_model(folder: Path) -> Path:
 
 
 def unit_app(encoder_dir: str):
-    """A local inference endpoint: real MiniLM embeddings at /embed, a PNG per prompt at /image.
+    """A local inference endpoint: real MiniLM embeddings at /embed (and OpenAI's /v1/embeddings, as TEI
+    and vLLM serve them), a PNG per prompt at /image.
 
     Also counts the requests it gets, so tests can prove a refused call never reached it.
     """
@@ -57,17 +58,38 @@ def unit_app(encoder_dir: str):
     app = FastAPI()
     app.state.requests = 0
 
+    def encode(texts):
+        batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            hidden = encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1)
+        return (hidden * mask).sum(1) / mask.sum(1), int(batch["attention_mask"].sum())
+
     @app.post("/embed")
     async def embed(request: Request):
         app.state.requests += 1
         body = await request.json()
         texts = body["inputs"] if isinstance(body["inputs"], list) else [body["inputs"]]
-        batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
-        with torch.no_grad():
-            hidden = encoder(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1)
-        vectors = (hidden * mask).sum(1) / mask.sum(1)
-        return JSONResponse(vectors.tolist())
+        return JSONResponse(encode(texts)[0].tolist())
+
+    @app.post("/v1/embeddings")
+    async def openai_embeddings(request: Request):
+        app.state.requests += 1
+        body = await request.json()
+        given = body["input"]
+        if isinstance(given, list) and given and not isinstance(given[0], str):   # token ids: decode them
+            batches = given if isinstance(given[0], list) else [given]
+            given = [tokenizer.decode(ids, skip_special_tokens=True) for ids in batches]
+        texts = given if isinstance(given, list) else [given]
+        vectors, tokens = encode(texts)
+        if body.get("encoding_format") == "base64":
+            import base64
+            shown = [base64.b64encode(v.numpy().astype("<f4").tobytes()).decode() for v in vectors]
+        else:
+            shown = vectors.tolist()
+        return JSONResponse({"object": "list", "model": body.get("model", "minilm"),
+                             "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(shown)],
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     @app.post("/image")
     async def image(request: Request):

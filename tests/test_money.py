@@ -313,7 +313,7 @@ def test_pricing_from_toml_file(tmp_path):
 @pytest.mark.parametrize("data", [
     {"input_per_1k": "0.0005", "colour": "blue"},
     {"input_per_1000": "0.0005"},
-    {"per_token": "0.1", "per_second": "1"},
+    {"per_token": "0.1", "per_minute": "1"},
 ])
 def test_unknown_pricing_keys_are_refused(data):
     with pytest.raises(ValidationError, match="unknown pricing keys"):
