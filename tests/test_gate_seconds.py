@@ -389,3 +389,19 @@ def test_under_a_spaces_gpu_stand_in_the_gpu_wait_is_not_billed(world, monkeypat
     assert last == 2 and 0.12 <= float(final["seconds"]) < 0.2        # the 0.25 s GPU wait is not in it
     assert world.buyer.get(e.id).held == 0
     assert_audit_clean(world.ledger)
+
+
+def test_a_per_second_refusal_advertises_the_rate_and_one_call_s_hold_as_the_smallest_escrow(world):
+    @world.gate.paid(price=RATE, per="second", max_seconds=3)
+    def work():
+        return "ran"
+
+    offer = world.gate.offer("work")
+    assert (dict(offer.pricing), offer.min_escrow_micro) == ({"per_second": "0.01"}, 30_000)   # 3 s x 0.01 USDC/s
+
+    @world.gate.paid(price=Pricing(per_gpu_second="0.0005", hardware="a10g-largex2"), per="second", max_seconds=2)
+    def on_gpus():
+        return "ran"
+
+    sheet = world.gate.offer("on_gpus")
+    assert sheet.pricing["per_gpu_second"] == "0.0005" and sheet.min_escrow_micro == 2_000   # 2 s x 2 GPUs
