@@ -129,6 +129,9 @@ class KeyOperations:
                 if key_id is not None and key_id != own:
                     raise OutsideMandate("a budgeted key reads only its own mandate")
                 return self._key_views(conn, [own], now_ms)[0]
+            if key_id is None:
+                self._agent(conn, agent_id)
+                raise ValidationError("name the key: key_id (your keys are listed by keys())")
             return self._key_views(conn, [self._owned_key(conn, agent_id, key_id).key_id], now_ms)[0]
         return self._read(fn)
 
