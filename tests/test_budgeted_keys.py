@@ -254,3 +254,35 @@ def test_processes_racing_on_one_keys_budget_never_lock_more_than_it(db_url):
     assert ledger.me("owner")["balance_micro"] == balance - budget
     assert_audit_clean(ledger)
     ledger.close()
+
+
+def test_the_cli_mints_lists_shows_and_revokes_keys(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from hf_escrow.cli import app
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    ledger = Ledger(url, config=LedgerConfig())
+    parties(ledger, "owner", "seller", fund="5")
+    runner = CliRunner()
+
+    def cli(*args: str, code: int = 0) -> dict:
+        result = runner.invoke(app, [*args, "--database-url", url, "--json"], catch_exceptions=False)
+        assert result.exit_code == code, (args, result.output)
+        return json.loads(result.stdout)
+
+    made = cli("keys", "create", "0.5", "--seller", "seller", "--max-escrow", "0.2", "--expires-in", "600",
+               "--label", "cli agent", "--agent", "owner")
+    assert made["api_key"].startswith("hfe_") and made["sellers"] == ["seller"] and made["max_escrow"] == "0.200000"
+    identity = ledger.authenticate(made["api_key"])
+    ledger.create_escrow(identity, "seller", "0.2")
+    assert cli("keys", "show", "--agent", identity)["left"] == "0.300000"       # as the key itself
+    assert [k["key_id"] for k in cli("keys", "list", "--agent", "owner")] == [made["key_id"]]
+    refusal = cli("keys", "create", "1", "--agent", identity, code=2)
+    assert (refusal["error"], refusal["status"]) == ("outside_mandate", 403)
+    revoked = cli("keys", "revoke", made["key_id"], "--cancel-escrows", "--agent", "owner")
+    assert len(revoked["cancelled"]) == 1 and revoked["active"] is False
+    assert ledger.me("owner")["balance_micro"] == 5_000_000
+    assert_audit_clean(ledger)
+    ledger.close()
