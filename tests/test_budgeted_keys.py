@@ -15,12 +15,14 @@ import multiprocessing
 from decimal import Decimal as D
 
 import pytest
+from sqlalchemy import func, select
 
 import hf_escrow
 from hf_escrow import (
     BudgetExceeded, IdempotencyConflict, KeyInactive, NotFound, OutsideMandate, Unauthorized, ValidationError,
 )
 from hf_escrow.ledger import Ledger, LedgerConfig
+from hf_escrow.ledger.schema import agent_keys, escrows
 from hf_escrow.money import parse_usdc
 from hf_escrow.server import create_app
 from hf_escrow.server.faucet import FaucetSettings
@@ -53,6 +55,18 @@ def world(ledger):
             client.close()
 
 
+def assert_keys_add_up(ledger: Ledger) -> None:
+    """Every key's counters are its escrows' sums: what they locked, what came back."""
+    with ledger.engine.connect() as conn:
+        sums = {r.key_id: (int(r.amount), int(r.refunded)) for r in conn.execute(
+            select(escrows.c.key_id, func.sum(escrows.c.amount_micro).label("amount"),
+                   func.sum(escrows.c.refunded_micro).label("refunded"))
+            .where(escrows.c.key_id.is_not(None)).group_by(escrows.c.key_id))}
+        for row in conn.execute(select(agent_keys)):
+            assert (row.locked_micro, row.refunded_micro) == sums.get(row.key_id, (0, 0)), row
+            assert row.locked_micro - row.refunded_micro <= row.budget_micro, row
+
+
 def refused(ledger: Ledger, error: type, status: int, action) -> str:
     """Run `action`; it must raise exactly `error` (status `status`) and move nothing."""
     before = hold_snapshot(ledger)
@@ -61,6 +75,7 @@ def refused(ledger: Ledger, error: type, status: int, action) -> str:
     assert type(caught.value) is error and caught.value.status_code == status, caught.value
     assert hold_snapshot(ledger) == before, caught.value
     assert_audit_clean(ledger)
+    assert_keys_add_up(ledger)
     return caught.value.message
 
 
@@ -92,6 +107,7 @@ def test_a_key_locks_its_owners_money_within_its_mandate_and_the_owner_sees_it(w
     assert listed.left == agent.mandate().left == D("0.89")
     assert {x.id for x in owner.history()} >= {e.id, e2.id}         # the owner sees every escrow
     assert_audit_clean(ledger)
+    assert_keys_add_up(ledger)
 
 
 def test_every_refusal_of_a_key_is_named_has_its_status_and_moves_nothing(world, clock):
@@ -110,6 +126,7 @@ def test_every_refusal_of_a_key_is_named_has_its_status_and_moves_nothing(world,
                    lambda: agent.mint_spend_token(own.id), lambda: agent.revoke_spend_tokens(own.id)):
         refused(ledger, NotFound, 404, action)
     assert own.id not in {e.id for e in agent.history()} and len(agent.history()) == 2
+    assert agent.history(role="seller") == [] and len(agent.history(role="buyer")) == 2
     for action in (agent.me, agent.claim_faucet, agent.rotate_key, agent.analytics, agent.keys,
                    lambda: agent.create_key(budget="5"), lambda: agent.revoke_key(world["key"].key_id),
                    lambda: agent.register("minion")):
@@ -253,6 +270,7 @@ def test_processes_racing_on_one_keys_budget_never_lock_more_than_it(db_url):
     assert (view["locked_micro"], view["left_micro"], view["escrows"]) == (budget, 0, len(created))
     assert ledger.me("owner")["balance_micro"] == balance - budget
     assert_audit_clean(ledger)
+    assert_keys_add_up(ledger)
     ledger.close()
 
 

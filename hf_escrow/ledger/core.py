@@ -18,7 +18,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import Connection, exc, func, insert, literal, select, update
+from sqlalchemy import Connection, exc, false, func, insert, literal, select, update
 
 from .._exceptions import (
     Forbidden, InsufficientFunds, NotFound, OutsideMandate, RateLimited, StateConflict, Unauthorized,
@@ -236,7 +236,11 @@ class Ledger(HoldOperations, KeyOperations):
                       release_condition: dict | None = None, bonus_conditions: dict | None = None,
                       referral_code: str | None = None, pricing: Any = None,
                       idempotency_key: str | None = None) -> dict:
-        """Lock `amount` from the buyer's balance in a new escrow for `seller`."""
+        """Lock `amount` from the buyer's balance in a new escrow for `seller`.
+
+        `buyer` may be a budgeted key's identity: then its owner's balance pays and its
+        owner is the buyer, within the key's mandate (`hf_escrow.ledger.keys`).
+        """
         amount_micro = parse_usdc(amount)
         ttl_ms = rules.check_ttl(ttl_seconds)
         condition = rules.check_release_condition(release_condition)
@@ -258,7 +262,7 @@ class Ledger(HoldOperations, KeyOperations):
             if seller_id == buyer_id:
                 raise ValidationError("the seller must be another agent than the buyer")
             if key is not None:
-                self._spend_budget(conn, buyer, seller_id, amount_micro, now_ms)
+                self._check_mandate(key, seller_id, amount_micro)
             verifier = self._verifier(conn, condition, buyer_id, seller_id)
             referrer = self._referrer(conn, referral_code, buyer_id, seller_id)
             escrow_id = "esc_" + secrets.token_hex(12)
@@ -281,6 +285,9 @@ class Ledger(HoldOperations, KeyOperations):
                 raise InsufficientFunds(
                     f"balance {format_usdc(have)} USDC cannot lock {format_usdc(amount_micro)} USDC; "
                     "claim the faucet or deposit first", details={"balance_micro": have}) from None
+            if key is not None:
+                # After the owner's balance, as refunds lock them: one order, no deadlock.
+                self._spend_budget(conn, key, amount_micro, now_ms)
             self._event(conn, escrow_id, "created", buyer, now_ms, amount_micro=amount_micro,
                         rounded_from=_rounded(amount))
             return {**self._escrow(conn, escrow_id), "spend_token": self._new_spend_token(conn, escrow_id, now_ms)}
@@ -478,7 +485,7 @@ class Ledger(HoldOperations, KeyOperations):
             if is_key_identity(agent_id):
                 # A budgeted key sees the escrows it opened, as their buyer, and no others.
                 key_id = self._active_key(conn, agent_id, now_ms).key_id
-                party = {"buyer": escrows.c.key_id == key_id, "seller": literal(False)}
+                party = {"buyer": escrows.c.key_id == key_id, "seller": false()}
             else:
                 self._agent(conn, agent_id)
                 party = {"buyer": escrows.c.buyer == agent_id, "seller": escrows.c.seller == agent_id}
@@ -660,6 +667,8 @@ class Ledger(HoldOperations, KeyOperations):
                          at_ms=now_ms, escrow_id=row.escrow_id, agent_id=row.buyer)
             conn.execute(update(escrows).where(escrows.c.escrow_id == row.escrow_id).values(
                 refunded_micro=escrows.c.refunded_micro + amount_micro))
+            if row.key_id is not None:
+                self._count_refund(conn, row.key_id, amount_micro)
 
     def _remaining(self, conn: Connection, escrow_id: str) -> int:
         """The spendable remainder as it is now inside this transaction."""

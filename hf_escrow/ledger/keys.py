@@ -14,10 +14,10 @@ posts exactly the journal transactions of the owner's own. What differs is who m
   `OutsideMandate`.
 - Its idempotency keys are stored under its own identity: apart from its owner's.
 - Budget: what its escrows locked over its life (`locked_micro`) minus what came back
-  to the owner (their refunds) never exceeds `budget_micro`. Paid or still-locked money
-  uses budget, a refund gives it back. The check is one conditional UPDATE in the
-  escrow's own transaction, so two processes racing on one key cannot both pass; refunds
-  only grow, so a refund total read a moment stale can only refuse, never over-admit.
+  to the owner (`refunded_micro`, counted by every refund of those escrows) never exceeds
+  `budget_micro`. Paid or still-locked money uses budget, a refund gives it back. The
+  check is one conditional UPDATE of the key's row in the escrow's own transaction, so two
+  processes racing on one key cannot both pass.
 - Revoked (by the owner, at once) or past its expiry, a key authenticates no more and its
   lock is refused in the transaction; its escrows stay the owner's to cancel or release.
 """
@@ -81,6 +81,7 @@ class KeyOperations:
             conn.execute(insert(agent_keys).values(
                 key_id=key_id, key_hash=rules.hash_secret(api_key), owner=owner, label=request["label"],
                 budget_micro=budget_micro, max_escrow_micro=max_escrow_micro, sellers=allowed, locked_micro=0,
+                refunded_micro=0,
                 created_at_ms=now_ms, expires_at_ms=None if expires_ms is None else now_ms + expires_ms))
             return {**self._key_views(conn, [key_id], now_ms)[0], "api_key": api_key}
 
@@ -165,10 +166,9 @@ class KeyOperations:
             raise NotFound(f"key {key_id!r} not found among your keys")
         return row
 
-    def _spend_budget(self, conn: Connection, identity: str, seller: str, amount_micro: int, now_ms: int) -> Any:
-        """Check a key's mandate for an escrow of `amount_micro` for `seller` and count it
-        against the budget, in the escrow's transaction; returns the key row."""
-        key = self._active_key(conn, identity, now_ms)
+    @staticmethod
+    def _check_mandate(key: Any, seller: str, amount_micro: int) -> None:
+        """The parts of a key's mandate that never change: whom it pays, how much per escrow."""
         if key.sellers is not None and seller not in key.sellers:
             raise OutsideMandate(f"budgeted key {key.key_id} may not pay {seller!r}; it may pay "
                                  f"{', '.join(key.sellers)}", details={"sellers": key.sellers})
@@ -176,21 +176,28 @@ class KeyOperations:
             raise OutsideMandate(f"budgeted key {key.key_id} may lock at most {format_usdc(key.max_escrow_micro)} "
                                  f"USDC per escrow, not {format_usdc(amount_micro)}",
                                  details={"max_escrow_micro": int(key.max_escrow_micro)})
-        refunded = _refunded(key.key_id).scalar_subquery()
+
+    def _spend_budget(self, conn: Connection, key: Any, amount_micro: int, now_ms: int) -> None:
+        """Count `amount_micro` against the key's budget, in the escrow's transaction: one
+        conditional UPDATE, so that of two racing locks at most the ones that fit pass."""
         counted = conn.execute(update(agent_keys).where(
             agent_keys.c.key_id == key.key_id, agent_keys.c.revoked_at_ms.is_(None),
             or_(agent_keys.c.expires_at_ms.is_(None), agent_keys.c.expires_at_ms > now_ms),
-            agent_keys.c.locked_micro + amount_micro <= agent_keys.c.budget_micro + refunded,
+            agent_keys.c.locked_micro + amount_micro <= agent_keys.c.budget_micro + agent_keys.c.refunded_micro,
         ).values(locked_micro=agent_keys.c.locked_micro + amount_micro)).rowcount
         if counted != 1:
             key = conn.execute(select(agent_keys).where(agent_keys.c.key_id == key.key_id)).first()
             _check_active(key, now_ms)  # revoked meanwhile
-            left = _left_micro(key, int(conn.scalar(_refunded(key.key_id))))
+            left = _left_micro(key)
             raise BudgetExceeded(f"budgeted key {key.key_id} has {format_usdc(left)} USDC of its "
                                  f"{format_usdc(key.budget_micro)} USDC budget left, cannot lock "
                                  f"{format_usdc(amount_micro)}; close an escrow it opened or ask its owner",
                                  details={"left_micro": left, "budget_micro": int(key.budget_micro)})
-        return key
+
+    def _count_refund(self, conn: Connection, key_id: str, amount_micro: int) -> None:
+        """What came back of a key's escrow gives its budget back."""
+        conn.execute(update(agent_keys).where(agent_keys.c.key_id == key_id).values(
+            refunded_micro=agent_keys.c.refunded_micro + amount_micro))
 
     def _key_views(self, conn: Connection, key_ids: list[str], now_ms: int) -> list[dict]:
         """Keys as their owner sees them: the mandate, what it locked, paid and got back."""
@@ -200,19 +207,18 @@ class KeyOperations:
         spend = {r.key_id: r for r in conn.execute(select(
             escrows.c.key_id, func.count().label("escrows"),
             func.coalesce(func.sum(escrows.c.paid_micro), 0).label("paid"),
-            func.coalesce(func.sum(escrows.c.refunded_micro), 0).label("refunded"),
             func.count().filter(escrows.c.status.in_(OPEN_STATUSES)).label("open"),
         ).where(escrows.c.key_id.in_(key_ids)).group_by(escrows.c.key_id))}
         views = []
         for key_id in key_ids:
             row, used = rows[key_id], spend.get(key_id)
-            refunded, paid = (int(used.refunded), int(used.paid)) if used else (0, 0)
+            refunded, paid = int(row.refunded_micro), int(used.paid) if used else 0
             views.append({
                 "key_id": key_id, "owner": row.owner, "label": row.label, "budget_micro": int(row.budget_micro),
                 "max_escrow_micro": None if row.max_escrow_micro is None else int(row.max_escrow_micro),
                 "sellers": row.sellers, "locked_micro": int(row.locked_micro), "paid_micro": paid,
                 "refunded_micro": refunded, "in_escrow_micro": int(row.locked_micro) - paid - refunded,
-                "left_micro": _left_micro(row, refunded), "escrows": int(used.escrows) if used else 0,
+                "left_micro": _left_micro(row), "escrows": int(used.escrows) if used else 0,
                 "escrows_open": int(used.open) if used else 0, "created_at_ms": int(row.created_at_ms),
                 "expires_at_ms": None if row.expires_at_ms is None else int(row.expires_at_ms),
                 "revoked_at_ms": None if row.revoked_at_ms is None else int(row.revoked_at_ms),
@@ -220,12 +226,8 @@ class KeyOperations:
         return views
 
 
-def _refunded(key_id: str):
-    return select(func.coalesce(func.sum(escrows.c.refunded_micro), 0)).where(escrows.c.key_id == key_id)
-
-
-def _left_micro(row: Any, refunded_micro: int) -> int:
-    return max(0, int(row.budget_micro) - (int(row.locked_micro) - refunded_micro))
+def _left_micro(row: Any) -> int:
+    return int(row.budget_micro) - (int(row.locked_micro) - int(row.refunded_micro))
 
 
 def _inactive_reason(row: Any, now_ms: int) -> str | None:

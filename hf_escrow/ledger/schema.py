@@ -150,8 +150,8 @@ spend_tokens = Table(
 
 # Budgeted keys: API keys an agent mints for sub-agents, spending the agent's own money
 # within a mandate (see `hf_escrow.ledger.keys`). Stored as SHA-256 only. `locked_micro`
-# counts what the key's escrows locked over its life; what came back is the sum of those
-# escrows' refunds, so a refund needs no write here.
+# counts what the key's escrows locked over its life, `refunded_micro` what came back of
+# it: the budget check reads one row.
 agent_keys = Table(
     "agent_keys", metadata,
     Column("key_id", String(24), primary_key=True),
@@ -162,10 +162,12 @@ agent_keys = Table(
     Column("max_escrow_micro", BigInteger, nullable=True),
     Column("sellers", JSON, nullable=True),  # agent ids; NULL: any seller
     Column("locked_micro", BigInteger, nullable=False),
+    Column("refunded_micro", BigInteger, nullable=False),
     Column("created_at_ms", BigInteger, nullable=False),
     Column("expires_at_ms", BigInteger, nullable=True),
     Column("revoked_at_ms", BigInteger, nullable=True),
-    CheckConstraint("budget_micro > 0 AND locked_micro >= 0", name="ck_agent_keys_amounts"),
+    CheckConstraint("budget_micro > 0 AND refunded_micro >= 0 AND refunded_micro <= locked_micro",
+                    name="ck_agent_keys_amounts"),
     Index("ix_agent_keys_owner", "owner", "created_at_ms"),
 )
 

@@ -24,10 +24,12 @@ def upgrade() -> None:
         sa.Column("max_escrow_micro", sa.BigInteger(), nullable=True),
         sa.Column("sellers", sa.JSON(), nullable=True),
         sa.Column("locked_micro", sa.BigInteger(), nullable=False),
+        sa.Column("refunded_micro", sa.BigInteger(), nullable=False),
         sa.Column("created_at_ms", sa.BigInteger(), nullable=False),
         sa.Column("expires_at_ms", sa.BigInteger(), nullable=True),
         sa.Column("revoked_at_ms", sa.BigInteger(), nullable=True),
-        sa.CheckConstraint("budget_micro > 0 AND locked_micro >= 0", name="ck_agent_keys_amounts"),
+        sa.CheckConstraint("budget_micro > 0 AND refunded_micro >= 0 AND refunded_micro <= locked_micro",
+                           name="ck_agent_keys_amounts"),
     )
     op.create_index("ix_agent_keys_owner", "agent_keys", ["owner", "created_at_ms"])
     # A plain nullable column: SQLite adds it in place, no rebuild of `escrows`.
