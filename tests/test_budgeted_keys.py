@@ -73,6 +73,8 @@ def refused(ledger: Ledger, error: type, status: int, action) -> str:
     with pytest.raises(error) as caught:
         action()
     assert type(caught.value) is error and caught.value.status_code == status, caught.value
+    if caught.value.response is not None:   # over HTTP: the status the server really answered
+        assert caught.value.response.status_code == status, caught.value
     assert hold_snapshot(ledger) == before, caught.value
     assert_audit_clean(ledger)
     assert_keys_add_up(ledger)
