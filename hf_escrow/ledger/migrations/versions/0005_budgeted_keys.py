@@ -39,7 +39,10 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_escrows_key", table_name="escrows")
-    with op.batch_alter_table("escrows") as batch:
-        batch.drop_column("key_id")
+    if op.get_context().dialect.name == "sqlite":
+        # In place (SQLite 3.35+): a batch rebuild would drop a table that others reference.
+        op.execute("ALTER TABLE escrows DROP COLUMN key_id")
+    else:
+        op.drop_column("escrows", "key_id")
     op.drop_index("ix_agent_keys_owner", table_name="agent_keys")
     op.drop_table("agent_keys")
