@@ -15,10 +15,11 @@ Example:
 """
 
 from ._exceptions import (
-    EscrowError, Forbidden, IdempotencyConflict, InsufficientFunds, InvalidAmount, NotFound, PaymentRequired,
-    RateLimited, StateConflict, TransportError, Unauthorized, ValidationError,
+    BudgetExceeded, EscrowError, Forbidden, IdempotencyConflict, InsufficientFunds, InvalidAmount, KeyInactive,
+    NotFound, OutsideMandate, PaymentRequired, RateLimited, StateConflict, TransportError, Unauthorized,
+    ValidationError,
 )
-from ._models import Agent, CaptureResult, Escrow, EscrowEvent, Hold, Me, Receipt
+from ._models import Agent, BudgetedKey, CaptureResult, Escrow, EscrowEvent, Hold, Me, Receipt
 from .client import AsyncEscrowClient, EscrowClient, connect, connect_async
 from .pricing import Pricing
 
@@ -46,6 +47,8 @@ __all__ = [
     "PaidInferenceClient", "AsyncPaidInferenceClient", "paid_inference",
     "load_paid_dataset", "paid_shards", "paid", "Gate", "EscrowedEngine", "AutoPay", "Mandate",
     "Agent", "Escrow", "EscrowEvent", "Me", "Receipt", "Hold", "CaptureResult", "Pricing",
+    "BudgetedKey",
     "EscrowError", "ValidationError", "InvalidAmount", "Unauthorized", "Forbidden", "NotFound",
     "InsufficientFunds", "PaymentRequired", "StateConflict", "IdempotencyConflict", "RateLimited", "TransportError",
+    "BudgetExceeded", "OutsideMandate", "KeyInactive",
 ]

@@ -4,9 +4,12 @@
     ├── ValidationError      (422)   a request that can never succeed as written
     │   └── InvalidAmount    (422)   an amount that is not a positive, finite USDC value
     ├── Unauthorized         (401)   no key, or a key that matches no agent
+    │   └── KeyInactive      (401)   a budgeted key its owner revoked, or past its expiry
     ├── Forbidden            (403)   a party acting outside its role
+    │   └── OutsideMandate   (403)   a budgeted key asked for what its mandate does not allow
     ├── NotFound             (404)   unknown escrow or agent (or not visible to the caller)
     ├── InsufficientFunds    (402)   balance, escrow remainder or hold too small; nothing moved
+    │   └── BudgetExceeded   (402)   a budgeted key's budget has too little left
     ├── PaymentRequired      (402)   a paid face got no spend token (or a key instead of one)
     ├── StateConflict        (409)   the escrow's state forbids the operation
     ├── IdempotencyConflict  (409)   a key reused with a different request
@@ -26,9 +29,12 @@ __all__ = [
     "ValidationError",
     "InvalidAmount",
     "Unauthorized",
+    "KeyInactive",
     "Forbidden",
+    "OutsideMandate",
     "NotFound",
     "InsufficientFunds",
+    "BudgetExceeded",
     "PaymentRequired",
     "StateConflict",
     "IdempotencyConflict",
@@ -68,9 +74,21 @@ class Unauthorized(EscrowError):
     code = "unauthorized"
 
 
+class KeyInactive(Unauthorized):
+    """A budgeted key that its owner revoked or that is past its expiry: it can do nothing more."""
+
+    code = "key_inactive"
+
+
 class Forbidden(EscrowError):
     status_code = 403
     code = "forbidden"
+
+
+class OutsideMandate(Forbidden):
+    """A budgeted key asked for a seller, an amount or an operation its mandate does not allow."""
+
+    code = "outside_mandate"
 
 
 class NotFound(EscrowError):
@@ -81,6 +99,12 @@ class NotFound(EscrowError):
 class InsufficientFunds(EscrowError):
     status_code = 402
     code = "insufficient_funds"
+
+
+class BudgetExceeded(InsufficientFunds):
+    """A budgeted key would lock more than its budget has left; nothing moved."""
+
+    code = "budget_exceeded"
 
 
 class PaymentRequired(EscrowError):
@@ -113,8 +137,8 @@ class TransportError(EscrowError):
 _BY_CODE = {
     cls.code: cls
     for cls in (
-        ValidationError, InvalidAmount, Unauthorized, Forbidden, NotFound,
-        InsufficientFunds, PaymentRequired, StateConflict, IdempotencyConflict, RateLimited, TransportError,
+        ValidationError, InvalidAmount, Unauthorized, KeyInactive, Forbidden, OutsideMandate, NotFound,
+        InsufficientFunds, BudgetExceeded, PaymentRequired, StateConflict, IdempotencyConflict, RateLimited, TransportError,
     )
 }
 _BY_STATUS = {401: Unauthorized, 403: Forbidden, 404: NotFound, 402: InsufficientFunds,

@@ -98,6 +98,7 @@ class Escrow:
     events: list[EscrowEvent] = field(default_factory=list)
     held: Decimal = to_usdc(0)
     spend_token: str | None = field(default=None, repr=False)  # a secret: kept out of logged reprs
+    key_id: str | None = None  # the budgeted key that opened it for its buyer, if one did
 
     def __post_init__(self):
         require(self.amount == self.paid + self.refunded + self.held + self.remaining,
@@ -121,8 +122,54 @@ class Escrow:
             release_condition=data.get("release_condition"), bonus_conditions=data.get("bonus_conditions"),
             pricing=data.get("pricing"), result=data.get("result"),
             events=[EscrowEvent.from_dict(e) for e in data.get("events") or []],
-            held=_usdc(data, "held"), spend_token=data.get("spend_token"),
+            held=_usdc(data, "held"), spend_token=data.get("spend_token"), key_id=data.get("key_id"),
         )
+
+
+@dataclass(frozen=True)
+class BudgetedKey:
+    """A key an agent minted for a sub-agent: its mandate and what it has used.
+
+    `left == budget - (locked - refunded)`: paid and still-locked money uses the budget, a
+    refund gives it back. `api_key` is only set on the answer to `create_key` (shown once).
+
+    Example:
+        >>> k = buyer.create_key(budget="1.00", sellers=["seller-1"], max_escrow="0.25", expires_in=3600)
+        >>> k.left, k.active
+        (Decimal('1.000000'), True)
+    """
+
+    key_id: str
+    owner: str
+    label: str | None
+    budget: Decimal
+    max_escrow: Decimal | None
+    sellers: list[str] | None   # None: any seller
+    locked: Decimal             # what its escrows locked over its life
+    paid: Decimal               # gross paid to sellers out of them
+    refunded: Decimal           # what came back to the owner
+    in_escrow: Decimal          # still locked or held in its escrows
+    left: Decimal               # what it may still lock
+    escrows: int
+    escrows_open: int
+    created_at: datetime
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    active: bool
+    cancelled: list[str] = field(default_factory=list)          # escrows revoke_key cancelled
+    api_key: str | None = field(default=None, repr=False)      # a secret: kept out of logged reprs
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BudgetedKey":
+        max_escrow = data.get("max_escrow_micro")
+        return cls(
+            key_id=data["key_id"], owner=data["owner"], label=data.get("label"), budget=_usdc(data, "budget"),
+            max_escrow=None if max_escrow is None else to_usdc(int(max_escrow)), sellers=data.get("sellers"),
+            locked=_usdc(data, "locked"), paid=_usdc(data, "paid"), refunded=_usdc(data, "refunded"),
+            in_escrow=_usdc(data, "in_escrow"), left=_usdc(data, "left"), escrows=int(data["escrows"]),
+            escrows_open=int(data["escrows_open"]), created_at=_time(data["created_at_ms"]),
+            expires_at=_time(data.get("expires_at_ms")), revoked_at=_time(data.get("revoked_at_ms")),
+            active=bool(data["active"]), cancelled=list(data.get("cancelled") or []), api_key=data.get("api_key"))
 
 
 @dataclass(frozen=True)

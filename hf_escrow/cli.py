@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ._exceptions import EscrowError
-from ._models import Escrow, Hold, Receipt, as_dict
+from ._models import BudgetedKey, Escrow, Hold, Receipt, as_dict
 from .cli_datasets import datasets_app
 from .cli_jobs import jobs_app
 from .cli_options import AgentOpt, DbOpt, JsonOpt, KeyIdOpt, KeyOpt, UrlOpt, ensure_registered, open_client
@@ -263,6 +263,70 @@ def tokens_revoke(escrow_id: str, url: Optional[str] = UrlOpt, api_key: Optional
     client = open_client(url, api_key, agent, database_url)
     _run(lambda: {"escrow_id": escrow_id, "revoked": client.revoke_spend_tokens(escrow_id)}, as_json,
          lambda r: console.print(f"revoked {r['revoked']} spend tokens of {escrow_id}"))
+
+
+keys_app = typer.Typer(help="Budgeted keys: API keys for sub-agents that lock your money only within a mandate.",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _key_table(rows: list[BudgetedKey], title: str) -> Table:
+    table = Table(title=title)
+    amounts = ("budget", "max_escrow", "locked", "paid", "refunded", "left")
+    for column in ("key", "label", *amounts, "sellers", "expires", "state"):
+        table.add_column(column, justify="right" if column in amounts else "left", overflow="fold")
+    for k in rows:
+        state = "active" if k.active else ("revoked" if k.revoked_at else "expired")
+        shown = ("any" if getattr(k, name) is None else str(getattr(k, name)) for name in amounts)
+        table.add_row(k.key_id, k.label or "", *shown,
+                      ", ".join(k.sellers) if k.sellers else "any",
+                      k.expires_at.isoformat(timespec="seconds") if k.expires_at else "never", state)
+    return table
+
+
+@keys_app.command("create")
+def keys_create(budget: str = typer.Argument(..., help="USDC its escrows may lock, net of refunds."),
+                seller: Optional[list[str]] = typer.Option(None, "--seller", help="A seller it may pay (repeat)."),
+                max_escrow: Optional[str] = typer.Option(None, "--max-escrow", help="Most USDC per escrow."),
+                expires_in: Optional[float] = typer.Option(None, "--expires-in", help="Seconds until it stops."),
+                label: Optional[str] = typer.Option(None, "--label"), idempotency_key: Optional[str] = KeyIdOpt,
+                url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt,
+                database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
+    """A budgeted key for a sub-agent; prints its API key once."""
+    client = open_client(url, api_key, agent, database_url)
+    _run(lambda: client.create_key(budget, sellers=seller or None, max_escrow=max_escrow, expires_in=expires_in,
+                                   label=label, idempotency_key=idempotency_key), as_json,
+         lambda k: (console.print(_key_table([k], f"key {k.key_id}")),
+                    console.print(f"api_key (shown once; give it to the sub-agent): {k.api_key}")))
+
+
+@keys_app.command("list")
+def keys_list(url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt,
+              database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
+    """Your budgeted keys: mandate, what each locked, paid, got back and has left."""
+    client = open_client(url, api_key, agent, database_url)
+    _run(client.keys, as_json, lambda rows: console.print(_key_table(rows, "budgeted keys")))
+
+
+@keys_app.command("show")
+def keys_show(key_id: Optional[str] = typer.Argument(None, help="One of your keys; none: the key you act with."),
+              url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt,
+              database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
+    """A key's mandate and what is left (as the key itself: leave KEY_ID out)."""
+    client = open_client(url, api_key, agent, database_url)
+    _run(lambda: client.mandate(key_id), as_json, lambda k: console.print(_key_table([k], f"key {k.key_id}")))
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, cancel_escrows: bool = typer.Option(False, "--cancel-escrows",
+                                                                  help="Also cancel its active escrows."),
+                url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt,
+                database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
+    """Stop a key at once (its escrows stay yours to cancel or release)."""
+    client = open_client(url, api_key, agent, database_url)
+    _run(lambda: client.revoke_key(key_id, cancel_escrows=cancel_escrows), as_json,
+         lambda k: console.print(f"revoked {k.key_id}; cancelled {len(k.cancelled)} escrows, "
+                                 f"{k.in_escrow} USDC still in its escrows"))
 
 
 @app.command()

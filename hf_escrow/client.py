@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ._exceptions import Unauthorized, ValidationError
-from ._models import Agent, CaptureResult, Escrow, Hold, Me, Receipt
+from ._models import Agent, BudgetedKey, CaptureResult, Escrow, Hold, Me, Receipt
 from .ledger import Ledger
 from .money import to_usdc
 
 Amount = str | int | Decimal | float
 
 MUTATIONS = ("claim_faucet", "create_escrow", "deduct", "release", "cancel", "submit_result", "verify",
-             "mint_spend_token", "revoke_spend_tokens", "hold", "capture", "void", "capture_many")
+             "mint_spend_token", "revoke_spend_tokens", "hold", "capture", "void", "capture_many", "create_key",
+             "revoke_key")
 
 
 class _BaseClient:
@@ -214,6 +215,41 @@ class _BaseClient:
         """The escrow's open holds, for either party."""
         return self._request("holds", {"escrow_id": escrow_id}, lambda rows: [Hold.from_dict(r) for r in rows])
 
+    # ---- budgeted keys -------------------------------------------------------------
+
+    def create_key(self, budget: Amount, sellers: list[str] | None = None, max_escrow: Amount | None = None,
+                   expires_in: float | None = None, label: str | None = None,
+                   idempotency_key: str | None = None) -> BudgetedKey:
+        """An API key for a sub-agent that locks this agent's money only within a mandate.
+
+        `budget`: what its escrows may lock net of refunds (paid or still-locked money uses
+        it, refunds give it back); `max_escrow`: the most per escrow; `sellers`: whom it
+        may pay (None: anyone); `expires_in`: seconds (None: until revoked). The key acts
+        as this agent on the escrows it opens, and sees only those. `api_key` is shown
+        only in this answer (a replay under the same idempotency key leaves it out).
+
+        Example:
+            >>> k = buyer.create_key(budget="1.00", sellers=["seller-1"], max_escrow="0.25", expires_in=3600)
+            >>> agent = hf_escrow.connect("http://127.0.0.1:8787", api_key=k.api_key)
+        """
+        return self._request("create_key", dict(budget=budget, sellers=sellers, max_escrow=max_escrow,
+                                                expires_in=expires_in, label=label,
+                                                idempotency_key=idempotency_key), BudgetedKey.from_dict)
+
+    def revoke_key(self, key_id: str, cancel_escrows: bool = False) -> BudgetedKey:
+        """Stop one of this agent's budgeted keys at once; with `cancel_escrows`, also cancel
+        the active escrows it opened (their remainder comes back to this agent)."""
+        return self._request("revoke_key", {"key_id": key_id, "cancel_escrows": cancel_escrows},
+                             BudgetedKey.from_dict)
+
+    def keys(self, limit: int = 100) -> list[BudgetedKey]:
+        """This agent's budgeted keys, newest first: each mandate, what it locked, paid and got back."""
+        return self._request("keys", {"limit": limit}, lambda rows: [BudgetedKey.from_dict(r) for r in rows])
+
+    def mandate(self, key_id: str | None = None) -> BudgetedKey:
+        """As a budgeted key: its own mandate and what is left; as an owner: the key `key_id`."""
+        return self._request("mandate", {"key_id": key_id}, BudgetedKey.from_dict)
+
     def _adopt(self, data: dict) -> Agent:
         agent = Agent.from_dict(data)
         if self.agent is None:
@@ -299,7 +335,7 @@ _POSITIONAL = {
     "submit_result": ("escrow_id",), "verify": ("escrow_id",),
     "mint_spend_token": ("escrow_id",), "revoke_spend_tokens": ("escrow_id",), "holds": ("escrow_id",),
     "hold": ("target", "amount"), "capture": ("hold_id", "amount"), "void": ("hold_id",),
-    "get_hold": ("hold_id",), "capture_many": ("items",),
+    "get_hold": ("hold_id",), "capture_many": ("items",), "revoke_key": ("key_id",),
 }
 
 
@@ -331,6 +367,10 @@ class EmbeddedTransport:
             return self.ledger.create_escrow(client.agent, params.pop("seller"), params.pop("amount"), **params)
         if op == "claim_faucet":
             return self.ledger.claim_faucet(client.agent, **params)
+        if op in ("create_key", "keys"):
+            return getattr(self.ledger, op)(client.agent, **params)
+        if op == "mandate":
+            return self.ledger.key(client.agent, params["key_id"])
         positional = _POSITIONAL[op]
         rest = {k: v for k, v in params.items() if k not in positional}
         return getattr(self.ledger, op)(client.agent, *(params[name] for name in positional), **rest)
@@ -389,8 +429,8 @@ def connect(url: str | None = None, *, agent: str | None = None, api_key: str | 
         from .http_client import HTTPTransport
         return EscrowClient(HTTPTransport(url, api_key=api_key or os.environ.get("HF_ESCROW_API_KEY"),
                                           timeout=timeout, max_retries=max_retries))
-    return EscrowClient(EmbeddedTransport(embedded_ledger(database_url, home)),
-                        agent=agent or os.environ.get("HF_ESCROW_AGENT"))
+    ledger = embedded_ledger(database_url, home)
+    return EscrowClient(EmbeddedTransport(ledger), agent=_embedded_agent(ledger, agent, api_key))
 
 
 def connect_async(url: str | None = None, *, agent: str | None = None, api_key: str | None = None,
@@ -402,5 +442,13 @@ def connect_async(url: str | None = None, *, agent: str | None = None, api_key: 
         from .http_client import AsyncHTTPTransport
         return AsyncEscrowClient(AsyncHTTPTransport(url, api_key=api_key or os.environ.get("HF_ESCROW_API_KEY"),
                                                     timeout=timeout, max_retries=max_retries))
-    return AsyncEscrowClient(AsyncEmbeddedTransport(embedded_ledger(database_url, home)),
-                             agent=agent or os.environ.get("HF_ESCROW_AGENT"))
+    ledger = embedded_ledger(database_url, home)
+    return AsyncEscrowClient(AsyncEmbeddedTransport(ledger), agent=_embedded_agent(ledger, agent, api_key))
+
+
+def _embedded_agent(ledger: Ledger, agent: str | None, api_key: str | None) -> str | None:
+    """Who acts on an embedded ledger: `agent`, else the owner of an explicit `api_key` (a
+    budgeted key's one acts as that key), else `$HF_ESCROW_AGENT`."""
+    if agent is None and api_key is not None:
+        return ledger.authenticate(api_key)
+    return agent or os.environ.get("HF_ESCROW_AGENT")

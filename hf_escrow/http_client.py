@@ -26,7 +26,7 @@ BACKOFF_S = 0.2
 MAX_BACKOFF_S = 3.0
 _LOST = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 _MUTATIONS = {"claim_faucet", "create_escrow", "deduct", "release", "cancel", "submit_result", "verify",
-              "mint_spend_token", "revoke_spend_tokens", "hold", "capture", "void", "capture_many"}
+              "mint_spend_token", "revoke_spend_tokens", "hold", "capture", "void", "capture_many", "create_key"}
 SPEND_TOKEN_PREFIX = "est_"
 
 
@@ -68,6 +68,8 @@ def build_request(op: str, params: dict, agent: str | None) -> tuple[str, str, d
         return "POST", f"/api/escrow/{escrow_id}/{op}", body, None
     if op in _HOLD_OPS:
         return _hold_request(op, p, escrow_id)
+    if op in _KEY_OPS:
+        return _key_request(op, p)
     path = {"cancel": "cancel", "submit_result": "submit-result", "verify": "verify"}[op]
     return "POST", f"/api/escrow/{escrow_id}/{path}", p, None
 
@@ -126,6 +128,26 @@ def _hold_request(op: str, p: dict, escrow_id: Any) -> tuple[str, str, dict | No
         body = {"amount_usdc": _amount(p["amount"]), "final": p["final"], "usage": p["usage"]}
         return "POST", f"/api/holds/{hold_id}/capture", body, None
     return "POST", f"/api/holds/{hold_id}/void", None, None
+
+
+_KEY_OPS = {"create_key", "revoke_key", "keys", "mandate"}
+
+
+def _key_request(op: str, p: dict) -> tuple[str, str, dict | None, dict | None]:
+    """Requests of the budgeted-key routes (see `hf_escrow.server.app`)."""
+    if op == "create_key":
+        body = {"budget_usdc": _amount(p["budget"]), "max_escrow_usdc": _amount(p["max_escrow"], required=False),
+                "sellers": p["sellers"], "expires_in": _number(p["expires_in"]), "label": p["label"]}
+        return "POST", "/api/keys", body, None
+    if op == "keys":
+        return "GET", "/api/keys", None, {"limit": p["limit"]}
+    if op == "mandate":
+        key_id = p["key_id"]
+        return "GET", "/api/keys/" + ("me" if key_id is None else _segment(key_id, "key_id")), None, None
+    if not isinstance(p["cancel_escrows"], bool):
+        raise ValidationError("cancel_escrows must be true or false")
+    return "DELETE", f"/api/keys/{_segment(p['key_id'], 'key_id')}", None, \
+        {"cancel_escrows": "true" if p["cancel_escrows"] else "false"}
 
 
 def _drop_usdc(data: Any) -> Any:

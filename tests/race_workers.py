@@ -144,3 +144,22 @@ def _own_hold(ledger: Ledger, rng: random.Random, token: str, escrow_id: str, bu
             if receipt["hold"]["status"] != "open":
                 return
         ledger.capture(agent, hold["id"], 0, final=True)
+
+
+def lock_with_key(url: str, api_key: str, seller: str, amount: str, barrier, ops: int) -> dict:
+    """A sub-agent process: lock escrows with one budgeted key until its budget refuses thrice."""
+    from hf_escrow import BudgetExceeded
+    ledger = Ledger(url)
+    identity = ledger.authenticate(api_key)
+    barrier.wait(timeout=MAX_SECONDS)  # every process starts at the same moment
+    created, refused = [], 0
+    deadline = time.monotonic() + MAX_SECONDS
+    for _ in range(min(ops, MAX_OPS)):
+        if refused >= 3 or time.monotonic() > deadline:
+            break
+        try:
+            created.append(ledger.create_escrow(identity, seller, amount, ttl_seconds=3600)["id"])
+        except BudgetExceeded:
+            refused += 1
+    ledger.close()
+    return {"created": created, "refused": refused}

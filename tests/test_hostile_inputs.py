@@ -110,7 +110,7 @@ def test_a_two_mebibyte_body_is_refused_before_it_is_read(world, http):
 
 _CLIENT_OPS = ["create_escrow", "deduct", "release", "cancel", "submit_result", "verify", "get", "history",
                "hold", "capture", "void", "capture_many", "get_hold", "holds", "mint_spend_token",
-               "revoke_spend_tokens", "register"]
+               "revoke_spend_tokens", "register", "create_key", "revoke_key", "keys", "mandate"]
 
 
 def _valid_args(world: World, op: str) -> dict:
@@ -129,6 +129,8 @@ def _valid_args(world: World, op: str) -> dict:
         "get_hold": {"hold_id": world.hold}, "holds": {"escrow_id": world.plain},
         "mint_spend_token": {"escrow_id": world.plain}, "revoke_spend_tokens": {"escrow_id": "esc_unknown"},
         "register": {"agent_id": "fresh-agent"},
+        "create_key": {"budget": "0.1", "sellers": ["seller"], "max_escrow": "0.1", "expires_in": 60},
+        "revoke_key": {"key_id": "key_unknown"}, "keys": {}, "mandate": {"key_id": "key_unknown"},
     }[op]
 
 

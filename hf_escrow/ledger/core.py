@@ -18,10 +18,10 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable
 
-from sqlalchemy import Connection, exc, func, insert, literal, select, update
+from sqlalchemy import Connection, exc, false, func, insert, literal, select, update
 
 from .._exceptions import (
-    Forbidden, InsufficientFunds, NotFound, RateLimited, StateConflict, Unauthorized,
+    Forbidden, InsufficientFunds, NotFound, OutsideMandate, RateLimited, StateConflict, Unauthorized,
     ValidationError,
 )
 from ..money import format_usdc, parse_usdc, split_over_life, to_decimal, was_rounded
@@ -30,6 +30,7 @@ from . import idempotency, journal, rules
 from .config import LedgerConfig
 from .journal import Leg, agent_account, escrow_account
 from .holds import SPEND_TOKEN_PREFIX, HoldOperations
+from .keys import KEY_PREFIX, KeyOperations, is_key_identity
 from .records import OPEN_STATUSES, escrow_dict, event_dict, receipt_dict, split_data
 from .queries import ESCROW, ESCROW_FOR_UPDATE, INSERT_EVENT, PAYOUT
 from .schema import agents, escrow_events, escrows, holds, spend_tokens, transactions
@@ -43,12 +44,15 @@ MAX_HISTORY = 1_000
 MAX_EVENTS = 500
 SWEEP_BATCH = 500
 _PG_RETRYABLE = ("40001", "40P01")  # serialization failure, deadlock detected
-SECRET_FIELDS = ("spend_token",)   # shown once: never stored with an idempotent result
+SECRET_FIELDS = ("spend_token", "api_key")   # shown once: never stored with an idempotent result
 
 
 
-class Ledger(HoldOperations):
+class Ledger(HoldOperations, KeyOperations):
     """The ledger on one database: SQLite file (embedded default) or PostgreSQL.
+
+    Identities: an agent id, or a budgeted key's "@key_..." (see `hf_escrow.ledger.keys`),
+    which acts as its owner, within its mandate, on the escrows it opened and nowhere else.
 
     Example:
         >>> ledger = Ledger("sqlite:///:memory:")  # doctest: +SKIP
@@ -158,11 +162,13 @@ class Ledger(HoldOperations):
                           if rules.is_key_text(agent_id, 64) else None)
 
     def authenticate(self, api_key: str | None) -> str:
-        """The agent id that owns `api_key`."""
+        """The agent id that owns `api_key`, or the identity ("@key_...") of a budgeted key."""
         if not api_key or not isinstance(api_key, str):
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' (register to get one)")
         agent_id = self._read(lambda conn, now: conn.scalar(
             select(agents.c.agent_id).where(agents.c.api_key_hash == hash_key(api_key))))
+        if agent_id is None:
+            agent_id = self.authenticate_key(api_key)
         if agent_id is None:
             raise Unauthorized("unknown API key; check HF_ESCROW_API_KEY or register a new agent")
         return agent_id
@@ -230,7 +236,11 @@ class Ledger(HoldOperations):
                       release_condition: dict | None = None, bonus_conditions: dict | None = None,
                       referral_code: str | None = None, pricing: Any = None,
                       idempotency_key: str | None = None) -> dict:
-        """Lock `amount` from the buyer's balance in a new escrow for `seller`."""
+        """Lock `amount` from the buyer's balance in a new escrow for `seller`.
+
+        `buyer` may be a budgeted key's identity: then its owner's balance pays and its
+        owner is the buyer, within the key's mandate (`hf_escrow.ledger.keys`).
+        """
         amount_micro = parse_usdc(amount)
         ttl_ms = rules.check_ttl(ttl_seconds)
         condition = rules.check_release_condition(release_condition)
@@ -245,31 +255,39 @@ class Ledger(HoldOperations):
                    "pricing": price_sheet.to_dict() if price_sheet else None}
 
         def fn(conn: Connection, now_ms: int) -> dict:
-            self._agent(conn, buyer)
+            # A budgeted key locks its owner's money, within its mandate: the owner is the buyer.
+            key = self._active_key(conn, buyer, now_ms) if is_key_identity(buyer) else None
+            buyer_id = key.owner if key is not None else self._agent(conn, buyer).agent_id
             seller_id = self._resolve(conn, seller, "seller")
-            if seller_id == buyer:
+            if seller_id == buyer_id:
                 raise ValidationError("the seller must be another agent than the buyer")
-            verifier = self._verifier(conn, condition, buyer, seller_id)
-            referrer = self._referrer(conn, referral_code, buyer, seller_id)
+            if key is not None:
+                self._check_mandate(key, seller_id, amount_micro)
+            verifier = self._verifier(conn, condition, buyer_id, seller_id)
+            referrer = self._referrer(conn, referral_code, buyer_id, seller_id)
             escrow_id = "esc_" + secrets.token_hex(12)
             model = (request["meta"] or {}).get("model")
             conn.execute(insert(escrows).values(
-                escrow_id=escrow_id, buyer=buyer, seller=seller_id, verifier=verifier, referrer=referrer,
+                escrow_id=escrow_id, buyer=buyer_id, seller=seller_id, verifier=verifier, referrer=referrer,
                 status="active", amount_micro=amount_micro, paid_micro=0, bonus_micro=0, fees_micro=0,
                 referral_micro=0, refunded_micro=0, tokens_in=0, tokens_out=0,
                 model=model if isinstance(model, str) else None, description=request["description"],
                 meta=request["meta"], release_condition=condition, bonus_conditions=bonus,
-                pricing=request["pricing"], created_at_ms=now_ms, expires_at_ms=now_ms + ttl_ms))
+                pricing=request["pricing"], created_at_ms=now_ms, expires_at_ms=now_ms + ttl_ms,
+                key_id=key.key_id if key is not None else None))
             journal.open_account(conn, escrow_account(escrow_id), "escrow")
             try:
-                journal.post(conn, "lock", [Leg(agent_account(buyer), "lock", -amount_micro),
+                journal.post(conn, "lock", [Leg(agent_account(buyer_id), "lock", -amount_micro),
                                             Leg(escrow_account(escrow_id), "lock", amount_micro)],
-                             at_ms=now_ms, escrow_id=escrow_id, agent_id=buyer)
+                             at_ms=now_ms, escrow_id=escrow_id, agent_id=buyer_id)
             except InsufficientFunds:
-                have = journal.balance_micro(conn, agent_account(buyer))
+                have = journal.balance_micro(conn, agent_account(buyer_id))
                 raise InsufficientFunds(
                     f"balance {format_usdc(have)} USDC cannot lock {format_usdc(amount_micro)} USDC; "
                     "claim the faucet or deposit first", details={"balance_micro": have}) from None
+            if key is not None:
+                # After the owner's balance, as refunds lock them: one order, no deadlock.
+                self._spend_budget(conn, key, amount_micro, now_ms)
             self._event(conn, escrow_id, "created", buyer, now_ms, amount_micro=amount_micro,
                         rounded_from=_rounded(amount))
             return {**self._escrow(conn, escrow_id), "spend_token": self._new_spend_token(conn, escrow_id, now_ms)}
@@ -464,8 +482,13 @@ class Ledger(HoldOperations):
         since_ms, until_ms = rules.check_time_ms(since_ms, "since_ms"), rules.check_time_ms(until_ms, "until_ms")
 
         def fn(conn: Connection, now_ms: int) -> list[dict]:
-            self._agent(conn, agent_id)
-            party = {"buyer": escrows.c.buyer == agent_id, "seller": escrows.c.seller == agent_id}
+            if is_key_identity(agent_id):
+                # A budgeted key sees the escrows it opened, as their buyer, and no others.
+                key_id = self._active_key(conn, agent_id, now_ms).key_id
+                party = {"buyer": escrows.c.key_id == key_id, "seller": false()}
+            else:
+                self._agent(conn, agent_id)
+                party = {"buyer": escrows.c.buyer == agent_id, "seller": escrows.c.seller == agent_id}
             query = select(escrows.c.escrow_id).where(
                 party[role] if role else (party["buyer"] | party["seller"]))
             for column, value, cmp in ((escrows.c.status, status, "eq"), (escrows.c.model, model, "eq"),
@@ -504,6 +527,9 @@ class Ledger(HoldOperations):
     # ---- helpers (inside a transaction) -------------------------------------------
 
     def _agent(self, conn: Connection, agent_id: str) -> Any:
+        if is_key_identity(agent_id):
+            raise OutsideMandate(f"a budgeted key ({agent_id[1:]}) may only open escrows within its mandate and "
+                                 "read, settle, hold on and cancel the escrows it opened; its owner does the rest")
         row = None
         if rules.is_key_text(agent_id, 64):
             row = conn.execute(select(agents).where(agents.c.agent_id == agent_id)).first()
@@ -552,13 +578,24 @@ class Ledger(HoldOperations):
     def _visible(self, conn: Connection, escrow_id: Any, agent_id: str, *, lock: bool = False) -> Any:
         """The escrow row (with `remaining_micro`) if `agent_id` is a party to it."""
         row = None
+        if is_key_identity(agent_id):
+            self._active_key(conn, agent_id, self.now_ms())
         if rules.is_key_text(escrow_id, 40):
             row = conn.execute(ESCROW_FOR_UPDATE if lock else ESCROW, {"eid": escrow_id}).first()
-        if row is None or agent_id not in (row.buyer, row.seller, row.verifier):
-            self._agent(conn, agent_id)
+        if row is None or self._acting(row, agent_id) not in (row.buyer, row.seller, row.verifier):
+            if not is_key_identity(agent_id):
+                self._agent(conn, agent_id)
             # A non-party learns nothing, not even that the escrow exists.
             raise NotFound(f"escrow {escrow_id!r} not found among your escrows")
         return row
+
+    @staticmethod
+    def _acting(row: Any, agent_id: str) -> str:
+        """Whom `agent_id` acts as on this escrow: a budgeted key, on an escrow it opened, as
+        its owner (the buyer); anyone else as itself."""
+        if row.key_id is not None and agent_id == KEY_PREFIX + row.key_id:
+            return row.buyer
+        return agent_id
 
     def _locked(self, conn: Connection, escrow_id: str, agent_id: str, now_ms: int, *, role: str,
                 states: tuple[str, ...]) -> Any:
@@ -566,7 +603,7 @@ class Ledger(HoldOperations):
         row = self._visible(conn, escrow_id, agent_id, lock=True)
         allowed = {"buyer": (row.buyer,), "seller": (row.seller,), "verifier": (row.verifier,),
                    "party": (row.buyer, row.seller)}[role]
-        if agent_id not in allowed:
+        if self._acting(row, agent_id) not in allowed:
             raise Forbidden(f"only the {'buyer or seller' if role == 'party' else role} of escrow {escrow_id} "
                             f"may do this; you are {agent_id!r}")
         rules.check_state(row, now_ms, states)
@@ -630,6 +667,8 @@ class Ledger(HoldOperations):
                          at_ms=now_ms, escrow_id=row.escrow_id, agent_id=row.buyer)
             conn.execute(update(escrows).where(escrows.c.escrow_id == row.escrow_id).values(
                 refunded_micro=escrows.c.refunded_micro + amount_micro))
+            if row.key_id is not None:
+                self._count_refund(conn, row.key_id, amount_micro)
 
     def _remaining(self, conn: Connection, escrow_id: str) -> int:
         """The spendable remainder as it is now inside this transaction."""

@@ -55,7 +55,7 @@ class HoldOperations:
         """As the buyer: every spend token of the escrow stops working at once."""
         def fn(conn: Connection, now_ms: int) -> dict:
             row = self._visible(conn, escrow_id, agent_id, lock=True)
-            if agent_id != row.buyer:
+            if self._acting(row, agent_id) != row.buyer:
                 raise Forbidden(f"only the buyer of escrow {escrow_id} may revoke its spend tokens")
             revoked = conn.execute(update(spend_tokens).where(
                 spend_tokens.c.escrow_id == escrow_id, spend_tokens.c.revoked_at_ms.is_(None)).values(
@@ -102,7 +102,8 @@ class HoldOperations:
                     details={"remaining_micro": remaining, "needed_micro": amount_micro})
             hold_id = "hold_" + secrets.token_hex(12)
             expires = min(now_ms + ttl_ms, int(row.expires_at_ms) + self.config.hold_grace_s * 1000)
-            conn.execute(INSERT_HOLD, {"hold_id": hold_id, "escrow_id": row.escrow_id, "holder": agent_id,
+            conn.execute(INSERT_HOLD, {"hold_id": hold_id, "escrow_id": row.escrow_id,
+                                       "holder": self._acting(row, agent_id),
                                        "status": "open", "amount_micro": amount_micro, "captured_micro": 0,
                                        "captures": 0, "created_at_ms": now_ms, "expires_at_ms": expires})
             conn.execute(HELD, {"eid": row.escrow_id, "delta": amount_micro})
@@ -221,11 +222,12 @@ class HoldOperations:
         """(escrow row, hold row), both locked, escrow first (every writer locks in that order)."""
         escrow_id = conn.scalar(HOLD_ESCROW_ID, {"hid": hold_id}) if rules.is_key_text(hold_id, 40) else None
         row = conn.execute(ESCROW_FOR_UPDATE, {"eid": escrow_id}).first() if escrow_id else None
-        if row is None or agent_id not in (row.buyer, row.seller):
+        acting = self._acting(row, agent_id) if row is not None else agent_id
+        if row is None or acting not in (row.buyer, row.seller):
             self._agent(conn, agent_id)
             raise NotFound(f"hold {hold_id!r} not found among your holds")
         hold = conn.execute(HOLD_ROW_FOR_UPDATE, {"hid": hold_id}).first()
-        if hold.holder != agent_id:
+        if hold.holder != acting:
             raise Forbidden(f"hold {hold_id} was made by {hold.holder!r}; only its maker may capture or void it")
         return row, hold
 

@@ -25,6 +25,7 @@ def escrow_dict(row: Any, remaining_micro: int, events: list[dict] | None = None
         "pricing": row.pricing, "result": row.result,
         "created_at_ms": int(row.created_at_ms), "expires_at_ms": int(row.expires_at_ms),
         "closed_at_ms": None if row.closed_at_ms is None else int(row.closed_at_ms),
+        "key_id": row.key_id,
     }
     if events is not None:
         data["events"] = events

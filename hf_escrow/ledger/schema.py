@@ -91,6 +91,8 @@ escrows = Table(
     Column("created_at_ms", BigInteger, nullable=False),
     Column("expires_at_ms", BigInteger, nullable=False),
     Column("closed_at_ms", BigInteger, nullable=True),
+    # The budgeted key that opened it (its buyer of record is the key's owner), if any.
+    Column("key_id", String(24), nullable=True),
     CheckConstraint("amount_micro > 0", name="ck_escrows_amount_positive"),
     CheckConstraint(
         "paid_micro >= 0 AND refunded_micro >= 0 AND paid_micro + refunded_micro <= amount_micro",
@@ -101,6 +103,7 @@ escrows = Table(
     Index("ix_escrows_seller", "seller", "created_at_ms"),
     Index("ix_escrows_seller_closed", "seller", "closed_at_ms"),
     Index("ix_escrows_due", "status", "expires_at_ms"),
+    Index("ix_escrows_key", "key_id", "created_at_ms"),
 )
 
 escrow_events = Table(
@@ -143,6 +146,29 @@ spend_tokens = Table(
     Column("created_at_ms", BigInteger, nullable=False),
     Column("revoked_at_ms", BigInteger, nullable=True),
     Index("ix_spend_tokens_escrow", "escrow_id"),
+)
+
+# Budgeted keys: API keys an agent mints for sub-agents, spending the agent's own money
+# within a mandate (see `hf_escrow.ledger.keys`). Stored as SHA-256 only. `locked_micro`
+# counts what the key's escrows locked over its life, `refunded_micro` what came back of
+# it: the budget check reads one row.
+agent_keys = Table(
+    "agent_keys", metadata,
+    Column("key_id", String(24), primary_key=True),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("owner", String(64), ForeignKey("agents.agent_id"), nullable=False),
+    Column("label", String(200), nullable=True),
+    Column("budget_micro", BigInteger, nullable=False),
+    Column("max_escrow_micro", BigInteger, nullable=True),
+    Column("sellers", JSON, nullable=True),  # agent ids; NULL: any seller
+    Column("locked_micro", BigInteger, nullable=False),
+    Column("refunded_micro", BigInteger, nullable=False),
+    Column("created_at_ms", BigInteger, nullable=False),
+    Column("expires_at_ms", BigInteger, nullable=True),
+    Column("revoked_at_ms", BigInteger, nullable=True),
+    CheckConstraint("budget_micro > 0 AND refunded_micro >= 0 AND refunded_micro <= locked_micro",
+                    name="ck_agent_keys_amounts"),
+    Index("ix_agent_keys_owner", "owner", "created_at_ms"),
 )
 
 idempotency_keys = Table(

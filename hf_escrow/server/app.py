@@ -79,6 +79,7 @@ def create_app(ledger: Ledger | None = None, *, database_url: str | None = None,
     Agent = Annotated[str, Depends(agent)]
     app.include_router(_hf_routes(ledger, Agent))
     app.include_router(_hold_routes(ledger, Agent))
+    app.include_router(_key_routes(ledger, Agent))
     app.include_router(_vllm_routes(ledger, Agent))
     app.include_router(_faucet_routes(ledger, taps, Agent))
     app.include_router(_operator_routes(ledger, taps, _admin_key(admin_key)))
@@ -228,6 +229,42 @@ def _hold_routes(ledger: Ledger, Agent) -> APIRouter:
     def void(hold_id: str, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
         """As the hold's maker: free the hold's open part back to the escrow."""
         return receipt_view(ledger.void(agent_id, hold_id, idempotency_key=idempotency_key))
+
+    return router
+
+
+def _key_routes(ledger: Ledger, Agent) -> APIRouter:
+    """Budgeted keys: an agent's keys for its sub-agents, which lock its money within a mandate."""
+    router = APIRouter(prefix="/api/keys", tags=["budgeted keys"])
+
+    @router.post("", status_code=201)
+    def create_key(body: bodies.CreateKey, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
+        """A key for a sub-agent (its `api_key` shown once): it locks your money only within the
+        budget, per-escrow cap, sellers and expiry given, and sees only the escrows it opens."""
+        return with_usdc(ledger.create_key(
+            agent_id, budget=body.budget_usdc, sellers=body.sellers, max_escrow=body.max_escrow_usdc,
+            expires_in=body.expires_in, label=body.label, idempotency_key=idempotency_key))
+
+    @router.get("")
+    def list_keys(agent_id: Agent, limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict]:
+        """Your keys, newest first: mandate, locked, paid, refunded, left, expiry, revocation."""
+        return with_usdc(ledger.keys(agent_id, limit=limit))
+
+    # Declared before /{key_id}: "me" is no key id.
+    @router.get("/me")
+    def own_mandate(agent_id: Agent) -> dict:
+        """As a budgeted key: your mandate and what is left of it."""
+        return with_usdc(ledger.key(agent_id))
+
+    @router.get("/{key_id:path}")
+    def get_key(key_id: str, agent_id: Agent) -> dict:
+        return with_usdc(ledger.key(agent_id, key_id))
+
+    # No Idempotency-Key: revoking twice revokes nothing more, and cancels are idempotent.
+    @router.delete("/{key_id:path}")
+    def revoke_key(key_id: str, agent_id: Agent, cancel_escrows: bool = False) -> dict:
+        """Stop the key at once; `cancel_escrows` also cancels its active escrows (refunded to you)."""
+        return with_usdc(ledger.revoke_key(agent_id, key_id, cancel_escrows=cancel_escrows))
 
     return router
 

@@ -123,6 +123,14 @@ class Claim(_Body):
     agent_id: StrictStr = Field(description="Who gets the USDC: you, or an id nobody registered yet.")
 
 
+class CreateKey(_Body):
+    budget_usdc: Amount = Field(description="What the key's escrows may lock, net of refunds. " + AMOUNT_DOC)
+    max_escrow_usdc: Optional[Amount] = Field(None, description="The most one escrow may lock.")
+    sellers: Optional[list[StrictStr]] = Field(None, description="Agent ids or wallets it may pay; null: any.")
+    expires_in: Optional[Score] = Field(None, description="Seconds until the key stops; null: until revoked.")
+    label: Optional[StrictStr] = None
+
+
 class Deposit(_Body):
     agent_id: StrictStr
     amount_usdc: Amount = Field(description=AMOUNT_DOC)

@@ -198,6 +198,31 @@ def build_mcp(ledger: Ledger, *, stdio_agent: str | None = None, faucet: Faucet 
         rows = ledger.holds(caller(ctx), escrow_id)
         return {"holds": [with_usdc(h) for h in rows], "count": len(rows)}
 
+    @tool
+    def key_mandate(ctx: Context | None = None) -> dict[str, Any]:
+        """As a budgeted key: your mandate (budget, max per escrow, sellers, expiry) and what is left."""
+        return with_usdc(ledger.key(caller(ctx)))
+
+    @tool
+    def key_create(budget_usdc: Amount, sellers: Optional[list[str]] = None, max_escrow_usdc: Optional[Amount] = None,
+                   expires_in: Optional[Score] = None, label: Optional[str] = None,
+                   idempotency_key: Optional[str] = None, ctx: Context | None = None) -> dict[str, Any]:
+        """A key for a sub-agent (api_key shown once) that locks your money only within the mandate."""
+        return with_usdc(ledger.create_key(caller(ctx), budget=budget_usdc, sellers=sellers,
+                                           max_escrow=max_escrow_usdc, expires_in=expires_in, label=label,
+                                           idempotency_key=idempotency_key))
+
+    @tool
+    def key_list(ctx: Context | None = None) -> dict[str, Any]:
+        """Your budgeted keys with what each locked, paid, got back and has left."""
+        rows = ledger.keys(caller(ctx))
+        return {"keys": with_usdc(rows), "count": len(rows)}
+
+    @tool
+    def key_revoke(key_id: str, cancel_escrows: Flag = False, ctx: Context | None = None) -> dict[str, Any]:
+        """Stop one of your keys at once; cancel_escrows also cancels its active escrows (refunded to you)."""
+        return with_usdc(ledger.revoke_key(caller(ctx), key_id, cancel_escrows=cancel_escrows))
+
     # Creates the session manager that the FastAPI app mounts at /mcp; requests are
     # authenticated by bearer key, so the Host-header guard would only refuse proxies.
     server.streamable_http_app(transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False))
