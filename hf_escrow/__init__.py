@@ -18,7 +18,7 @@ from ._exceptions import (
     EscrowError, Forbidden, IdempotencyConflict, InsufficientFunds, InvalidAmount, NotFound, PaymentRequired,
     RateLimited, StateConflict, TransportError, Unauthorized, ValidationError,
 )
-from ._models import Agent, CaptureResult, Escrow, EscrowEvent, Hold, Me, Receipt
+from ._models import Agent, CaptureResult, Escrow, EscrowEvent, Hold, Me, Milestone, Receipt
 from .client import AsyncEscrowClient, EscrowClient, connect, connect_async
 from .pricing import Pricing
 
@@ -44,7 +44,7 @@ __all__ = [
     "connect", "connect_async", "EscrowClient", "AsyncEscrowClient",
     "PaidInferenceClient", "AsyncPaidInferenceClient", "paid_inference",
     "load_paid_dataset", "paid_shards", "paid", "Gate", "EscrowedEngine",
-    "Agent", "Escrow", "EscrowEvent", "Me", "Receipt", "Hold", "CaptureResult", "Pricing",
+    "Agent", "Escrow", "EscrowEvent", "Milestone", "Me", "Receipt", "Hold", "CaptureResult", "Pricing",
     "EscrowError", "ValidationError", "InvalidAmount", "Unauthorized", "Forbidden", "NotFound",
     "InsufficientFunds", "PaymentRequired", "StateConflict", "IdempotencyConflict", "RateLimited", "TransportError",
 ]
