@@ -27,11 +27,12 @@ from .test_finetune import REPO, cli, environ, spec_copy
 
 MILESTONE_SPEC = REPO / "jobs" / "minilm-negation-milestones.toml"
 RUN_TIMEOUT_S = 300
-# Thresholds this tiny run reaches in order (validation 0.75 / 0.85 / 0.90 at steps 40 / 50 / 60),
+# Thresholds this tiny run reaches in order (validation 0.725 / 0.75 / 0.825 at steps 40 / 50 / 60;
+# held out, the step-40 adapter scores about 0.63 and fails milestone 1, the later ones about 0.82),
 # and a last one it never reaches, so its share is refunded at the TTL.
 SMALL = {"train_rows = 800": "train_rows = 400", "held_out_rows = 400": "held_out_rows = 200",
          "threshold = 0.80, share_bps = 3000": "threshold = 0.70, share_bps = 3000",
-         "threshold = 0.88, share_bps = 4000": "threshold = 0.80, share_bps = 4000",
+         "threshold = 0.88, share_bps = 4000": "threshold = 0.78, share_bps = 4000",
          'threshold = 0.92, share = "rest"': 'threshold = 0.99, share = "rest"',
          "stage_steps = 15": "max_steps = 60\nstage_steps = 10"}
 
@@ -65,7 +66,7 @@ def test_milestone_job_is_paid_stage_by_stage_and_the_rest_refunded_at_ttl(tmp_p
     with environ(HF_ESCROW_HOME=str(home)):
         escrow_id = cli("post", str(spec), "--agent", "buyer-1", "--database-url", db)["id"]
         e = checked(ledger, buyer, escrow_id)
-        assert [(m.threshold, m.amount) for m in e.milestones] == [(0.7, 3), (0.8, 4), (0.99, 3)]
+        assert [(m.threshold, m.amount) for m in e.milestones] == [(0.7, 3), (0.78, 4), (0.99, 3)]
 
         # The seller trains; at each stage that reaches the next milestone it submits that
         # stage's adapter and waits for the verdict before it submits the next one.
