@@ -168,6 +168,7 @@ def run_cmd(target: str = typer.Argument(..., help="Escrow id, or a job spec (fi
                         ("train loss", f"{result.train_loss:.4f}" if result.train_loss is not None else "-"),
                         ("stopped by limit", result.stopped_by or "-"), ("adapter", str(result.adapter_dir)),
                         ("sha256", result.sha256),
+                        ("stages", ", ".join(f"{step}: {score:.3f}" for step, score in run.stages) or "-"),
                         ("time", ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))):
         table.add_row(name, value)
     console.print(table)
@@ -238,7 +239,8 @@ def status_cmd(escrow_id: Optional[str] = typer.Argument(None, help="One job's e
         return "-" if value is None else f"{float(value):.3f}"
     for s in rows:
         table.add_row(f"{s.escrow_id}\n{s.name}", s.status + (f"\n{s.verdict}" if s.verdict else ""),
-                      f"{s.metric}{'>=' if s.higher_is_better else '<='}{s.threshold:g}\nby {s.verifier}",
+                      (f"{len(s.milestones)} milestones" if s.milestones else
+                       f"{s.metric}{'>=' if s.higher_is_better else '<='}{s.threshold:g}") + f"\nby {s.verifier}",
                       f"{score(s.submitted_score)} -> {score(s.verified_score)}",
                       f"{_usdc(s.paid)} / {_usdc(s.refunded)} / {_usdc(s.amount)}")
         for m in s.milestones or ():
