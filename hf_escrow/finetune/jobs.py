@@ -243,7 +243,9 @@ class _MilestoneSeller:
             return False
         receipt = self.client.submit_result(self.escrow_id, metric=self.spec.metric, score=stage.score,
                                             artifact=stage.artifact(), milestone=due.number,
-                                            idempotency_key=f"milestone-{due.number}-{stage.sha256}")
+                                            # keys are the agent's: this escrow, milestone, try and adapter
+                                            idempotency_key=f"{self.escrow_id}:milestone-{due.number}-try-"
+                                                            f"{due.failures}-{stage.sha256}")
         self.receipts.append(receipt)
         self.say(f"submitted milestone {due.number} ({self.spec.metric} {stage.score:.4f}, step {stage.step}); "
                  "it awaits the verifier")
