@@ -82,7 +82,7 @@ class Stages(TrainerCallback):
 
     def __init__(self, on_stage, snapshot, metric: str):
         self.on_stage = on_stage
-        self.snapshot = snapshot          # (model, step) -> the stage, with its saved adapter
+        self.snapshot = snapshot          # (model, step, score) -> the Stage, its adapter saved
         self.metric = metric
         self.seen: set[int] = set()
 
