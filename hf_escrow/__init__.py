@@ -19,7 +19,7 @@ from ._exceptions import (
     NotFound, OutsideMandate, PaymentRequired, RateLimited, StateConflict, TransportError, Unauthorized,
     ValidationError,
 )
-from ._models import Agent, BudgetedKey, CaptureResult, Escrow, EscrowEvent, Hold, Me, Receipt
+from ._models import Agent, BudgetedKey, CaptureResult, Escrow, EscrowEvent, Hold, Me, Milestone, Receipt
 from .client import AsyncEscrowClient, EscrowClient, connect, connect_async
 from .pricing import Pricing
 
@@ -46,7 +46,7 @@ __all__ = [
     "connect", "connect_async", "EscrowClient", "AsyncEscrowClient",
     "PaidInferenceClient", "AsyncPaidInferenceClient", "paid_inference",
     "load_paid_dataset", "paid_shards", "paid", "Gate", "EscrowedEngine", "AutoPay", "Mandate",
-    "Agent", "Escrow", "EscrowEvent", "Me", "Receipt", "Hold", "CaptureResult", "Pricing",
+    "Agent", "Escrow", "EscrowEvent", "Milestone", "Me", "Receipt", "Hold", "CaptureResult", "Pricing",
     "BudgetedKey",
     "EscrowError", "ValidationError", "InvalidAmount", "Unauthorized", "Forbidden", "NotFound",
     "InsufficientFunds", "PaymentRequired", "StateConflict", "IdempotencyConflict", "RateLimited", "TransportError",

@@ -63,6 +63,32 @@ class EscrowEvent:
 
 
 @dataclass(frozen=True)
+class Milestone:
+    """One milestone of a milestone escrow: its threshold, its share (`amount`) and how far it got.
+
+    `status` is "open" (not reached, or its last result failed), "submitted" (awaiting the
+    verifier) or "paid" (`paid` gross went to the seller).
+    """
+
+    number: int
+    threshold: float
+    share_bps: int
+    rest: bool
+    amount: Decimal
+    status: str
+    paid: Decimal
+    failures: int
+    verified_score: float | None
+    sha256: str | None
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Milestone":
+        return cls(int(data["number"]), float(data["threshold"]), int(data["share_bps"]), bool(data["rest"]),
+                   _usdc(data, "amount"), data["status"], _usdc(data, "paid"), int(data.get("failures", 0)),
+                   data.get("verified_score"), data.get("sha256"))
+
+
+@dataclass(frozen=True)
 class Escrow:
     """An escrow as the ledger last saw it. Always ``amount == paid + refunded + held + remaining``.
 
@@ -99,6 +125,7 @@ class Escrow:
     held: Decimal = to_usdc(0)
     spend_token: str | None = field(default=None, repr=False)  # a secret: kept out of logged reprs
     key_id: str | None = None  # the budgeted key that opened it for its buyer, if one did
+    milestones: list[Milestone] | None = None  # a milestone escrow's milestones, in order
 
     def __post_init__(self):
         require(self.amount == self.paid + self.refunded + self.held + self.remaining,
@@ -123,6 +150,7 @@ class Escrow:
             pricing=data.get("pricing"), result=data.get("result"),
             events=[EscrowEvent.from_dict(e) for e in data.get("events") or []],
             held=_usdc(data, "held"), spend_token=data.get("spend_token"), key_id=data.get("key_id"),
+            milestones=None if data.get("milestones") is None else [Milestone.from_dict(m) for m in data["milestones"]],
         )
 
 
@@ -246,6 +274,7 @@ class Receipt:
     passed: bool | None = None
     score: float | None = None
     hold: Hold | None = None
+    milestone: int | None = None          # the milestone this submit or verdict was for
 
     def __post_init__(self):
         require(self.gross == self.net + self.fee and self.gross == self.base + self.bonus,
@@ -263,7 +292,7 @@ class Receipt:
             escrow=Escrow.from_dict(data["escrow"]),
             bonus_parts={k.removesuffix("_micro"): to_usdc(int(v)) for k, v in (data.get("bonus_parts") or {}).items()},
             rounded_from=data.get("rounded_from"), passed=data.get("passed"), score=data.get("score"),
-            hold=Hold.from_dict(data["hold"]) if data.get("hold") else None,
+            hold=Hold.from_dict(data["hold"]) if data.get("hold") else None, milestone=data.get("milestone"),
         )
 
 

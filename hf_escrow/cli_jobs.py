@@ -6,6 +6,10 @@
     hf-escrow jobs verify ESCROW_ID --agent buyer-1   # verifier: re-score on held-out data
     hf-escrow jobs status [ESCROW_ID] --agent buyer-1
 
+A milestone job's run submits each stage that reaches the next milestone while it trains
+(waiting up to --wait seconds at a stage for the verdict on the one before); the verifier
+runs `jobs verify` once per submitted milestone; `jobs status` shows which were paid.
+
 Like every escrow command: the embedded ledger (`--agent`, `--database-url`) by default,
 or a server with `--url` and `--api-key`. Exit codes: 0 done (verify: passed), 1 verify
 failed or the artifact was refused, 2 an error (message on stderr).
@@ -113,8 +117,10 @@ def post_cmd(spec: Path = typer.Argument(..., help="Job spec (TOML)."),
     job = escrow.meta["job"]
     console.print(f"posted job [bold]{job['name']}[/bold]: escrow [bold]{escrow.id}[/bold], "
                   f"{escrow.amount} USDC locked for {escrow.seller} until {escrow.expires_at:%Y-%m-%d %H:%M:%S} UTC")
-    console.print(f"released when {condition.get('metric')} {'>=' if condition.get('higher_is_better') else '<='} "
-                  f"{condition.get('threshold')}, as scored by {condition.get('verifier')} on "
+    from .finetune import JobSpec
+    from .finetune.jobs import gate_text
+    console.print(f"released {'in parts ' if escrow.milestones else ''}when "
+                  f"{gate_text(JobSpec.from_meta(escrow.meta))}, as scored by {condition.get('verifier')} on "
                   f"{job['held_out'].get('rows')} held-out rows (sha256 {job['held_out'].get('sha256', '')[:16]}...)")
     console.print(f"seller runs: hf-escrow jobs run {escrow.id}")
 
@@ -129,6 +135,9 @@ def run_cmd(target: str = typer.Argument(..., help="Escrow id, or a job spec (fi
             batch_size: Optional[int] = typer.Option(None),
             seed: Optional[int] = typer.Option(None),
             threads: Optional[int] = typer.Option(None, help="torch CPU threads (1 is often fastest on a busy CPU)."),
+            stage_steps: Optional[int] = typer.Option(None, help="Milestone jobs: score and snapshot every N steps."),
+            wait: float = typer.Option(600, help="Milestone jobs: seconds to wait at a stage for the verdict on the "
+                                                 "milestone before (training goes on after)."),
             dry_run: bool = typer.Option(False, "--dry-run", help="Train and score; submit nothing."),
             url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt,
             database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
@@ -138,17 +147,17 @@ def run_cmd(target: str = typer.Argument(..., help="Escrow id, or a job spec (fi
     quiet_training_logs()
     client = open_client(url, api_key, agent, database_url)
     training = {"epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate, "batch_size": batch_size,
-                "seed": seed, "threads": threads}
+                "seed": seed, "threads": threads, "stage_steps": stage_steps}
     log = None if as_json else (lambda message: err_console.log(message))
     progress = None if as_json else RichProgress(err_console)
     run = _guard(lambda: run_job(client, target, output_dir=output, base_model=base_model, training=training,
-                                 submit=not dry_run, progress=progress, log=log), as_json)
+                                 submit=not dry_run, progress=progress, log=log, wait_s=wait), as_json)
     result = run.result
     if as_json:
         _print_json({"escrow_id": run.escrow_id, "metric": result.metric, "score": result.score,
                      "steps": result.steps, "epochs": result.epochs, "train_loss": result.train_loss,
                      "stopped_by": result.stopped_by, "artifact": result.artifact(), "timings": result.timings,
-                     "seconds": run.seconds, "receipt": run.receipt})
+                     "seconds": run.seconds, "receipt": run.receipt, "receipts": run.receipts, "stages": run.stages})
         return
     table = Table(title=f"run of {run.spec.name}")
     table.add_column("item")
@@ -159,9 +168,12 @@ def run_cmd(target: str = typer.Argument(..., help="Escrow id, or a job spec (fi
                         ("train loss", f"{result.train_loss:.4f}" if result.train_loss is not None else "-"),
                         ("stopped by limit", result.stopped_by or "-"), ("adapter", str(result.adapter_dir)),
                         ("sha256", result.sha256),
+                        ("stages", ", ".join(f"{step}: {score:.3f}" for step, score in run.stages) or "-"),
                         ("time", ", ".join(f"{k} {v:.1f}" for k, v in result.timings.items()))):
         table.add_row(name, value)
     console.print(table)
+    for receipt in run.receipts:
+        console.print(f"submitted milestone {receipt.milestone} (score {receipt.score})")
     if run.receipt is not None:
         console.print(_receipt_lines(run.receipt))
         if run.receipt.status == "awaiting_verification":
@@ -193,6 +205,8 @@ def verify_cmd(escrow_id: str = typer.Argument(..., help="The escrow awaiting ve
             console.print(f"[red]refused[/red]: {verdict.refused}")
         else:
             mark = "[green]passed[/green]" if verdict.passed else "[red]failed[/red]"
+            if verdict.milestone is not None:
+                mark += f" milestone {verdict.milestone}"
             console.print(f"{mark}: {verdict.metric} {verdict.score:.4f} on {verdict.rows} held-out rows "
                           f"(threshold {verdict.threshold}; the seller reported {verdict.submitted_score})")
         console.print(_receipt_lines(verdict.receipt))
@@ -225,7 +239,13 @@ def status_cmd(escrow_id: Optional[str] = typer.Argument(None, help="One job's e
         return "-" if value is None else f"{float(value):.3f}"
     for s in rows:
         table.add_row(f"{s.escrow_id}\n{s.name}", s.status + (f"\n{s.verdict}" if s.verdict else ""),
-                      f"{s.metric}{'>=' if s.higher_is_better else '<='}{s.threshold:g}\nby {s.verifier}",
+                      (f"{len(s.milestones)} milestones" if s.milestones else
+                       f"{s.metric}{'>=' if s.higher_is_better else '<='}{s.threshold:g}") + f"\nby {s.verifier}",
                       f"{score(s.submitted_score)} -> {score(s.verified_score)}",
                       f"{_usdc(s.paid)} / {_usdc(s.refunded)} / {_usdc(s.amount)}")
+        for m in s.milestones or ():
+            table.add_row(f"  milestone {m.number}", m.status + (f" ({m.failures} failed)" if m.failures else ""),
+                          f"{s.metric}{'>=' if s.higher_is_better else '<='}{m.threshold:g}",
+                          f"-> {score(m.verified_score)}",
+                          f"{_usdc(m.paid)} of {_usdc(m.amount)}{' (rest)' if m.rest else ''}")
     console.print(table)

@@ -114,11 +114,16 @@ class _BaseClient:
                              Receipt.from_dict)
 
     def submit_result(self, escrow_id: str, metric: str, score: float, artifact: dict | None = None,
-                      idempotency_key: str | None = None) -> Receipt:
-        """As the seller of a benchmark escrow: report the score (and the artifact's repo/sha256)."""
-        return self._request("submit_result", dict(escrow_id=escrow_id, metric=metric, score=score,
-                                                   artifact=artifact, idempotency_key=idempotency_key),
-                             Receipt.from_dict)
+                      idempotency_key: str | None = None, *, milestone: int | None = None) -> Receipt:
+        """As the seller of a benchmark escrow: report the score (and the artifact's repo/sha256).
+
+        On a milestone escrow: the result for `milestone` (1 = the first; default: the next due).
+        """
+        params = dict(escrow_id=escrow_id, metric=metric, score=score, artifact=artifact,
+                      idempotency_key=idempotency_key)
+        if milestone is not None:
+            params["milestone"] = milestone
+        return self._request("submit_result", params, Receipt.from_dict)
 
     def verify(self, escrow_id: str, score: float, idempotency_key: str | None = None) -> Receipt:
         """As the named verifier: your own score; pass releases, fail reopens until the TTL."""

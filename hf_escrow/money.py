@@ -140,6 +140,29 @@ def percent_of(amount_micro: int, pct: Decimal) -> int:
     return round_micro(Decimal(amount_micro) * pct / 100 / MICRO_PER_USDC)
 
 
+def milestone_amounts(amount_micro: int, shares_bps: list[int]) -> list[int]:
+    """Each milestone's part of `amount_micro`, for shares in basis points summing to at most 10000.
+
+    The rounding rule: the cumulative share up to each milestone is rounded (half-even, as
+    everywhere) and each milestone gets the difference to the one before. Every prefix and the
+    whole sum are therefore exact, and shares reaching 10000 end on exactly `amount_micro`: the
+    last milestone takes the remainder.
+
+    Example:
+        >>> milestone_amounts(1_000_001, [3000, 4000, 3000])
+        [300000, 400001, 300000]
+    """
+    amounts, before, cumulative_bps = [], 0, 0
+    for bps in shares_bps:
+        cumulative_bps += bps
+        if not 0 < bps <= BPS or cumulative_bps > BPS:
+            raise MoneyInvariantBroken(f"milestone shares {shares_bps} are not within 1..10000 basis points in all")
+        upto = share(amount_micro, cumulative_bps)
+        amounts.append(upto - before)
+        before = upto
+    return amounts
+
+
 @dataclass(frozen=True)
 class Split:
     """How a gross payout to a seller is divided."""

@@ -594,6 +594,139 @@ NOTEBOOKS = {
             demo.close()
         """),
     ],
+    "06_milestone_job.ipynb": [
+        md("""
+            # A milestone fine-tune job: paid as the adapter gets better
+
+            A single benchmark pays all or nothing at the end, after the seller carried all the
+            risk. A milestone escrow splits the budget: each milestone is a threshold on the
+            buyer's held-out data and the share of the escrow it releases. The seller's run scores
+            its adapter every few steps and submits a stage's snapshot as soon as it reaches the
+            next milestone; the buyer re-scores each one, and each pass pays that share at once
+            (fee and referral as usual). A milestone never reached goes back to the buyer. The
+            base model is the packaged all-MiniLM-L6-v2; about a minute on 2 CPU cores.
+        """),
+        code("""
+            import os, tempfile, threading, time
+            os.environ.setdefault('HF_ESCROW_HOME', tempfile.mkdtemp())  # a fresh ledger for this run
+            import datasets, transformers
+            import hf_escrow
+
+            datasets.disable_progress_bars()
+            transformers.logging.disable_progress_bar()
+            transformers.logging.set_verbosity_error()
+
+            buyer, seller = hf_escrow.connect(agent='nb-buyer'), hf_escrow.connect(agent='nb-trainer')
+            buyer.register(); seller.register()
+            print('faucet:', buyer.claim_faucet(), 'USDC')
+        """),
+        md("""
+            ## The job
+
+            As `jobs/minilm-negation-milestones.toml`, smaller: 400 training reviews, 200 held
+            out, a stage every 10 steps, 60 steps in all. Accuracy 0.70 releases 30% of the
+            budget, 0.78 another 40%, and 0.95 (which so short a run does not reach) the rest.
+        """),
+        code('''
+            from pathlib import Path
+
+            SPEC = """
+            name = "minilm-negation-milestones"
+            task = "sequence-classification"
+            base_model = "sentence-transformers/all-MiniLM-L6-v2"
+
+            [escrow]
+            seller = "nb-trainer"
+            verifier = "buyer"          # milestones need a verifier other than the seller
+            budget_usdc = "2.00"
+            ttl_seconds = 3600
+
+            [benchmark]
+            metric = "accuracy"
+            milestones = [
+                { threshold = 0.70, share_bps = 3000 },   # 30%
+                { threshold = 0.78, share_bps = 4000 },   # 40%
+                { threshold = 0.95, share = "rest" },     # whatever the others leave
+            ]
+
+            [data]
+            train = "data/train.jsonl"
+            held_out = "data/held_out.jsonl"
+            labels = ["negative", "positive"]
+
+            [data.generate]
+            generator = "negation-sentiment"
+            train_rows = 400
+            held_out_rows = 200
+
+            [training]
+            max_steps = 60
+            stage_steps = 10            # score and snapshot the adapter every 10 steps
+            learning_rate = 1e-3
+            max_length = 32
+            lora_alpha = 32
+            target_modules = ["query", "key", "value", "dense"]
+            threads = 1
+            """
+            job_dir = Path(tempfile.mkdtemp())
+            spec_path = job_dir / 'minilm-negation-milestones.toml'
+            spec_path.write_text(SPEC)
+        '''),
+        code("""
+            from hf_escrow.finetune import job_status, post_job, run_job, verify_job
+
+            job = post_job(buyer, spec_path)
+            for m in job.milestones:
+                print(f'milestone {m.number}: accuracy >= {m.threshold} releases {m.amount} USDC')
+        """),
+        md("""
+            ## Seller and buyer at work
+
+            The seller trains in a thread of its own (in practice, on its own machine: `hf-escrow
+            jobs run`). At each stage that reaches the next milestone it submits that stage's
+            adapter and waits for the verdict before it submits the next one. The buyer verifies
+            whenever a milestone awaits it (`hf-escrow jobs verify`): a score below pays nothing
+            and the seller tries again from a later stage; a pass pays the share at once.
+        """),
+        code("""
+            runs = []
+            trainer = threading.Thread(target=lambda: runs.append(run_job(seller, job.id, wait_s=300)))
+            trainer.start()
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline:
+                if buyer.get(job.id).status == 'awaiting_verification':
+                    v = verify_job(buyer, job.id)
+                    print(f'milestone {v.milestone}: held-out accuracy {v.score:.3f} vs {v.threshold} -> '
+                          f"{'pass, paid ' + str(v.receipt.gross) + ' USDC' if v.passed else 'fail, nothing paid'}")
+                elif not trainer.is_alive():
+                    break
+                else:
+                    time.sleep(0.2)
+            trainer.join()
+            print('stages (step, validation accuracy):', runs[0].stages)
+        """),
+        code("""
+            [status] = job_status(buyer, job.id)
+            for m in status.milestones:
+                print(f'milestone {m.number}: {m.status:<6} paid {m.paid} of {m.amount}')
+            escrow = buyer.get(job.id)
+            assert [m.status for m in escrow.milestones][:2] == ['paid', 'paid']
+            assert escrow.amount == escrow.paid + escrow.refunded + escrow.held + escrow.remaining
+            print('seller balance', seller.me().balance, '(the fee is 1%)')
+        """),
+        md("""
+            ## The rest goes back to the buyer
+
+            The last milestone was not reached. At the escrow's TTL its share is refunded; here
+            the buyer ends the job at once. What was paid stays paid.
+        """),
+        code("""
+            refund = buyer.cancel(job.id, reason='stopping after two milestones')
+            escrow = buyer.get(job.id)
+            assert escrow.refunded == refund.refunded == escrow.milestones[2].amount and escrow.remaining == 0
+            print('paid', escrow.paid, '| refunded', escrow.refunded, '| buyer balance', buyer.me().balance)
+        """),
+    ],
 }
 
 

@@ -163,3 +163,29 @@ def lock_with_key(url: str, api_key: str, seller: str, amount: str, barrier, ops
             refused += 1
     ledger.close()
     return {"created": created, "refused": refused}
+
+
+def milestone_race(url: str, escrow_ids: list[str], buyer: str, seller: str, artifact: dict,
+                   start_at: float) -> dict:
+    """Submit milestone 1 of each escrow, then verify it, as every other process does at once
+    (all start at the wall-clock time `start_at`).
+
+    Returns the escrows whose submit this process won and the verdicts it recorded."""
+    ledger = Ledger(url)
+    time.sleep(min(max(0.0, start_at - time.time()), MAX_SECONDS))
+    won: dict[str, list] = {"submitted": [], "verified": []}
+    deadline = time.monotonic() + MAX_SECONDS
+    for escrow_id in escrow_ids[:MAX_OPS]:
+        if time.monotonic() > deadline:
+            break
+        try:
+            ledger.submit_result(seller, escrow_id, metric="accuracy", score=0.9, artifact=artifact, milestone=1)
+            won["submitted"].append(escrow_id)
+        except EscrowError:
+            pass  # another process submitted it first (or it was already paid)
+        try:
+            won["verified"].append((escrow_id, ledger.verify(buyer, escrow_id, score=0.9)["gross_micro"]))
+        except EscrowError:
+            pass  # not awaiting verification (yet, or any more)
+    ledger.close()
+    return won

@@ -23,7 +23,7 @@ from .liveserver import serve_app
 
 TOOLS = {"register_agent", "claim_faucet", "escrow_create", "escrow_release", "escrow_cancel", "escrow_deduct",
          "escrow_get", "escrow_history", "escrow_hold", "escrow_capture", "escrow_void", "escrow_holds",
-         "escrow_mint_token", "escrow_revoke_tokens", "rotate_api_key",
+         "escrow_mint_token", "escrow_revoke_tokens", "rotate_api_key", "escrow_submit_result", "escrow_verify",
          "key_mandate", "key_create", "key_list", "key_revoke"}
 RUN_TIMEOUT_S = 60
 

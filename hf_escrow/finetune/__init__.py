@@ -9,6 +9,11 @@ to the seller (fee and referral as usual); fail returns it to active, and its TT
 refunds the buyer. Verifier "self" keeps the seeds' behaviour: release on the seller's
 own score.
 
+A milestone job pays in parts: `[benchmark] milestones` (ordered thresholds, each with its
+share of the budget); the seller's run scores and snapshots the adapter every
+`training.stage_steps` and submits each stage that reaches the next milestone; every
+verdict that passes pays that milestone's share at once.
+
 Example:
     >>> import hf_escrow
     >>> from hf_escrow.finetune import post_job, run_job, verify_job
@@ -31,11 +36,11 @@ from .jobs import (
 )
 from .models import resolve_model
 from .spec import JobError, JobSpec, Limits, Training
-from .train import Evaluation, TrainResult, evaluate_adapter, train_adapter
+from .train import Evaluation, Stage, TrainResult, evaluate_adapter, train_adapter
 
 __all__ = [
     "JobSpec", "Training", "Limits", "JobError", "ArtifactError", "ArtifactMismatch",
     "make_data", "post_job", "run_job", "submit_job", "verify_job", "job_status", "whoami", "jobs_home",
     "train_adapter", "evaluate_adapter", "adapter_sha256", "resolve_model", "refusal_score",
-    "JobRun", "Verdict", "JobStatus", "TrainResult", "Evaluation", "GENERATORS",
+    "JobRun", "Verdict", "JobStatus", "TrainResult", "Evaluation", "Stage", "GENERATORS",
 ]

@@ -5,6 +5,11 @@ gated escrow, `run_job` trains and calls `submit_result` with the adapter's sha2
 `verify_job` re-scores the adapter on the held-out data and calls `verify`. With the
 verifier "self" (the seeds' behaviour) the ledger releases on the seller's own score;
 by default a job names the buyer, and the seller's score is only a claim.
+
+A milestone job (`[benchmark] milestones`) pays in parts: the seller's run scores its
+adapter every `training.stage_steps` and submits each stage's snapshot as soon as it reaches
+the next milestone (waiting for the verdict on the one before, which must pass first); each
+`verify_job` that passes pays that milestone's share at once.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ from .._models import Escrow, Receipt
 from .artifact import ArtifactError, adapter_sha256, private_copy
 from .data import file_sha256, generate
 from .spec import META_KIND, JobError, JobSpec
-from .train import Log, TrainResult, evaluate_adapter, train_adapter
+from .train import Log, Stage, TrainResult, evaluate_adapter, train_adapter
+
+WAIT_POLL_S = 0.25
 
 
 class ArtifactMismatch(JobError):
@@ -46,6 +53,8 @@ class JobRun:
     result: TrainResult
     receipt: Receipt | None
     seconds: float
+    receipts: list[Receipt] = field(default_factory=list)   # every submission of a milestone run
+    stages: list[tuple[int, float]] = field(default_factory=list)  # (step, validation score) per stage
 
 
 @dataclass
@@ -61,6 +70,7 @@ class Verdict:
     receipt: Receipt | None
     rows: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    milestone: int | None = None      # the milestone judged, on a milestone job
 
 
 @dataclass
@@ -86,6 +96,7 @@ class JobStatus:
     remaining: Decimal
     expires_at: datetime
     artifact_sha256: str | None
+    milestones: list | None = None    # hf_escrow.Milestone per milestone, on a milestone job
 
 
 # ---- buyer ---------------------------------------------------------------------------
@@ -142,8 +153,7 @@ def post_job(client: Any, spec: JobSpec | str | Path, *, seller: str | None = No
     escrow = client.create_escrow(
         seller, budget if budget is not None else spec.budget,
         ttl_seconds=ttl_seconds if ttl_seconds is not None else spec.ttl_seconds,
-        description=spec.description or f"LoRA fine-tune of {spec.base_model}: {spec.name} "
-                                        f"({spec.metric} {'>=' if spec.higher_is_better else '<='} {spec.threshold})",
+        description=spec.description or f"LoRA fine-tune of {spec.base_model}: {spec.name} ({gate_text(spec)})",
         meta=meta, release_condition=spec.release_condition(), idempotency_key=idempotency_key)
     _remember(escrow.id, spec)
     return escrow
@@ -154,13 +164,17 @@ def post_job(client: Any, spec: JobSpec | str | Path, *, seller: str | None = No
 
 def run_job(client: Any, target: str | Path | JobSpec, *, output_dir: str | Path | None = None,
             base_model: str | Path | None = None, training: dict | None = None, submit: bool = True,
-            progress: Any = None, log: Log | None = None) -> JobRun:
+            progress: Any = None, log: Log | None = None, wait_s: float = 600.0) -> JobRun:
     """As the seller: train the job's LoRA adapter and submit its score and sha256.
 
     `target` is an escrow id (the job is read from its meta), or a spec (file or
     JobSpec): then the newest active escrow of that job for this seller is used.
     `training` changes hyperparameters within the job's limits. With `submit=False`
     nothing touches the ledger (a dry run; a spec target needs no escrow then).
+
+    A milestone job submits during training: after each stage that reaches the next
+    milestone, that stage's adapter snapshot (waiting up to `wait_s` at a stage for the
+    verdict on the milestone before; training goes on meanwhile if it does not come).
 
     Example:
         >>> seller = hf_escrow.connect(agent="seller-1")
@@ -181,18 +195,86 @@ def run_job(client: Any, target: str | Path | JobSpec, *, output_dir: str | Path
         me = whoami(client)
         if escrow.seller != me:
             raise Forbidden(f"only the seller {escrow.seller!r} runs escrow {escrow.id}; you are {me!r}")
-        if escrow.status != "active":
+        if escrow.status != "active" and not (spec.milestones and escrow.status == "awaiting_verification"):
             raise JobError(f"escrow {escrow.id} is {escrow.status}; a result can only be submitted while it is active")
         _check_metric(spec, escrow.meta)
     spec = spec.with_training(**(training or {}))
     work = Path(output_dir) if output_dir else jobs_home() / (escrow.id if escrow else f"{spec.name}-dry-run")
     train_path = _training_data(spec, work)
     say = log or (lambda message: None)
-    result = train_adapter(spec, work, train_path=train_path, base_model=base_model, progress=progress, log=say)
-    say(f"{spec.metric} on the validation split: {result.score:.4f} (threshold {spec.threshold}); "
+    seller = _MilestoneSeller(client, escrow.id if escrow and submit else None, spec, wait_s, say) \
+        if spec.milestones else None
+    result = train_adapter(spec, work, train_path=train_path, base_model=base_model, progress=progress, log=say,
+                           on_stage=seller)
+    say(f"{spec.metric} on the validation split: {result.score:.4f} ({gate_text(spec)}); "
         f"adapter sha256 {result.sha256}")
+    if seller is not None:
+        return JobRun(escrow.id if escrow else None, spec, result, seller.receipts[-1] if seller.receipts else None,
+                      time.perf_counter() - started, receipts=seller.receipts, stages=seller.stages)
     receipt = submit_job(client, escrow.id, result) if escrow is not None and submit else None
     return JobRun(escrow.id if escrow else None, spec, result, receipt, time.perf_counter() - started)
+
+
+class _MilestoneSeller:
+    """The seller's side of a milestone job, called at every stage of training (see `run_job`)."""
+
+    def __init__(self, client: Any, escrow_id: str | None, spec: JobSpec, wait_s: float, say: Log):
+        self.client, self.escrow_id, self.spec, self.wait_s, self.say = client, escrow_id, spec, wait_s, say
+        self.receipts: list[Receipt] = []
+        self.stages: list[tuple[int, float]] = []
+
+    def __call__(self, stage: Stage) -> bool:
+        """Submit `stage` if it reaches the next milestone due; True when nothing is left to earn."""
+        self.stages.append((stage.step, stage.score))
+        self.say(f"stage at step {stage.step}: {self.spec.metric} {stage.score:.4f} on the validation split")
+        if self.escrow_id is None:
+            return False
+        escrow = self._settled()
+        if not escrow.is_open:
+            self.say(f"escrow {escrow.id} is {escrow.status}: training stops")
+            return True
+        if escrow.status == "awaiting_verification":
+            self.say(f"milestone {escrow.result.get('milestone')} still awaits its verdict; training goes on")
+            return False
+        due = next((m for m in escrow.milestones if m.status != "paid"), None)
+        if due is None:
+            return True
+        if not milestone_reached(self.spec, due.threshold, stage.score):
+            return False
+        receipt = self.client.submit_result(self.escrow_id, metric=self.spec.metric, score=stage.score,
+                                            artifact=stage.artifact(), milestone=due.number,
+                                            # keys are the agent's: this escrow, milestone, try and adapter
+                                            idempotency_key=f"{self.escrow_id}:milestone-{due.number}-try-"
+                                                            f"{due.failures}-{stage.sha256}")
+        self.receipts.append(receipt)
+        self.say(f"submitted milestone {due.number} ({self.spec.metric} {stage.score:.4f}, step {stage.step}); "
+                 "it awaits the verifier")
+        return False
+
+    def _settled(self) -> Escrow:
+        """The escrow once no milestone awaits its verdict, or as it is after `wait_s`."""
+        deadline = time.monotonic() + self.wait_s
+        escrow = self.client.get(self.escrow_id)
+        while escrow.status == "awaiting_verification" and time.monotonic() < deadline:
+            time.sleep(WAIT_POLL_S)
+            escrow = self.client.get(self.escrow_id)
+        return escrow
+
+
+def milestone_reached(spec: JobSpec, threshold: float, score: float) -> bool:
+    return score >= threshold if spec.higher_is_better else score <= threshold
+
+
+def gate_text(spec: JobSpec) -> str:
+    """What releases the job's money, for people: "accuracy >= 0.9" or its milestones."""
+    sign = ">=" if spec.higher_is_better else "<="
+    if not spec.milestones:
+        return f"{spec.metric} {sign} {spec.threshold}"
+    parts = []
+    for m in spec.milestones:
+        share = "the rest" if m["rest"] else f"{m['share_bps'] / 100:g}%"
+        parts.append(f"{m['threshold']:g} pays {share}")
+    return f"{spec.metric} {sign} " + ", ".join(parts)
 
 
 def submit_job(client: Any, escrow_id: str, result: TrainResult, *, score: float | None = None,
@@ -216,6 +298,8 @@ def verify_job(client: Any, escrow_id: str, *, held_out: str | Path | None = Non
     changed adapter is refused without evaluation: a failing verdict is recorded and
     `ArtifactMismatch` raised. Otherwise the verifier's own score decides: pass releases
     the escrow to the seller, fail returns it to active until its TTL refunds the buyer.
+    On a milestone job the result is judged against its milestone's threshold, and a pass
+    pays that milestone's share.
 
     Example:
         >>> verdict = verify_job(buyer, escrow.id)
@@ -251,6 +335,9 @@ def verify_job(client: Any, escrow_id: str, *, held_out: str | Path | None = Non
     result = escrow.result or {}
     artifact = result.get("artifact") or {}
     submitted = result.get("score")
+    milestone = result.get("milestone") if escrow.milestones else None
+    if milestone is not None:  # judged against the threshold of the milestone it was submitted for
+        job = _replace(job, threshold=escrow.milestones[milestone - 1].threshold)
     timings["escrow_read_s"] = time.perf_counter() - start
 
     with tempfile.TemporaryDirectory(prefix="hf-escrow-verify-") as work:
@@ -272,7 +359,7 @@ def verify_job(client: Any, escrow_id: str, *, held_out: str | Path | None = Non
             receipt = client.verify(escrow_id, score=refusal_score(job), idempotency_key=idempotency_key)
             timings["escrow_verify_s"] = time.perf_counter() - start
             verdict = Verdict(escrow_id, job.metric, job.threshold, submitted, None, False, False, refused, receipt,
-                              timings=timings)
+                              timings=timings, milestone=milestone)
             raise ArtifactMismatch(f"escrow {escrow_id}: {refused}; recorded as failed", verdict)
         evaluation = evaluate_adapter(job, copy, data, base_model=base_model, log=say)
         timings["eval_s"] = evaluation.seconds
@@ -282,7 +369,7 @@ def verify_job(client: Any, escrow_id: str, *, held_out: str | Path | None = Non
     receipt = client.verify(escrow_id, score=evaluation.score, idempotency_key=idempotency_key)
     timings["escrow_verify_s"] = time.perf_counter() - start
     return Verdict(escrow_id, job.metric, job.threshold, submitted, evaluation.score, bool(receipt.passed), True, None,
-                   receipt, rows=evaluation.rows, timings=timings)
+                   receipt, rows=evaluation.rows, timings=timings, milestone=milestone)
 
 
 def refusal_score(spec: JobSpec) -> float:
@@ -335,9 +422,10 @@ def _is_job(meta: dict | None) -> bool:
 
 def _find_escrow(client: Any, spec: JobSpec) -> Escrow:
     fingerprint = spec.sha256()
-    for escrow in client.history(status="active", role="seller", limit=100):
+    for escrow in client.history(role="seller", limit=100):
         job = (escrow.meta or {}).get("job") or {}
-        if _is_job(escrow.meta) and job.get("spec_sha256") == fingerprint:
+        usable = escrow.status == "active" or (spec.milestones and escrow.status == "awaiting_verification")
+        if usable and _is_job(escrow.meta) and job.get("spec_sha256") == fingerprint:
             return escrow
     raise JobError(f"no active escrow for job {spec.name!r} with you as the seller; the buyer posts it with "
                    "`hf-escrow jobs post SPEC` (or run with --dry-run to train without one)")
@@ -399,9 +487,12 @@ def _status(escrow: Escrow) -> JobStatus:
     result = escrow.result or {}
     verified, verdict = None, None
     for event in escrow.events:
-        if event.kind in ("benchmark_passed", "benchmark_failed"):
-            verdict = "passed" if event.kind == "benchmark_passed" else "failed"
+        if event.kind in ("benchmark_passed", "benchmark_failed", "milestone_passed", "milestone_failed"):
+            verdict = "passed" if event.kind.endswith("_passed") else "failed"
             verified = event.data.get("score") if escrow.verifier else None
+    if escrow.milestones:
+        paid = sum(m.status == "paid" for m in escrow.milestones)
+        verdict = f"{paid}/{len(escrow.milestones)} milestones paid"
     return JobStatus(
         escrow_id=escrow.id, name=job["name"], task=job["task"], status=escrow.status, buyer=escrow.buyer,
         seller=escrow.seller, verifier=escrow.verifier or "self", metric=job["metric"],
@@ -410,4 +501,5 @@ def _status(escrow: Escrow) -> JobStatus:
         submitted_score=result.get("score"),
         verified_score=verified, verdict=verdict, amount=escrow.amount, paid=escrow.paid, fees=escrow.fees,
         referral=escrow.referral, refunded=escrow.refunded, remaining=escrow.remaining,
-        expires_at=escrow.expires_at, artifact_sha256=(result.get("artifact") or {}).get("sha256"))
+        expires_at=escrow.expires_at, artifact_sha256=(result.get("artifact") or {}).get("sha256"),
+        milestones=escrow.milestones)

@@ -74,3 +74,23 @@ class Limits(TrainerCallback):
             self.stopped_by = "max_wall_seconds"
             control.should_training_stop = True
         return control
+
+
+class Stages(TrainerCallback):
+    """At each evaluation (every `stage_steps`, and the last): snapshot the adapter and hand the
+    stage to `on_stage`; a true answer stops training (nothing left to earn)."""
+
+    def __init__(self, on_stage, snapshot, metric: str):
+        self.on_stage = on_stage
+        self.snapshot = snapshot          # (model, step, score) -> the Stage, its adapter saved
+        self.metric = metric
+        self.seen: set[int] = set()
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        key = f"eval_{self.metric}"
+        if metrics is None or key not in metrics or state.global_step in self.seen:
+            return control
+        self.seen.add(state.global_step)
+        if self.on_stage(self.snapshot(model, state.global_step, float(metrics[key]))):
+            control.should_training_stop = True
+        return control

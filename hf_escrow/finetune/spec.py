@@ -19,6 +19,10 @@ relative to the spec file. Example (`jobs/minilm-negation-sentiment.toml`)::
     metric = "accuracy"                        # a packaged metric module, or metric_module = "x.py"
     threshold = 0.9
 
+    # or, instead of one threshold, milestones that each release a share as they are reached:
+    # milestones = [{threshold = 0.80, share_bps = 3000}, {threshold = 0.88, share_bps = 4000},
+    #               {threshold = 0.92, share = "rest"}]
+
     [data]
     train = "data/minilm-negation-sentiment/train.jsonl"
     held_out = "data/minilm-negation-sentiment/held_out.jsonl"
@@ -85,6 +89,7 @@ class Training:
     seed: int = 0
     warmup: float = 0.0               # warmup steps, or a fraction of the steps when < 1
     threads: int = 0                  # torch CPU threads while training/scoring; 0 = torch's default
+    stage_steps: int = 0              # > 0: score and snapshot the adapter every this many steps (milestones)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -144,6 +149,7 @@ class JobSpec:
     train_sha256: str | None = None       # commitments carried in the escrow meta
     held_out_sha256: str | None = None
     held_out_rows: int | None = None
+    milestones: tuple[dict, ...] = ()     # the ledger's normalised milestones; () = one threshold
 
     # ---- loading --------------------------------------------------------------------
 
@@ -179,12 +185,15 @@ class JobSpec:
         task = _req(raw, "task", str, where)
         if task not in TASKS:
             raise JobError(f"{where}: task {task!r} is not supported; use one of {', '.join(TASKS)}")
+        metric = _req(bench, "metric", str, f"{where} [benchmark]")
+        higher = bool(bench.get("higher_is_better", True))
+        milestones = _milestones(bench, metric, higher, f"{where} [benchmark]")
         spec = cls(
             name=name, task=task, base_model=_req(raw, "base_model", str, where),
-            description=raw.get("description"),
-            metric=_req(bench, "metric", str, f"{where} [benchmark]"),
-            threshold=float(_req(bench, "threshold", (int, float), f"{where} [benchmark]")),
-            higher_is_better=bool(bench.get("higher_is_better", True)),
+            description=raw.get("description"), metric=metric, milestones=milestones,
+            threshold=milestones[-1]["threshold"] if milestones
+            else float(_req(bench, "threshold", (int, float), f"{where} [benchmark]")),
+            higher_is_better=higher,
             metric_module=rel(bench["metric_module"], "metric_module") if bench.get("metric_module") else None,
             seller=escrow.get("seller"), verifier=str(escrow.get("verifier") or "buyer"),
             budget=_budget(escrow.get("budget_usdc", "1.00"), where),
@@ -212,6 +221,9 @@ class JobSpec:
                            f"known: {', '.join(sorted(GENERATORS))}")
         if not 0 < self.training.validation_fraction < 1:
             raise JobError(f"{where}: training.validation_fraction must be between 0 and 1")
+        if self.milestones and self.verifier == "self":
+            raise JobError(f"{where}: milestones are paid on a verifier's own score; verifier must be \"buyer\" "
+                           "or another agent, not \"self\"")
         if self.ttl_seconds < 60:
             raise JobError(f"{where}: ttl_seconds must leave time to train (at least 60)")
         self.metric_path()  # the metric module must exist
@@ -241,6 +253,9 @@ class JobSpec:
         return path
 
     def release_condition(self) -> dict:
+        if self.milestones:
+            return {"type": "milestones", "metric": self.metric, "higher_is_better": self.higher_is_better,
+                    "verifier": self.verifier, "milestones": [_as_input(m) for m in self.milestones]}
         return {"type": "benchmark", "metric": self.metric, "threshold": self.threshold,
                 "higher_is_better": self.higher_is_better, "verifier": self.verifier}
 
@@ -277,6 +292,7 @@ class JobSpec:
             "fields": {"text": self.text_field, "label": self.label_field, "prompt": self.prompt_field,
                        "completion": self.completion_field},
             "labels": list(self.labels), "train": train, "held_out": held_out,
+            "milestones": [dict(m) for m in self.milestones],
             "training": self.training.to_dict(), "limits": self.limits.to_dict(),
         }
         if commit:
@@ -305,7 +321,7 @@ class JobSpec:
             generate=Generate(gen["generator"], train_seed=gen["seed"], train_rows=gen["rows"]) if gen else None,
             training=Training(**training), limits=Limits(**job["limits"]),
             train_sha256=job["train"].get("sha256"), held_out_sha256=job["held_out"].get("sha256"),
-            held_out_rows=job["held_out"].get("rows"),
+            held_out_rows=job["held_out"].get("rows"), milestones=tuple(job.get("milestones") or ()),
         )
 
     def with_training(self, **changes: Any) -> "JobSpec":
@@ -326,6 +342,29 @@ class JobSpec:
         gen = dataclasses.replace(self.generate, **generate) if self.generate else None
         return dataclasses.replace(self, train=folder / self.train.name,
                                    held_out=folder / self.held_out.name if self.held_out else None, generate=gen)
+
+
+def _milestones(bench: dict, metric: str, higher: bool, where: str) -> tuple[dict, ...]:
+    """[benchmark] milestones, checked by the ledger's own rule (so a spec fails as the escrow would)."""
+    from ..ledger.rules import check_milestones
+    from .._exceptions import ValidationError
+    if "milestones" not in bench:
+        return ()
+    if "threshold" in bench:
+        raise JobError(f"{where}: give threshold or milestones, not both")
+    try:
+        condition = check_milestones({"type": "milestones", "metric": metric, "higher_is_better": higher,
+                                      "milestones": bench["milestones"]})
+    except ValidationError as error:
+        raise JobError(f"{where}: {error.message}") from None
+    return tuple(condition["milestones"])
+
+
+def _as_input(milestone: dict) -> dict:
+    """A normalised milestone as a release condition writes it."""
+    if milestone["rest"]:
+        return {"threshold": milestone["threshold"], "share": "rest"}
+    return {"threshold": milestone["threshold"], "share_bps": milestone["share_bps"]}
 
 
 def _table(raw: dict, name: str, where: str) -> dict:

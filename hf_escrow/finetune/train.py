@@ -58,6 +58,21 @@ class TrainResult:
 
 
 @dataclass
+class Stage:
+    """The adapter as it was at one stage of a staged run, scored on the validation split."""
+
+    step: int
+    score: float
+    adapter_dir: Path
+    sha256: str
+    base_model: str
+
+    def artifact(self) -> dict:
+        return {"repo": str(self.adapter_dir.resolve()), "revision": self.sha256[:12], "sha256": self.sha256,
+                "format": "peft-lora", "base_model": self.base_model, "steps": self.step}
+
+
+@dataclass
 class Evaluation:
     metric: str
     score: float
@@ -247,21 +262,28 @@ def _arguments(spec: JobSpec, output_dir: Path, **extra: Any):
     import torch
     from transformers import TrainingArguments
     t = spec.training
+    if t.stage_steps > 0:  # a staged run scores the adapter every stage_steps (what milestones are judged on)
+        extra = dict(eval_strategy="steps", eval_steps=t.stage_steps, **extra)
+    else:
+        extra = dict(eval_strategy="no", **extra)
     return TrainingArguments(
         output_dir=str(output_dir), num_train_epochs=t.epochs, max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.eval_batch_size,
         learning_rate=t.learning_rate, warmup_steps=t.warmup, seed=t.seed, data_seed=t.seed,
-        eval_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
+        save_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_pin_memory=torch.cuda.is_available(),
         logging_steps=max(1, min(25, t.max_steps if t.max_steps > 0 else 25)), **extra)
 
 
 def train_adapter(spec: JobSpec, output_dir: str | Path, *, train_path: str | Path | None = None,
-                  base_model: str | Path | None = None, progress: Any = None, log: Log | None = None) -> TrainResult:
+                  base_model: str | Path | None = None, progress: Any = None, log: Log | None = None,
+                  on_stage: Callable[[Stage], bool] | None = None) -> TrainResult:
     """As the seller: train a LoRA adapter for `spec`, score it on a validation split, save and hash it.
 
     The adapter goes to `<output_dir>/adapter`. `progress` is a `TrainerCallback` (such as
-    `RichProgress()`) or None; `log` gets one line per phase.
+    `RichProgress()`) or None; `log` gets one line per phase. With `training.stage_steps`,
+    every stage's adapter is saved to `<output_dir>/stages/step-N` and given to `on_stage`
+    (the final one too); `on_stage` answering true ends training there.
 
     Example:
         >>> result = train_adapter(JobSpec.load("jobs/minilm-negation-sentiment.toml"), "runs/try")
@@ -269,15 +291,16 @@ def train_adapter(spec: JobSpec, output_dir: str | Path, *, train_path: str | Pa
         (0.99, '3b1f0c2e')
     """
     with cpu_threads(spec.training.threads):
-        return _train(spec, Path(output_dir), train_path, base_model, progress, log or (lambda message: None))
+        return _train(spec, Path(output_dir), train_path, base_model, progress, log or (lambda message: None),
+                      on_stage)
 
 
 def _train(spec: JobSpec, output_dir: Path, train_path: str | Path | None, base_model: str | Path | None,
-           progress: Any, say: Log) -> TrainResult:
+           progress: Any, say: Log, on_stage: Callable[[Stage], bool] | None) -> TrainResult:
     from peft import get_peft_model
     from transformers import Trainer, set_seed
 
-    from .progress import Limits
+    from .progress import Limits, Stages
     output_dir.mkdir(parents=True, exist_ok=True)
     adapter_dir = output_dir / "adapter"
     t = spec.training
@@ -299,6 +322,12 @@ def _train(spec: JobSpec, output_dir: Path, train_path: str | Path | None, base_
 
     limits = Limits(spec.limits.max_steps, spec.limits.max_wall_seconds)
     callbacks = [limits] + ([progress] if progress is not None else [])
+    if on_stage is not None:
+        def snapshot(model, step: int, score: float) -> Stage:
+            folder = output_dir / "stages" / f"step-{step:05d}"
+            model.save_pretrained(str(folder))
+            return Stage(step, score, folder, adapter_sha256(folder), spec.base_model)
+        callbacks.append(Stages(on_stage, snapshot, spec.metric))
     trainer = Trainer(model=model, args=_arguments(spec, output_dir / "trainer"), train_dataset=train_ds,
                       eval_dataset=val_ds, data_collator=task.collator(), compute_metrics=task.metrics_fn(metric),
                       preprocess_logits_for_metrics=task.argmax, callbacks=callbacks)

@@ -31,6 +31,7 @@ from .config import LedgerConfig
 from .journal import Leg, agent_account, escrow_account
 from .holds import SPEND_TOKEN_PREFIX, HoldOperations
 from .keys import KEY_PREFIX, KeyOperations, is_key_identity
+from .milestones import MilestoneOperations, check_number
 from .records import OPEN_STATUSES, escrow_dict, event_dict, receipt_dict, split_data
 from .queries import ESCROW, ESCROW_FOR_UPDATE, INSERT_EVENT, PAYOUT
 from .schema import agents, escrow_events, escrows, holds, spend_tokens, transactions
@@ -48,7 +49,7 @@ SECRET_FIELDS = ("spend_token", "api_key")   # shown once: never stored with an 
 
 
 
-class Ledger(HoldOperations, KeyOperations):
+class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
     """The ledger on one database: SQLite file (embedded default) or PostgreSQL.
 
     Identities: an agent id, or a budgeted key's "@key_..." (see `hf_escrow.ledger.keys`),
@@ -244,6 +245,8 @@ class Ledger(HoldOperations, KeyOperations):
         amount_micro = parse_usdc(amount)
         ttl_ms = rules.check_ttl(ttl_seconds)
         condition = rules.check_release_condition(release_condition)
+        if rules.is_milestones(condition):
+            rules.check_milestone_amounts(condition, amount_micro)
         bonus = rules.check_bonus_conditions(bonus_conditions)
         if isinstance(pricing, (str, Path)):
             # A price sheet file is read by the caller: a ledger (behind a server) reads no paths it is sent.
@@ -384,12 +387,18 @@ class Ledger(HoldOperations, KeyOperations):
         return self._mutate(agent_id, "cancel", request, idempotency_key, fn)
 
     def submit_result(self, agent_id: str, escrow_id: str, *, metric: str, score: Any,
-                      artifact: dict | None = None, idempotency_key: str | None = None) -> dict:
-        """The seller reports a benchmark score; with verifier "self" it settles at once."""
+                      artifact: dict | None = None, milestone: int | None = None,
+                      idempotency_key: str | None = None) -> dict:
+        """The seller reports a benchmark score; with verifier "self" it settles at once.
+
+        On a milestone escrow the result is for `milestone` (1 = the first; default: the next
+        one due) and must carry its artifact; it then awaits the verifier.
+        """
         value = rules.check_score(score, "score")
         if not rules.is_key_text(metric, 64):
             raise ValidationError("metric must name the benchmark's metric, e.g. \"accuracy\"")
-        request = {"escrow_id": escrow_id, "metric": metric, "score": value, "artifact": _check_meta(artifact)}
+        request = {"escrow_id": escrow_id, "metric": metric, "score": value, "artifact": _check_meta(artifact),
+                   "milestone": check_number(milestone)}
 
         def fn(conn: Connection, now_ms: int) -> dict:
             row = self._locked(conn, escrow_id, agent_id, now_ms, role="seller", states=("active",))
@@ -398,6 +407,11 @@ class Ledger(HoldOperations, KeyOperations):
                 raise StateConflict(f"escrow {escrow_id} has no benchmark release_condition; the buyer releases it")
             if metric != condition["metric"]:
                 raise ValidationError(f"this escrow is gated on {condition['metric']!r}, not {metric!r}")
+            if rules.is_milestones(condition):
+                return self._submit_milestone(conn, row, agent_id, metric, value, request["artifact"],
+                                              request["milestone"], now_ms)
+            if request["milestone"] is not None:
+                raise ValidationError(f"escrow {escrow_id} has a single threshold, no milestones; leave milestone out")
             result = {"metric": metric, "score": value, "artifact": request["artifact"], "submitted_at_ms": now_ms}
             conn.execute(update(escrows).where(escrows.c.escrow_id == escrow_id).values(result=result))
             self._event(conn, escrow_id, "result_submitted", agent_id, now_ms, metric=metric, score=value,
@@ -417,7 +431,8 @@ class Ledger(HoldOperations, KeyOperations):
 
         def fn(conn: Connection, now_ms: int) -> dict:
             row = self._locked(conn, escrow_id, agent_id, now_ms, role="verifier", states=("awaiting_verification",))
-            return self._judge(conn, row, value, agent_id, now_ms, "verify")
+            judge = self._judge_milestone if rules.is_milestones(row.release_condition) else self._judge
+            return judge(conn, row, value, agent_id, now_ms, "verify")
 
         return self._mutate(agent_id, "verify", request, idempotency_key, fn)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..money import milestone_amounts
+
 ESCROW_AMOUNTS = ("amount_micro", "paid_micro", "bonus_micro", "fees_micro", "referral_micro", "refunded_micro",
                   "held_micro")
 OPEN_STATUSES = ("active", "awaiting_verification")
@@ -29,8 +31,31 @@ def escrow_dict(row: Any, remaining_micro: int, events: list[dict] | None = None
     }
     if events is not None:
         data["events"] = events
+    if (row.release_condition or {}).get("type") == "milestones":
+        data["milestones"] = milestones_view(row.release_condition, row.result, int(row.amount_micro))
     assert_conserved(data)
     return data
+
+
+def milestones_view(condition: dict, result: dict | None, amount_micro: int) -> list[dict]:
+    """Each milestone of a milestone escrow: its threshold and share, and how far it got."""
+    plan = condition["milestones"]
+    progress = milestone_progress(result, len(plan))
+    amounts = milestone_amounts(amount_micro, [m["share_bps"] for m in plan])
+    return [{"number": number, "threshold": m["threshold"], "share_bps": m["share_bps"], "rest": m["rest"],
+             "amount_micro": amount, **state}
+            for number, (m, amount, state) in enumerate(zip(plan, amounts, progress), 1)]
+
+
+def milestone_progress(result: dict | None, count: int) -> list[dict]:
+    """The stored progress of each milestone (kept in the escrow's `result`), fresh when none."""
+    stored = (result or {}).get("milestones")
+    if stored is None:
+        return [{"status": "open", "paid_micro": 0, "failures": 0, "verified_score": None, "sha256": None}
+                for _ in range(count)]
+    if len(stored) != count:
+        raise LedgerCorrupted(f"milestone progress {stored} does not match {count} milestones")
+    return [dict(state) for state in stored]
 
 
 def assert_conserved(escrow: dict) -> None:

@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 from .._exceptions import StateConflict, ValidationError
-from ..money import percent_of, to_decimal
+from ..money import BPS as MAX_BPS, milestone_amounts, percent_of, round_micro, to_decimal
 
 QUALITY_BONUS_ABOVE = 0.9
 MAX_BONUS_PCT = Decimal(100)
@@ -153,14 +153,12 @@ def check_release_condition(condition: Any) -> dict | None:
     if not isinstance(condition, dict):
         raise ValidationError("release_condition must be an object such as "
                               '{"type": "benchmark", "metric": "accuracy", "threshold": 0.85}')
+    if condition.get("type") == "milestones":
+        return check_milestones(condition)
     if condition.get("type", "benchmark") != "benchmark":
-        raise ValidationError(f"release_condition type {condition.get('type')!r} is not supported; use \"benchmark\"")
-    metric = condition.get("metric")
-    if not is_key_text(metric, 64):
-        raise ValidationError("release_condition.metric must name the metric, e.g. \"accuracy\"")
-    higher = condition.get("higher_is_better", True)
-    if not isinstance(higher, bool):
-        raise ValidationError("release_condition.higher_is_better must be true or false")
+        raise ValidationError(f"release_condition type {condition.get('type')!r} is not supported; "
+                              "use \"benchmark\" or \"milestones\"")
+    metric, higher = _metric_and_direction(condition)
     verifier = condition.get("verifier") or "self"
     if not is_key_text(verifier, 64):
         raise ValidationError("release_condition.verifier must be \"self\", \"buyer\" or an agent id")
@@ -169,9 +167,90 @@ def check_release_condition(condition: Any) -> dict | None:
             "higher_is_better": higher, "verifier": verifier}
 
 
+def _metric_and_direction(condition: dict) -> tuple[str, bool]:
+    metric = condition.get("metric")
+    if not is_key_text(metric, 64):
+        raise ValidationError("release_condition.metric must name the metric, e.g. \"accuracy\"")
+    higher = condition.get("higher_is_better", True)
+    if not isinstance(higher, bool):
+        raise ValidationError("release_condition.higher_is_better must be true or false")
+    return metric, higher
+
+
+MAX_MILESTONES = 20
+_MILESTONES_EXAMPLE = ('{"type": "milestones", "metric": "accuracy", "milestones": [{"threshold": 0.8, '
+                       '"share_bps": 3000}, {"threshold": 0.88, "share_bps": 4000}, {"threshold": 0.92, '
+                       '"share": "rest"}]}')
+
+
+def check_milestones(condition: dict) -> dict:
+    """Normalise a milestone condition: ordered thresholds, each releasing a share of the escrow.
+
+    Shares are whole basis points (`share_bps`, 1 = 0.01%) summing to at most 10000; the last
+    milestone may take `"share": "rest"` (whatever the earlier ones leave). Thresholds must
+    get strictly harder in order. A verifier other than the seller is required: "self" is
+    refused, and the default is the buyer.
+    """
+    metric, higher = _metric_and_direction(condition)
+    unknown = set(condition) - {"type", "metric", "higher_is_better", "verifier", "milestones"}
+    if unknown:
+        raise ValidationError(f"release_condition has unknown keys {', '.join(sorted(unknown))}; "
+                              f"a milestone condition looks like {_MILESTONES_EXAMPLE}")
+    verifier = condition.get("verifier") or "buyer"
+    if verifier == "self":
+        raise ValidationError("milestones are paid on a verifier's own score: name \"buyer\" (the default) or "
+                              "another agent, not \"self\"")
+    if not is_key_text(verifier, 64):
+        raise ValidationError("release_condition.verifier must be \"buyer\" or an agent id")
+    items = condition.get("milestones")
+    if not isinstance(items, list) or not items:
+        raise ValidationError(f"release_condition.milestones must be a non-empty list, e.g. {_MILESTONES_EXAMPLE}")
+    if len(items) > MAX_MILESTONES:
+        raise ValidationError(f"at most {MAX_MILESTONES} milestones, got {len(items)}")
+    milestones, total_bps = [], 0
+    for number, item in enumerate(items, 1):
+        where = f"milestone {number}"
+        if not isinstance(item, dict) or set(item) - {"threshold", "share_bps", "share"}:
+            raise ValidationError(f"{where} must be {{\"threshold\": x, \"share_bps\": n}} "
+                                  "(or \"share\": \"rest\" on the last one)")
+        threshold = check_score(item.get("threshold"), f"{where} threshold")
+        if milestones and not (threshold > milestones[-1]["threshold"] if higher
+                               else threshold < milestones[-1]["threshold"]):
+            raise ValidationError(f"{where} threshold {threshold} must be {'above' if higher else 'below'} "
+                                  f"milestone {number - 1}'s {milestones[-1]['threshold']}: milestones are "
+                                  "listed in the order they are reached")
+        rest = "share" in item
+        if rest and ("share_bps" in item or item["share"] != "rest" or number != len(items)):
+            raise ValidationError(f"{where}: \"share\": \"rest\" is for the last milestone only, "
+                                  "instead of share_bps")
+        bps = MAX_BPS - total_bps if rest else item.get("share_bps")
+        if isinstance(bps, bool) or not isinstance(bps, int) or not 1 <= bps <= MAX_BPS:
+            raise ValidationError(f"{where} share_bps must be a whole number of basis points from 1 to {MAX_BPS} "
+                                  f"(3000 = 30%), got {_short(item.get('share_bps'))}")
+        total_bps += bps
+        if total_bps > MAX_BPS:
+            raise ValidationError(f"milestone shares add up to {total_bps} basis points, over 10000 (100%)")
+        milestones.append({"threshold": threshold, "share_bps": bps, "rest": rest})
+    return {"type": "milestones", "metric": metric, "higher_is_better": higher, "verifier": verifier,
+            "milestones": milestones}
+
+
+def check_milestone_amounts(condition: dict, amount_micro: int) -> None:
+    """Every milestone must pay something: a share of a tiny escrow can round to nothing."""
+    amounts = milestone_amounts(amount_micro, [m["share_bps"] for m in condition["milestones"]])
+    if 0 in amounts:
+        raise ValidationError(f"milestone {amounts.index(0) + 1}'s share of {amount_micro} micro-USDC rounds to "
+                              "nothing; lock more or give it a larger share")
+
+
+def is_milestones(condition: dict | None) -> bool:
+    return bool(condition) and condition.get("type") == "milestones"
+
+
 def benchmark_passes(condition: dict, score: float) -> bool:
+    """Whether `score` meets a benchmark condition (or one milestone of a milestone condition)."""
     threshold = condition["threshold"]
-    return score >= threshold if condition["higher_is_better"] else score <= threshold
+    return score >= threshold if condition.get("higher_is_better", True) else score <= threshold
 
 
 def check_bonus_conditions(conditions: Any) -> dict | None:

@@ -145,7 +145,8 @@ def _hf_routes(ledger: Ledger, Agent) -> APIRouter:
         if body.model_repo:
             artifact.setdefault("repo", body.model_repo)
         return receipt_view(ledger.submit_result(agent_id, escrow_id, metric=body.metric, score=body.score,
-                                                 artifact=artifact or None, idempotency_key=idempotency_key))
+                                                 artifact=artifact or None, milestone=body.milestone,
+                                                 idempotency_key=idempotency_key))
 
     @router.post("/escrow/{escrow_id}/verify")
     def verify(escrow_id: str, body: bodies.Verify, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:

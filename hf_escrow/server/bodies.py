@@ -59,6 +59,8 @@ class SubmitResult(_Body):
     score: Score
     model_repo: Optional[StrictStr] = None
     artifact: Optional[dict[str, Any]] = None
+    milestone: Optional[StrictInt] = Field(None, description="A milestone escrow's milestone (1 = the first); "
+                                                               "default: the next one due.")
 
 
 class Verify(_Body):

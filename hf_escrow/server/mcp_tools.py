@@ -143,6 +143,23 @@ def build_mcp(ledger: Ledger, *, stdio_agent: str | None = None, faucet: Faucet 
         return receipt_view(ledger.cancel(caller(ctx), escrow_id, reason=reason, idempotency_key=idempotency_key))
 
     @tool
+    def escrow_submit_result(escrow_id: str, metric: str, score: Score, artifact: Optional[dict[str, Any]] = None,
+                             milestone: Optional[Annotated[int, Field(strict=True, ge=1)]] = None,
+                             idempotency_key: Optional[str] = None, ctx: Context | None = None) -> dict[str, Any]:
+        """As the seller of a benchmark or milestone escrow: report the score with the artifact
+        ({repo, revision, sha256}); milestone: which one (1 = the first; default: the next due)."""
+        return receipt_view(ledger.submit_result(caller(ctx), escrow_id, metric=metric, score=score,
+                                                 artifact=artifact, milestone=milestone,
+                                                 idempotency_key=idempotency_key))
+
+    @tool
+    def escrow_verify(escrow_id: str, score: Score, idempotency_key: Optional[str] = None,
+                      ctx: Context | None = None) -> dict[str, Any]:
+        """As the named verifier: your own score on held-out data; a pass pays the result's share
+        (a milestone's, or all), a fail leaves it open until the TTL."""
+        return receipt_view(ledger.verify(caller(ctx), escrow_id, score=score, idempotency_key=idempotency_key))
+
+    @tool
     def escrow_get(escrow_id: str, ctx: Context | None = None) -> dict[str, Any]:
         """One of your escrows with its events."""
         return escrow_view(ledger.get(caller(ctx), escrow_id))
