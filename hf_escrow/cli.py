@@ -28,6 +28,19 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+        print(f"hf-escrow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Escrow-backed pay-per-use for Hugging Face workloads."""
+
+
 def _run(action, as_json: bool, render) -> None:
     """Run one client call; print its result, or its error with the status as exit code."""
     try:
@@ -331,11 +344,15 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
           faucet: Optional[bool] = typer.Option(
               None, "--faucet/--no-faucet", show_default=False,
               help="Offer free test USDC (default: only when --host is loopback; HF_ESCROW_FAUCET=0 always "
-                   "switches it off).")):
-    """Run the escrow server (REST, faucet, MCP at /mcp, docs at /docs)."""
+                   "switches it off)."),
+          log_json: bool = typer.Option(False, "--log-json", help="Log JSON lines on stderr, one per request, "
+                                                                  "with escrow and hold ids (never keys or tokens).")):
+    """Run the escrow server (REST, faucet, MCP at /mcp, docs at /docs, /readyz, /metrics)."""
     import os
     import uvicorn
+    from .server.metrics import prepare_workers
     os.environ["HF_ESCROW_FAUCET"] = "1" if _faucet_on(faucet, host, os.environ.get("HF_ESCROW_FAUCET")) else "0"
+    prepare_workers(workers, log_json=log_json)
     if database_url:
         os.environ["HF_ESCROW_DATABASE_URL"] = database_url
     console.print(f"hf-escrow serving on http://{host}:{port} (docs: /docs, MCP: /mcp)")

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from . import __version__
 from ._exceptions import EscrowError, InsufficientFunds, NotFound, ValidationError
 from .money import parse_usdc, usdc_number
 from .till import TOKEN_HEADER, Till, check_token, once_capture_key, once_hold_key, spend_token_from
@@ -255,7 +256,7 @@ def create_shard_app(folder: str | Path, *, escrow: Any = None, price_per_shard:
         raise ValidationError("a priced shard server needs the seller's escrow client: escrow=connect(agent=...)")
     shards = ShardFolder(folder)
     gate = ShardGate(escrow, price_micro) if price_micro else None
-    app = FastAPI(title="hf-escrow shard server", version="0.1.0",
+    app = FastAPI(title="hf-escrow shard server", version=__version__,
                   description="Dataset shards over HTTP, paid once per shard from the buyer's escrow.")
     app.state.shards, app.state.gate = shards, gate
 
