@@ -25,7 +25,8 @@ def redact(text: str) -> str:
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-                "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage()}
+                "level": record.levelname.lower(), "logger": record.name, "pid": record.process,
+                "message": record.getMessage()}
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             line.update(fields)
