@@ -350,7 +350,7 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     """Run the escrow server (REST, faucet, MCP at /mcp, docs at /docs, /readyz, /metrics)."""
     import os
     import uvicorn
-    from .server.metrics import prepare_workers
+    from .ops.metrics import prepare_workers
     os.environ["HF_ESCROW_FAUCET"] = "1" if _faucet_on(faucet, host, os.environ.get("HF_ESCROW_FAUCET")) else "0"
     prepare_workers(workers, log_json=log_json)
     if database_url:

@@ -246,6 +246,8 @@ def create_shard_app(folder: str | Path, *, escrow: Any = None, price_per_shard:
     from fastapi.responses import FileResponse, JSONResponse, Response
 
     from .pricing import Pricing
+    from .ops.metrics import install_ops
+    from .ops.operator import admin_key
     if isinstance(price_per_shard, (Pricing, dict)):
         sheet = Pricing.coerce(price_per_shard)
         if sheet.per_shard is None:
@@ -259,6 +261,8 @@ def create_shard_app(folder: str | Path, *, escrow: Any = None, price_per_shard:
     app = FastAPI(title="hf-escrow shard server", version=__version__,
                   description="Dataset shards over HTTP, paid once per shard from the buyer's escrow.")
     app.state.shards, app.state.gate = shards, gate
+    # Before the catch-all shard route: /readyz and /metrics are not files.
+    install_ops(app, ready=escrow.me if escrow is not None else (lambda: None), admin_key=admin_key())
 
     @app.exception_handler(EscrowError)
     async def escrow_error(request: Request, error: EscrowError) -> JSONResponse:

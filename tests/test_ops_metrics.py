@@ -195,3 +195,28 @@ def test_workers_share_metrics_and_log_json_without_secrets(tmp_path):
     assert len({line["pid"] for line in access if line.get("route") == "/api/holds"}) == 2  # summed over both
     for secret in secrets:
         assert secret not in log
+
+
+def test_shard_server_and_gateway_have_readyz_and_metrics(tmp_path, monkeypatch):
+    """The seller's faces: ready while their escrow backend answers; 402s counted by reason."""
+    from hf_escrow.gateway import create_gateway
+    from hf_escrow.shardserver import create_shard_app
+    monkeypatch.setenv("HF_ESCROW_ADMIN_KEY", ADMIN_KEY)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "a.jsonl").write_text('{"x": 1}\n')
+    seller = hf_escrow.connect(agent="seller")
+    seller.register("seller")
+    faces = (create_shard_app(tmp_path / "shards", escrow=seller, price_per_shard="0.002"),
+             create_gateway("http://127.0.0.1:9/v1", escrow=seller,
+                            pricing={"input_per_1k": "0.001", "output_per_1k": "0.002"}))
+    for app, paid_path in zip(faces, ("/a.jsonl", "/v1/chat/completions")):
+        with serve_app(app) as base:
+            assert httpx.get(base + "/readyz").json() == {"ok": True}
+            method = httpx.get if paid_path.endswith(".jsonl") else httpx.post
+            unpaid = method(base + paid_path, **({} if method is httpx.get else {"json": {"messages": []}}))
+            assert unpaid.status_code == 402
+            assert httpx.get(base + "/metrics").status_code == 401
+            samples = scrape(base)
+            reasons = {dict(labels)["reason"] for (name, labels) in samples
+                       if name == "hf_escrow_payment_required_total"}
+            assert reasons == {unpaid.json()["error"]}

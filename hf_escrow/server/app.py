@@ -25,8 +25,8 @@ from . import bodies
 from .faucet import Faucet, FaucetSettings
 from ..limits import client_key
 from .limits import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
-from .metrics import install_ops
-from .operator import admin_key as resolve_admin_key, bearer, check_operator
+from ..ops.metrics import install_ops
+from ..ops.operator import admin_key as resolve_admin_key, bearer, check_operator
 from .wire import escrow_view, receipt_view, with_usdc
 
 _HERE = Path(__file__).parent
