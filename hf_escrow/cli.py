@@ -19,6 +19,7 @@ from ._exceptions import EscrowError
 from ._models import Escrow, Hold, Receipt, as_dict
 from .cli_datasets import datasets_app
 from .cli_jobs import jobs_app
+from .cli_ops import add_ops_commands
 from .cli_options import AgentOpt, DbOpt, JsonOpt, KeyIdOpt, KeyOpt, UrlOpt, ensure_registered, open_client
 from .client import connect, embedded_ledger
 
@@ -384,6 +385,7 @@ model_app = typer.Typer(help="The embedded default model (gemma-3-270m, local)."
 app.add_typer(model_app, name="model")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
+add_ops_commands(app)
 
 
 @model_app.command("prepare")
