@@ -20,6 +20,7 @@ from ._models import Escrow, Hold, Receipt, as_dict
 from .cli_datasets import datasets_app
 from .cli_jobs import jobs_app
 from .cli_ops import add_ops_commands
+from .cli_space import space_app
 from .cli_options import AgentOpt, DbOpt, JsonOpt, KeyIdOpt, KeyOpt, UrlOpt, ensure_registered, open_client
 from .client import connect, embedded_ledger
 
@@ -386,6 +387,7 @@ app.add_typer(model_app, name="model")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
 add_ops_commands(app)
+app.add_typer(space_app, name="space")
 
 
 @model_app.command("prepare")
