@@ -123,8 +123,12 @@ def chat_messages(sentence: str = CHAT_SENTENCE) -> list[dict]:
 def first_sentence(chunks: Any) -> Iterator[str]:
     """The streamed text up to the end of its first sentence; the stream is left there (a
     paid stream then settles on what was delivered)."""
+    started = False
     for chunk in chunks:
         piece = chunk.choices[0].delta.content if chunk.choices else None
+        if not started and piece:
+            piece = piece.lstrip()  # a line break before the answer does not end it
+            started = bool(piece)
         if not piece:
             continue
         cut = min((i for i in (piece.find("."), piece.find("\n")) if i >= 0), default=-1)

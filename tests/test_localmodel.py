@@ -165,3 +165,16 @@ def test_the_demo_prompt_gets_a_sensible_answer_from_the_base_model(gemma_url: s
         chat_messages(), model=str(gemma_dir), max_tokens=CHAT_MAX_TOKENS, stream=True, temperature=0)
     answer = "".join(first_sentence(stream))
     assert "Paris" in answer, answer
+
+
+def test_the_demo_shows_the_answer_to_the_end_of_its_first_sentence():
+    from types import SimpleNamespace
+
+    from hf_escrow.demo import first_sentence
+
+    def chunks(*pieces):
+        return iter([SimpleNamespace(choices=[SimpleNamespace(delta=SimpleNamespace(content=p))]) for p in pieces]
+                    + [SimpleNamespace(choices=[])])
+    assert "".join(first_sentence(chunks("\n", " Paris", ".", "łęoperation"))) == "Paris."
+    assert "".join(first_sentence(chunks("Par", "is", "\nmore"))) == "Paris"
+    assert "".join(first_sentence(chunks())) == ""

@@ -30,11 +30,12 @@ def lock() -> dict[str, str]:
     return pins
 
 
-def dry_run(tmp_path: Path, template: str = "paid-chat", *extra: str) -> tuple[Path, dict]:
+def dry_run(tmp_path: Path, template: str = "paid-chat", *, escrow_url: str = "http://127.0.0.1:8787",
+            seller_key: str = SELLER_KEY, seller: str = "paid-chat") -> tuple[Path, dict]:
     out = tmp_path / template
     result = CliRunner().invoke(cli, ["space", "deploy", template, "--repo", "seller/space", "--escrow-url",
-                                      "http://127.0.0.1:8787", "--seller-key", SELLER_KEY, "--seller", "paid-chat",
-                                      "--dry-run", str(out), "--json", *extra])
+                                      escrow_url, "--seller-key", seller_key, "--seller", seller,
+                                      "--dry-run", str(out), "--json"])
     assert result.exit_code == 0, result.output
     return out, json.loads(result.output)
 
@@ -116,3 +117,80 @@ def test_deploy_creates_the_space_uploads_the_folder_and_sets_its_settings(tmp_p
     assert variables == {"HF_ESCROW_URL": "http://127.0.0.1:8787", "HF_ESCROW_PRICE": "0.0001"}
     assert not [c for c in calls if SELLER_KEY.encode() in c["body"] and not c["path"].endswith("/secrets")]
     assert json.loads(done.stdout)["url"].endswith("/spaces/seller/embed")
+
+
+SPACE_INSTALL_ENV = "HF_ESCROW_TEST_SPACE_INSTALL"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(os.environ.get(SPACE_INSTALL_ENV) != "1",
+                    reason=f"installs a deployed Space's requirements into a fresh venv (about 6 minutes on 2 busy "
+                           f"cores): set {SPACE_INSTALL_ENV}=1")
+def test_a_deployed_folder_installs_and_answers_a_paid_call(tmp_path):
+    """What a Space runs: requirements.txt installed from a folder holding only it (offline,
+    from wheels of this environment's packages), then `python app.py` in the full folder,
+    billing through `hf-escrow serve`."""
+    import time
+
+    import httpx
+    from gradio_client import Client
+
+    import hf_escrow
+    from tests.liveserver import free_port, wait_http
+    from tests.wheelhouse import build_wheelhouse
+
+    port, space_port = free_port(), free_port()
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "HF_ESCROW_URL",
+                                                             "HF_ESCROW_API_KEY", "HF_ESCROW_DATABASE_URL")}
+    server = subprocess.Popen([sys.executable, "-m", "hf_escrow.cli", "serve", "--port", str(port),
+                               "--database-url", f"sqlite:///{tmp_path / 'ledger.db'}"],
+                              env=dict(clean, PYTHONPATH=str(ROOT)), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    space = None
+    try:
+        wait_http(base + "/healthz", timeout_s=120)
+        seller_key = httpx.post(base + "/register", json={"agent_id": "paid-embeddings"}).json()["api_key"]
+        buyer_key = httpx.post(base + "/register", json={"agent_id": "space-buyer"}).json()["api_key"]
+        buyer = hf_escrow.connect(base, api_key=buyer_key)
+        buyer.claim_faucet()
+        folder, plan = dry_run(tmp_path, "paid-embeddings", escrow_url=base, seller_key=seller_key,
+                               seller="paid-embeddings")
+
+        only = tmp_path / "only-requirements"
+        only.mkdir()
+        (only / "requirements.txt").write_bytes((folder / "requirements.txt").read_bytes())
+        packages = [line for line in (only / "requirements.txt").read_text().splitlines()
+                    if line and not line.startswith(("#", "-"))]
+        wheels = build_wheelhouse(packages, Path.home() / ".cache" / "hf-escrow-test" / "wheelhouse",
+                                  skip={"torch"})  # torch's CPU wheel lies in pip's find-links already
+        venv = tmp_path / "venv"
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300, env=clean)
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-index", "--find-links",
+                        str(wheels), "-r", "requirements.txt"], cwd=only, check=True, timeout=1500, env=clean)
+        print(f"installed the Space's requirements.txt in {time.monotonic() - started:.0f} s")
+        assert subprocess.run([str(venv / "bin" / "python"), "-c", "import hf_escrow"], cwd=only,
+                              env=clean).returncode != 0  # only the folder's vendored copy provides it
+
+        space_env = dict(clean, **plan["variables"], HF_ESCROW_SELLER_KEY=seller_key,
+                         GRADIO_SERVER_PORT=str(space_port), GRADIO_SERVER_NAME="127.0.0.1",
+                         GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
+        space = subprocess.Popen([str(venv / "bin" / "python"), "app.py"], cwd=folder, env=space_env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_http(f"http://127.0.0.1:{space_port}/", timeout_s=300)
+        e = buyer.create_escrow("paid-embeddings", "0.01")
+        client = Client(f"http://127.0.0.1:{space_port}", headers={"X-Escrow-Token": e.spend_token}, verbose=False)
+        result, receipt = client.predict("an escrow pays the seller\nthe buyer gets the rest", api_name="/embed")
+        assert result["count"] == 2 and result["dim"] == 384
+        assert receipt["charged_usdc"] == "0.000200"
+        assert str(buyer.get(e.id).paid) == "0.0002"  # on the escrow server, not in the Space
+    finally:
+        for process in (space, server):
+            if process is not None:
+                process.terminate()
+                try:
+                    process.wait(20)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+
