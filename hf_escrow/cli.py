@@ -354,12 +354,17 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     import uvicorn
     from .ops.metrics import prepare_workers
     os.environ["HF_ESCROW_FAUCET"] = "1" if _faucet_on(faucet, host, os.environ.get("HF_ESCROW_FAUCET")) else "0"
-    prepare_workers(workers, log_json=log_json)
+    metrics_dir = prepare_workers(workers, log_json=log_json)
     if database_url:
         os.environ["HF_ESCROW_DATABASE_URL"] = database_url
     console.print(f"hf-escrow serving on http://{host}:{port} (docs: /docs, MCP: /mcp)")
-    uvicorn.run("hf_escrow.server.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level="warning")
+    try:
+        uvicorn.run("hf_escrow.server.app:create_app", factory=True, host=host, port=port, workers=workers,
+                    log_level="warning")
+    finally:
+        if metrics_dir:
+            import shutil
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _faucet_on(flag: bool | None, host: str, env_value: str | None) -> bool:

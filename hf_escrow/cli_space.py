@@ -34,7 +34,8 @@ def deploy(template: str = typer.Argument(..., help="paid-chat, paid-embeddings,
                                                                           "folder and touch no hub."),
            token: Optional[str] = typer.Option(None, "--token", envvar="HF_TOKEN", help="Hub token with write access."),
            as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts.")):
-    """Write the Space folder (hf_escrow vendored, requirements pinned), create the Space, upload it, set its settings."""
+    """Write the Space folder (hf_escrow vendored, requirements pinned), create the Space, upload it, set
+    its secret and variables."""
     from .spacedeploy import build_space, deploy as upload
     variables = {}
     for item in var:

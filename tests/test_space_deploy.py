@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from decimal import Decimal
 import subprocess
 import sys
 from pathlib import Path
@@ -184,7 +185,7 @@ def test_a_deployed_folder_installs_and_answers_a_paid_call(tmp_path):
         result, receipt = client.predict("an escrow pays the seller\nthe buyer gets the rest", api_name="/embed")
         assert result["count"] == 2 and result["dim"] == 384
         assert receipt["charged_usdc"] == "0.000200"
-        assert str(buyer.get(e.id).paid) == "0.0002"  # on the escrow server, not in the Space
+        assert buyer.get(e.id).paid == Decimal("0.0002")  # on the escrow server, not in the Space
     finally:
         for process in (space, server):
             if process is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -33,6 +34,7 @@ LATENCY_BUCKETS_S = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 
 # Fields of a JSON answer that name what a request touched: logged, and nothing else of the body.
 LOGGED_ID_FIELDS = ("escrow_id", "hold_id", "id", "agent_id")
 UNMATCHED = "unmatched"
+_ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,47}")
 _ID_PREFIXES = (("esc_", "escrow_id"), ("hold_", "hold_id"))
 
 access_log = logging.getLogger("hf_escrow.access")
@@ -131,8 +133,9 @@ class OpsMiddleware:
             route = getattr(scope.get("route"), "path", None) or UNMATCHED
             answer = _json(seen["body"])
             error = answer.get("error") if seen["status"] >= 400 else None
-            self.metrics.observe(scope["method"], route, seen["status"], seconds,
-                                 error if isinstance(error, str) and len(error) <= 64 else None)
+            # Only codes of the API's own shape become labels: a relayed upstream text would not be bounded.
+            code = error if isinstance(error, str) and _ERROR_CODE.fullmatch(error) else None
+            self.metrics.observe(scope["method"], route, seen["status"], seconds, code)
             if keep_body:
                 _log_access(scope, route, seen["status"], seconds, answer)
 
@@ -200,11 +203,14 @@ def install_ops(app: FastAPI, *, ready: Callable[[], None], totals: Callable[[],
     return metrics
 
 
-def prepare_workers(workers: int, *, log_json: bool) -> None:
+def prepare_workers(workers: int, *, log_json: bool) -> str | None:
     """Before a server starts its processes: the environment they read their settings from
-    (JSON logs; with several workers, a fresh multiprocess metrics folder)."""
+    (JSON logs; with several workers, a fresh multiprocess metrics folder, returned so that
+    the caller removes it when the server stops)."""
     if log_json:
         os.environ[LOG_JSON_ENV] = "1"
     if workers > 1 and not os.environ.get(MULTIPROC_ENV):
         import tempfile
         os.environ[MULTIPROC_ENV] = tempfile.mkdtemp(prefix="hf-escrow-metrics-")
+        return os.environ[MULTIPROC_ENV]
+    return None
