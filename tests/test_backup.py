@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 import hf_escrow
-from hf_escrow._exceptions import StateConflict
+from hf_escrow._exceptions import StateConflict, ValidationError
 from hf_escrow.cli import app as cli
 from hf_escrow.ledger import Ledger, audit
 from hf_escrow.ledger.backup import backup, restore
@@ -84,6 +84,11 @@ def test_sqlite_backup_under_load_restores_audit_clean(tmp_path):
         restore(tmp_path / "during.db", url)
     with pytest.raises(StateConflict, match="exists"):
         backup(url, tmp_path / "during.db")
+    (tmp_path / "notes.txt").write_text("not a database " * 100)
+    with pytest.raises(ValidationError, match="not an hf-escrow ledger"):
+        restore(tmp_path / "notes.txt", f"sqlite:///{tmp_path / 'new.db'}")
+    with pytest.raises(ValidationError, match="no ledger"):
+        backup(f"sqlite:///{tmp_path / 'typo.db'}", tmp_path / "typo-backup.db")
     back_in_time = restore(tmp_path / "during.db", url, replace=True)
     assert totals(back_in_time) == totals(during)
     ledger.close()

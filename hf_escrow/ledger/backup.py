@@ -17,6 +17,7 @@ from contextlib import closing
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.engine import make_url
 
 from .._exceptions import StateConflict, ValidationError
@@ -33,6 +34,8 @@ def backup(url: str, path: str | Path) -> dict:
         raise StateConflict(f"{path} exists: back up to a new file, so that no earlier backup is overwritten")
     path.parent.mkdir(parents=True, exist_ok=True)
     if _is_sqlite(url):
+        if not Path(_sqlite_path(url)).is_file():
+            raise ValidationError(f"no ledger at {_safe(url)}: nothing to back up")
         partial = path.with_name(path.name + ".partial")
         with closing(sqlite3.connect(_sqlite_path(url))) as source, closing(sqlite3.connect(partial)) as copy:
             source.backup(copy)  # pages=-1: one step, one snapshot
@@ -77,6 +80,8 @@ def audit_copy(url: str) -> dict:
     engine = create_engine(url)
     try:
         return audit(engine)
+    except DBAPIError as error:  # not a database, or not a ledger's
+        raise ValidationError(f"{_safe(url)} is not an hf-escrow ledger: {error.orig}") from None
     finally:
         engine.dispose()
 
