@@ -161,9 +161,10 @@ def test_the_demo_prompt_gets_a_sensible_answer_from_the_base_model(gemma_url: s
     """The packaged model is not instruction-tuned: the demo shows it a pattern, greedy."""
     from hf_escrow.demo import CHAT_MAX_TOKENS, CHAT_SENTENCE, chat_messages, first_sentence
     assert CHAT_SENTENCE == "The capital of France is"
-    stream = InferenceClient(base_url=gemma_url).chat_completion(
-        chat_messages(), model=str(gemma_dir), max_tokens=CHAT_MAX_TOKENS, stream=True, temperature=0)
-    answer = "".join(first_sentence(stream))
+    with InferenceClient(base_url=gemma_url) as client:  # the stream reads through the client's connection
+        stream = client.chat_completion(chat_messages(), model=str(gemma_dir), max_tokens=CHAT_MAX_TOKENS,
+                                        stream=True, temperature=0)
+        answer = "".join(first_sentence(stream))
     assert "Paris" in answer, answer
 
 
