@@ -14,6 +14,9 @@ Example:
     Decimal('0.012177')
 """
 
+# The one place the version is written: pyproject.toml reads it from here.
+__version__ = "0.1.0"
+
 from ._exceptions import (
     BudgetExceeded, EscrowError, Forbidden, IdempotencyConflict, InsufficientFunds, InvalidAmount, KeyInactive,
     NotFound, OutsideMandate, PaymentRequired, RateLimited, StateConflict, TransportError, Unauthorized,
@@ -40,7 +43,6 @@ def __getattr__(name: str):
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'hf_escrow' has no attribute {name!r}")
 
-__version__ = "0.1.0"
 
 __all__ = [
     "connect", "connect_async", "EscrowClient", "AsyncEscrowClient",

@@ -19,6 +19,8 @@ from ._exceptions import EscrowError
 from ._models import BudgetedKey, Escrow, Hold, Receipt, as_dict
 from .cli_datasets import datasets_app
 from .cli_jobs import jobs_app
+from .cli_ops import add_ops_commands
+from .cli_space import space_app
 from .cli_options import AgentOpt, DbOpt, JsonOpt, KeyIdOpt, KeyOpt, UrlOpt, ensure_registered, open_client
 from .client import connect, embedded_ledger
 
@@ -26,6 +28,19 @@ app = typer.Typer(help="Escrow-backed pay-per-use for Hugging Face workloads.", 
                   pretty_exceptions_enable=False)
 console = Console()
 err_console = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+        print(f"hf-escrow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    """Escrow-backed pay-per-use for Hugging Face workloads."""
 
 
 def _run(action, as_json: bool, render) -> None:
@@ -395,16 +410,25 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
           faucet: Optional[bool] = typer.Option(
               None, "--faucet/--no-faucet", show_default=False,
               help="Offer free test USDC (default: only when --host is loopback; HF_ESCROW_FAUCET=0 always "
-                   "switches it off).")):
-    """Run the escrow server (REST, faucet, MCP at /mcp, docs at /docs)."""
+                   "switches it off)."),
+          log_json: bool = typer.Option(False, "--log-json", help="Log JSON lines on stderr, one per request, "
+                                                                  "with escrow and hold ids (never keys or tokens).")):
+    """Run the escrow server (REST, faucet, MCP at /mcp, docs at /docs, /readyz, /metrics)."""
     import os
     import uvicorn
+    from .ops.metrics import prepare_workers
     os.environ["HF_ESCROW_FAUCET"] = "1" if _faucet_on(faucet, host, os.environ.get("HF_ESCROW_FAUCET")) else "0"
+    metrics_dir = prepare_workers(workers, log_json=log_json)
     if database_url:
         os.environ["HF_ESCROW_DATABASE_URL"] = database_url
     console.print(f"hf-escrow serving on http://{host}:{port} (docs: /docs, MCP: /mcp)")
-    uvicorn.run("hf_escrow.server.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level="warning")
+    try:
+        uvicorn.run("hf_escrow.server.app:create_app", factory=True, host=host, port=port, workers=workers,
+                    log_level="warning")
+    finally:
+        if metrics_dir:
+            import shutil
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _faucet_on(flag: bool | None, host: str, env_value: str | None) -> bool:
@@ -431,6 +455,8 @@ model_app = typer.Typer(help="The embedded default model (gemma-3-270m, local)."
 app.add_typer(model_app, name="model")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(jobs_app, name="jobs")
+add_ops_commands(app)
+app.add_typer(space_app, name="space")
 
 
 @model_app.command("prepare")

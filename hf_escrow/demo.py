@@ -31,6 +31,12 @@ from .ledger import audit
 PRICES = {"input_per_1k": "0.0005", "output_per_1k": "0.0015"}
 SHARDS, ROWS_PER_SHARD, PRICE_PER_SHARD = 4, 250, "0.002"
 PRICE_PER_CALL = "0.001"
+# The packaged gemma-3-270m is a base model, not instruction-tuned: asked a question in chat
+# turns it answers gibberish. Shown a pattern it completes the next sentence well, and greedy
+# decoding (temperature 0) gives the same answer every run. Instruction-tuned models do as well.
+CHAT_EXAMPLES = (("The capital of Italy is", "Rome."), ("The capital of Japan is", "Tokyo."))
+CHAT_SENTENCE = "The capital of France is"
+CHAT_MAX_TOKENS = 8
 # A smaller cut of jobs/minilm-negation-sentiment.toml: the same task, about 20 s on 2 cores.
 FINETUNE_JOB = {
     "name": "demo-minilm-negation-sentiment", "task": "sequence-classification",
@@ -105,17 +111,64 @@ def run_demo(*, chat: bool = True, datasets: bool = True, space: bool = True, fi
 # ---- the four kinds of paid work ------------------------------------------------------
 
 
+def chat_messages(sentence: str = CHAT_SENTENCE) -> list[dict]:
+    """A few completed sentences, then the one to complete: a base model follows the pattern."""
+    messages: list[dict] = []
+    for start, end in CHAT_EXAMPLES:
+        messages += [{"role": "user", "content": f"Complete the sentence. {start}"},
+                     {"role": "assistant", "content": end}]
+    return messages + [{"role": "user", "content": f"Complete the sentence. {sentence}"}]
+
+
+def first_sentence(chunks: Any) -> Iterator[str]:
+    """The streamed text up to the end of its first sentence; the stream is left there (a
+    paid stream then settles on what was delivered)."""
+    started = False
+    for chunk in chunks:
+        piece = chunk.choices[0].delta.content if chunk.choices else None
+        if not started and piece:
+            piece = piece.lstrip()  # a line break before the answer does not end it
+            started = bool(piece)
+        if not piece:
+            continue
+        cut = min((i for i in (piece.find("."), piece.find("\n")) if i >= 0), default=-1)
+        if cut >= 0:
+            if piece[:cut + 1].strip():
+                yield piece[:cut + 1].rstrip("\n")
+            return
+        yield piece
+
+
+def served_model_name(url: str, folder: Path | None) -> str:
+    """What the escrow names: the served model (its folder's name, or the server's first model id)."""
+    if folder is not None:
+        return Path(folder).name
+    import httpx
+    try:
+        model_id = httpx.get(url.rstrip("/") + "/models", timeout=30).json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
+        return url
+    return Path(model_id).name if model_id.startswith("/") else model_id
+
+
 def _chat(buyer, seller: str, console: Console, model_url: str | None, model_dir: Path | None) -> str:
-    from .inference import paid_inference
+    from .inference import PaidInferenceClient
     with _model_server(console, model_url, model_dir) as (url, tokenizer):
-        with paid_inference(url, escrow=buyer, seller=seller, budget="0.05", pricing=PRICES,
-                            tokenizer=tokenizer) as client:
-            messages = [{"role": "user", "content": "In one sentence: why pay per token?"}]
-            for chunk in client.chat_completion(messages, max_tokens=48, stream=True):
-                if chunk.choices and chunk.choices[0].delta.content:
-                    console.print(chunk.choices[0].delta.content, end="")
+        model = served_model_name(url, model_dir if model_url else Path(tokenizer))
+        # The escrow names the model, not the server's URL: the dashboard's spend per model reads well.
+        opened = buyer.create_escrow(seller, "0.05", ttl_seconds=3600, pricing=PRICES,
+                                     meta={"model": model, "kind": "inference"})
+        client = PaidInferenceClient(url, escrow=buyer, escrow_id=opened.id, pricing=PRICES, tokenizer=tokenizer)
+        try:
+            console.print(f"[{model}] {CHAT_SENTENCE} ", end="", markup=False)
+            stream = client.chat_completion(chat_messages(), max_tokens=CHAT_MAX_TOKENS, stream=True, temperature=0)
+            for piece in first_sentence(stream):
+                console.print(piece, end="", markup=False)
+            stream.close()
             console.print()
             receipt = client.receipts[-1]
+        finally:
+            client.finish()
     console.print(f"tokens in/out {receipt.tokens_in}/{receipt.tokens_out} (counted by {receipt.counted_by}): "
                   f"paid {receipt.gross} USDC, the rest of the 0.05 budget refunded")
     return client.escrow_id

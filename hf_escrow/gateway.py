@@ -58,9 +58,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-from . import challenge
+from . import __version__, challenge
 from ._exceptions import EscrowError, NotFound, PaymentRequired, StateConflict, ValidationError
 from .metering import TokenCounter
+from .ops.metrics import install_ops
+from .ops.operator import admin_key
 from .pricing import Pricing
 from .till import Tab, Till, check_token, spend_token_from
 
@@ -103,7 +105,8 @@ def create_gateway(upstream: str, *, escrow: Any, pricing: Any, tokenizer: Any =
     _check_limit(max_tokens, "max_tokens")
     gateway = _Gateway(upstream.rstrip("/"), Till(escrow, hold_ttl_s=hold_ttl_s), sheet, TokenCounter(tokenizer),
                        max_tokens)
-    app = FastAPI(title="hf-escrow gateway", version="0.2.0")
+    app = FastAPI(title="hf-escrow gateway", version=__version__)
+    install_ops(app, ready=escrow.me, admin_key=admin_key())
     app.router.on_shutdown.append(gateway.client.aclose)
 
     def offer() -> challenge.Offer:

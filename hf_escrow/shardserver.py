@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from . import challenge
+from . import __version__, challenge
 from ._exceptions import EscrowError, InsufficientFunds, NotFound, ValidationError
 from .money import format_usdc, parse_usdc, usdc_number
 from .till import TOKEN_HEADER, Till, check_token, once_capture_key, once_hold_key, spend_token_from
@@ -249,6 +249,8 @@ def create_shard_app(folder: str | Path, *, escrow: Any = None, price_per_shard:
     from fastapi.responses import FileResponse, JSONResponse, Response
 
     from .pricing import Pricing
+    from .ops.metrics import install_ops
+    from .ops.operator import admin_key
     if isinstance(price_per_shard, (Pricing, dict)):
         sheet = Pricing.coerce(price_per_shard)
         if sheet.per_shard is None:
@@ -259,9 +261,11 @@ def create_shard_app(folder: str | Path, *, escrow: Any = None, price_per_shard:
         raise ValidationError("a priced shard server needs the seller's escrow client: escrow=connect(agent=...)")
     shards = ShardFolder(folder)
     gate = ShardGate(escrow, price_micro) if price_micro else None
-    app = FastAPI(title="hf-escrow shard server", version="0.1.0",
+    app = FastAPI(title="hf-escrow shard server", version=__version__,
                   description="Dataset shards over HTTP, paid once per shard from the buyer's escrow.")
     app.state.shards, app.state.gate = shards, gate
+    # Before the catch-all shard route: /readyz and /metrics are not files.
+    install_ops(app, ready=escrow.me if escrow is not None else (lambda: None), admin_key=admin_key())
 
     def offer() -> challenge.Offer:
         return gate.till.offer({"per_shard": format_usdc(price_micro)}, price_micro, escrow_server=escrow_url)

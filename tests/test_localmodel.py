@@ -154,3 +154,28 @@ def test_streamed_chat_completion_carries_usage_in_the_last_chunk(gemma_url: str
 def test_the_server_refuses_any_other_model_name(gemma_url: str):
     with pytest.raises(HfHubHTTPError, match="Bad request"):
         InferenceClient(base_url=gemma_url).chat_completion(MESSAGES, model="google/gemma-3-270m", max_tokens=4)
+
+
+@pytest.mark.model
+def test_the_demo_prompt_gets_a_sensible_answer_from_the_base_model(gemma_url: str, gemma_dir: Path):
+    """The packaged model is not instruction-tuned: the demo shows it a pattern, greedy."""
+    from hf_escrow.demo import CHAT_MAX_TOKENS, CHAT_SENTENCE, chat_messages, first_sentence
+    assert CHAT_SENTENCE == "The capital of France is"
+    with InferenceClient(base_url=gemma_url) as client:  # the stream reads through the client's connection
+        stream = client.chat_completion(chat_messages(), model=str(gemma_dir), max_tokens=CHAT_MAX_TOKENS,
+                                        stream=True, temperature=0)
+        answer = "".join(first_sentence(stream))
+    assert "Paris" in answer, answer
+
+
+def test_the_demo_shows_the_answer_to_the_end_of_its_first_sentence():
+    from types import SimpleNamespace
+
+    from hf_escrow.demo import first_sentence
+
+    def chunks(*pieces):
+        return iter([SimpleNamespace(choices=[SimpleNamespace(delta=SimpleNamespace(content=p))]) for p in pieces]
+                    + [SimpleNamespace(choices=[])])
+    assert "".join(first_sentence(chunks("\n", " Paris", ".", "łęoperation"))) == "Paris."
+    assert "".join(first_sentence(chunks("Par", "is", "\nmore"))) == "Paris"
+    assert "".join(first_sentence(chunks())) == ""

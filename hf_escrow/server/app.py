@@ -6,7 +6,6 @@ transactions are short and blocking by design.
 
 
 import contextlib
-import hmac
 import os
 from decimal import Decimal
 from pathlib import Path
@@ -17,17 +16,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .._exceptions import EscrowError, Forbidden, ValidationError
+from .. import __version__
+from .._exceptions import EscrowError, ValidationError
 from ..ledger import Ledger, audit
+from ..ledger.totals import ping, totals as ledger_totals
 from ..money import to_usdc
 from . import bodies
 from .faucet import Faucet, FaucetSettings
 from ..limits import client_key
 from .limits import DEFAULT_MAX_BODY_BYTES, BodyLimitMiddleware
+from ..ops.metrics import install_ops
+from ..ops.operator import admin_key as resolve_admin_key, bearer, check_operator
 from .wire import escrow_view, receipt_view, with_usdc
 
 _HERE = Path(__file__).parent
-MIN_ADMIN_KEY_CHARS = 16
 # The dashboard runs only its own script and style, talks only to this server, and cannot be framed.
 DASHBOARD_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
                  "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
@@ -65,10 +67,13 @@ def create_app(ledger: Ledger | None = None, *, database_url: str | None = None,
         if stop_sweeper:
             stop_sweeper()
 
-    app = FastAPI(title="hf-escrow", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="hf-escrow", version=__version__, lifespan=lifespan,
                   description="Escrow-backed pay-per-use for Hugging Face workloads. Amounts are USDC; every "
                               "`*_usdc` field has an exact integer `*_micro` twin.")
     app.state.ledger = ledger
+    operator_key = resolve_admin_key(admin_key)
+    install_ops(app, ready=lambda: ping(ledger.engine), totals=lambda: ledger_totals(ledger.engine),
+                admin_key=operator_key, authenticate=ledger.authenticate)
     app.add_middleware(_JsonBodyMiddleware)
     app.add_middleware(BodyLimitMiddleware, max_bytes=_max_body_bytes(max_body_bytes))
     _install_error_handlers(app)
@@ -82,7 +87,7 @@ def create_app(ledger: Ledger | None = None, *, database_url: str | None = None,
     app.include_router(_key_routes(ledger, Agent))
     app.include_router(_vllm_routes(ledger, Agent))
     app.include_router(_faucet_routes(ledger, taps, Agent))
-    app.include_router(_operator_routes(ledger, taps, _admin_key(admin_key)))
+    app.include_router(_operator_routes(ledger, taps, operator_key))
     app.include_router(_dashboard_routes())
 
     @app.get("/healthz", tags=["ops"])
@@ -343,12 +348,8 @@ def _operator_routes(ledger: Ledger, faucet: Faucet, admin_key: str | None) -> A
     router = APIRouter(tags=["operator"])
 
     def operator(authorization: Annotated[Optional[str], Header()] = None) -> None:
-        token = bearer(authorization)
-        if token is not None and admin_key is not None and hmac.compare_digest(token.encode(), admin_key.encode()):
-            return
-        ledger.authenticate(token)  # no key or an unknown one: 401, as everywhere
-        raise Forbidden("this is an operator route: it takes the operator's key (HF_ESCROW_ADMIN_KEY), not an "
-                        "agent's; your own figures are at /api/me and /api/analytics")
+        check_operator(authorization, admin_key, ledger.authenticate,
+                       hint="; your own figures are at /api/me and /api/analytics")
 
     Operator = Depends(operator)
 
@@ -399,23 +400,8 @@ def _dashboard_routes() -> APIRouter:
     return router
 
 
-def bearer(authorization: str | None) -> str | None:
-    """The key of an `Authorization: Bearer <key>` header, else None."""
-    if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
-    return None
-
-
 def _client(request: Request) -> str:
     return client_key(request.client.host if request.client else None)
-
-
-def _admin_key(given: str | None) -> str | None:
-    key = given if given is not None else os.environ.get("HF_ESCROW_ADMIN_KEY") or None
-    if key is not None and len(key) < MIN_ADMIN_KEY_CHARS:
-        raise ValidationError(f"the operator key (HF_ESCROW_ADMIN_KEY) must have at least {MIN_ADMIN_KEY_CHARS} "
-                              "characters")
-    return key
 
 
 def _max_body_bytes(given: int | None) -> int:
