@@ -29,6 +29,7 @@ from ..pricing import Pricing
 from . import idempotency, journal, rules
 from .config import LedgerConfig
 from .journal import Leg, agent_account, escrow_account
+from .group import GroupCommitter
 from .holds import SPEND_TOKEN_PREFIX, HoldOperations
 from .records import OPEN_STATUSES, escrow_dict, event_dict, receipt_dict, split_data
 from .queries import ESCROW, ESCROW_FOR_UPDATE, INSERT_EVENT, PAYOUT
@@ -62,6 +63,8 @@ class Ledger(HoldOperations):
         self.engine = open_engine(self.url)
         self.config = config or LedgerConfig.from_env()
         self.clock = clock
+        # Holds, captures, voids and deducts of concurrent callers share transactions.
+        self._group = GroupCommitter(self._settle)
         self._run(lambda conn, now: journal.ensure_system_accounts(conn))
 
     def close(self) -> None:
@@ -284,26 +287,8 @@ class Ledger(HoldOperations):
         request = {"escrow_id": escrow_id, "amount_micro": amount_micro,
                    "reason": rules.check_text(reason, "reason"), "usage": [tokens_in, tokens_out]}
 
-        def fn(conn: Connection, now_ms: int) -> dict:
-            row = self._locked(conn, escrow_id, agent_id, now_ms, role="seller", states=("active",))
-            if row.release_condition is not None:
-                # Paying a gated escrow piecemeal would pay for a result that has not passed.
-                raise StateConflict(f"escrow {escrow_id} pays on a passing benchmark result "
-                                    "(submit_result, then verify), not by deduct")
-            remaining = int(row.remaining_micro)
-            if amount_micro > remaining:
-                raise InsufficientFunds(
-                    f"escrow {escrow_id} has {format_usdc(remaining)} USDC left, cannot deduct "
-                    f"{format_usdc(amount_micro)}; the buyer must fund a new escrow",
-                    details={"remaining_micro": remaining})
-            split = self._payout(conn, row, amount_micro, 0, "deduct", now_ms)
-            self._add_tokens(conn, escrow_id, tokens_in, tokens_out)
-            self._event(conn, escrow_id, "deducted", agent_id, now_ms, reason=request["reason"],
-                        rounded_from=_rounded(amount), tokens_in=tokens_in, tokens_out=tokens_out, **split_data(split))
-            return receipt_dict("deduct", self._escrow(conn, escrow_id), base_micro=amount_micro, bonus_micro=0,
-                                refunded_micro=0, rounded_from=_rounded(amount), **split_data(split))
-
-        return self._mutate(agent_id, "deduct", request, idempotency_key, fn)
+        return self._settle_one(self._operation("deduct", agent_id, request, idempotency_key, escrow_id,
+                                                rounded_from=_rounded(amount)))
 
     def release(self, agent_id: str, escrow_id: str, amount: Any = None, *, refund_remainder: bool = True,
                 usage: dict | None = None, price_per_token: Any = None, quality_score: Any = None,
