@@ -179,9 +179,9 @@ def main() -> None:
         token = escrow["spend_token"]
         single, latencies = single_captures(ledger, seller, make_holds(ledger, seller, token, args.captures))
         batched = batched_captures(ledger, seller, make_holds(ledger, seller, token, args.batched))
+        holds = make_holds(ledger, seller, token, args.captures)
         grouped_before = ledger._group.transactions
-        grouped = threaded(lambda n, h: ledger.capture(seller, h, "0.0005", final=True),
-                           make_holds(ledger, seller, token, args.captures), THREADS)
+        grouped = threaded(lambda n, h: ledger.capture(seller, h, "0.0005", final=True), holds, THREADS)
         per_tx = args.captures / max(1, ledger._group.transactions - grouped_before)
         http = http_figures(db, ledger, seller, keys[seller], token, args.http_captures, args.http_clients)
         ledger.close()

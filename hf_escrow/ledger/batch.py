@@ -56,7 +56,7 @@ _INSERT_EVENT = sql.Sql("INSERT INTO escrow_events (escrow_id, kind, actor, at_m
 _INSERT_KEY = sql.Sql("INSERT INTO idempotency_keys (agent_id, key, request_hash, response, created_at_ms) "
                       "VALUES (:agent_id, :key, :request_hash, JSON(:response), :created_at_ms)")
 _NEXT_TX_SQLITE = sql.Sql("SELECT coalesce(max(tx_id), 0) FROM transactions")
-_NEXT_TX_PG = sql.Sql("SELECT nextval(pg_get_serial_sequence('transactions', 'tx_id')) "
+_NEXT_TX_PG = sql.Sql("SELECT nextval(pg_get_serial_sequence('transactions', 'tx_id')) AS tx_id "
                       "FROM generate_series(1, :count)")
 
 
@@ -100,6 +100,7 @@ class Batch:
         self.keys: list[dict] = []
         self.dirty_escrows: set[str] = set()
         self.dirty_holds: set[str] = set()
+        self.tx_ids: list[int] = []
 
     def run(self, operations: list[Operation]) -> list[Operation]:
         if not 1 <= len(operations) <= MAX_OPERATIONS:
@@ -129,32 +130,47 @@ class Batch:
                          f"({sql.placeholders('t', len(token_hashes))}))")
         if escrow_ids:
             where.append(f"e.escrow_id IN ({sql.placeholders('e', len(escrow_ids))})")
+        queries: list[tuple] = []
         if where:
             # Every writer locks escrows first, and in escrow-id order here: no deadlocks.
-            statement = sql.cached(_SELECT_ESCROWS + " OR ".join(where) + " ORDER BY e.escrow_id", " FOR UPDATE")
-            params = {**sql.numbered("h", hold_ids), **sql.numbered("t", token_hashes),
-                      **sql.numbered("e", escrow_ids)}
-            for row in sql.rows(self.conn, statement, params, json_columns=ESCROW_JSON):
-                self.escrows[row["escrow_id"]] = SimpleNamespace(**row)
+            # The reads after it run once the locks are held (in order, even when pipelined):
+            # every writer of a hold or spend token holds its escrow's lock.
+            queries.append(("escrows", sql.cached(_SELECT_ESCROWS + " OR ".join(where) + " ORDER BY e.escrow_id",
+                                                  " FOR UPDATE"),
+                            {**sql.numbered("h", hold_ids), **sql.numbered("t", token_hashes),
+                             **sql.numbered("e", escrow_ids)}, ESCROW_JSON))
         if hold_ids:
-            # Read after the escrow locks: every writer of a hold holds its escrow's lock.
-            statement = sql.cached(f"SELECT * FROM holds WHERE hold_id IN ({sql.placeholders('h', len(hold_ids))})")
-            for row in sql.rows(self.conn, statement, sql.numbered("h", hold_ids)):
-                self.holds[row["hold_id"]] = SimpleNamespace(**row)
+            queries.append(("holds", sql.cached(f"SELECT * FROM holds WHERE hold_id IN "
+                                                f"({sql.placeholders('h', len(hold_ids))})"),
+                            sql.numbered("h", hold_ids), ()))
         if token_hashes:
-            statement = sql.cached("SELECT token_hash, escrow_id, revoked_at_ms FROM spend_tokens WHERE token_hash "
-                                   f"IN ({sql.placeholders('t', len(token_hashes))})")
-            for row in sql.rows(self.conn, statement, sql.numbered("t", token_hashes)):
-                self.tokens[row["token_hash"]] = SimpleNamespace(**row)
+            queries.append(("tokens", sql.cached("SELECT token_hash, escrow_id, revoked_at_ms FROM spend_tokens "
+                                                 f"WHERE token_hash IN ({sql.placeholders('t', len(token_hashes))})"),
+                            sql.numbered("t", token_hashes), ()))
         keyed = sorted({(op.agent_id, op.key) for op in operations if op.key is not None})
         if keyed:
             # Looked up after the locks: a twin that committed while this waited is seen here.
             pairs = ", ".join(f"(:a{i}, :k{i})" for i in range(len(keyed)))
-            statement = sql.cached("SELECT agent_id, key, request_hash, response FROM idempotency_keys "
-                                   f"WHERE (agent_id, key) IN ({pairs})")
-            params = {**sql.numbered("a", [a for a, _ in keyed]), **sql.numbered("k", [k for _, k in keyed])}
-            for row in sql.rows(self.conn, statement, params, json_columns=("response",)):
-                self.stored[(row["agent_id"], row["key"])] = (row["request_hash"], row["response"])
+            queries.append(("keys", sql.cached("SELECT agent_id, key, request_hash, response FROM idempotency_keys "
+                                               f"WHERE (agent_id, key) IN ({pairs})"),
+                            {**sql.numbered("a", [a for a, _ in keyed]), **sql.numbered("k", [k for _, k in keyed])},
+                            ("response",)))
+        most_txs = sum(2 if op.kind in ("capture", "void") else 1 for op in operations if op.kind != "hold")
+        if most_txs and self.conn.dialect.name == "postgresql":
+            # Ids for every journal transaction this batch may post (a payout and a refund per
+            # capture); the unused ones are gaps in the sequence, as rolled-back inserts leave.
+            queries.append(("tx_ids", _NEXT_TX_PG, {"count": most_txs}, ()))
+        found = dict(zip([name for name, *_ in queries],
+                         sql.read_all(self.conn, [query for _, *query in queries])))
+        for row in found.get("escrows", ()):
+            self.escrows[row["escrow_id"]] = SimpleNamespace(**row)
+        for row in found.get("holds", ()):
+            self.holds[row["hold_id"]] = SimpleNamespace(**row)
+        for row in found.get("tokens", ()):
+            self.tokens[row["token_hash"]] = SimpleNamespace(**row)
+        for row in found.get("keys", ()):
+            self.stored[(row["agent_id"], row["key"])] = (row["request_hash"], row["response"])
+        self.tx_ids = [row["tx_id"] for row in found.get("tx_ids", ())]
 
     # ---- deciding, one operation at a time ----------------------------------------
 
@@ -376,31 +392,45 @@ class Batch:
 
     def _write(self) -> None:
         conn = self.conn
-        sql.execute_many(conn, _INSERT_HOLD, self.new_holds)
-        if self.txs:
-            self._write_journal()
-        sql.execute_many(conn, _ESCROW_AMOUNTS, [
-            {name: getattr(self.escrows[escrow_id], name) for name in (
-                "escrow_id", "paid_micro", "fees_micro", "referral_micro", "refunded_micro", "held_micro",
-                "tokens_in", "tokens_out")} for escrow_id in sorted(self.dirty_escrows)])
+        tx_ids = self._tx_ids()
         new = {hold["hold_id"] for hold in self.new_holds}
-        sql.execute_many(conn, _HOLD_STATE, [
-            {name: getattr(self.holds[hold_id], name) for name in (
-                "hold_id", "captured_micro", "captures", "status", "closed_at_ms")}
-            for hold_id in sorted(self.dirty_holds - new)])
-        sql.execute_many(conn, _INSERT_EVENT, self.events)
-        sql.execute_many(conn, _INSERT_KEY, self.keys)
+        with sql.pipeline(conn):  # on PostgreSQL, every write below in one round trip
+            sql.execute_many(conn, _INSERT_HOLD, self.new_holds)
+            applied = self._write_journal(tx_ids) if self.txs else []
+            sql.execute_many(conn, _ESCROW_AMOUNTS, [
+                {name: getattr(self.escrows[escrow_id], name) for name in (
+                    "escrow_id", "paid_micro", "fees_micro", "referral_micro", "refunded_micro", "held_micro",
+                    "tokens_in", "tokens_out")} for escrow_id in sorted(self.dirty_escrows)])
+            sql.execute_many(conn, _HOLD_STATE, [
+                {name: getattr(self.holds[hold_id], name) for name in (
+                    "hold_id", "captured_micro", "captures", "status", "closed_at_ms")}
+                for hold_id in sorted(self.dirty_holds - new)])
+            sql.execute_many(conn, _INSERT_EVENT, self.events)
+            sql.execute_many(conn, _INSERT_KEY, self.keys)
+        for account_id, cursor in applied:
+            found = cursor.fetchone()
+            expected = self._expected_balance(account_id)
+            if found is None or (expected is not None and found[0] != expected):
+                raise LedgerCorrupted(f"{account_id} stores {found and found[0]} after this batch, "
+                                      f"but the batch decided {expected}")
 
-    def _write_journal(self) -> None:
-        conn = self.conn
-        if conn.dialect.name == "postgresql":
-            tx_ids = [row[0] for row in sql.execute(conn, _NEXT_TX_PG, {"count": len(self.txs)}).fetchall()]
+    def _tx_ids(self) -> list[int]:
+        if not self.txs:
+            return []
+        if self.conn.dialect.name == "postgresql":
+            tx_ids = self.tx_ids[:len(self.txs)]
         else:
             # The write lock (BEGIN IMMEDIATE) is held: nobody else takes ids meanwhile.
-            first = sql.execute(conn, _NEXT_TX_SQLITE).fetchone()[0] + 1
+            first = sql.execute(self.conn, _NEXT_TX_SQLITE).fetchone()[0] + 1
             tx_ids = list(range(first, first + len(self.txs)))
         if len(tx_ids) != len(self.txs):
-            raise LedgerCorrupted("the database gave fewer transaction ids than asked for")
+            raise LedgerCorrupted(f"{len(self.txs)} journal transactions but {len(tx_ids)} ids for them")
+        return tx_ids
+
+    def _write_journal(self, tx_ids: list[int]) -> list[tuple[str, Any]]:
+        """Transactions and entries; one conditional UPDATE per account, in account-id order
+        (no deadlocks between processes). Returns each UPDATE's cursor, read once sent."""
+        conn = self.conn
         deltas: dict[str, int] = {}
         entries = []
         for tx_id, tx in zip(tx_ids, self.txs):
@@ -412,15 +442,8 @@ class Batch:
             {"tx_id": tx_id, "kind": tx.kind, "escrow_id": tx.escrow_id, "agent_id": tx.agent_id,
              "at_ms": self.now_ms} for tx_id, tx in zip(tx_ids, self.txs)])
         sql.execute_many(conn, _INSERT_ENTRY, entries)
-        # One conditional UPDATE per account, in account-id order (no deadlocks between processes).
-        for account_id in sorted(deltas):
-            if deltas[account_id] == 0:
-                continue
-            found = sql.execute(conn, _APPLY, {"aid": account_id, "delta": deltas[account_id]}).fetchone()
-            expected = self._expected_balance(account_id)
-            if found is None or (expected is not None and found[0] != expected):
-                raise LedgerCorrupted(f"{account_id} stores {found and found[0]} after this batch, "
-                                      f"but the batch decided {expected}")
+        return [(account_id, sql.execute(conn, _APPLY, {"aid": account_id, "delta": deltas[account_id]}))
+                for account_id in sorted(deltas) if deltas[account_id] != 0]
 
     def _expected_balance(self, account_id: str) -> int | None:
         if account_id.startswith("escrow:"):

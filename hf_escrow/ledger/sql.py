@@ -9,10 +9,11 @@ Each is written once with `:name` parameters and `JSON(:name)` for a JSON value;
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from sqlalchemy import Connection, exc
 
@@ -76,9 +77,33 @@ def execute_many(conn: Connection, statement: Sql, rows: list[dict]) -> int:
     return cursor.rowcount
 
 
+@contextlib.contextmanager
+def pipeline(conn: Connection) -> Iterator[None]:
+    """Statements sent together (PostgreSQL pipeline mode: one round trip, run in order by
+    the server); results are read after the block. On SQLite, a no-op."""
+    if conn.dialect.name != "postgresql":
+        yield
+        return
+    try:
+        with conn.connection.driver_connection.pipeline():
+            yield
+    except conn.dialect.loaded_dbapi.Error as error:
+        raise _wrapped(conn, "(pipeline)", None, error) from error
+
+
+def read_all(conn: Connection, queries: list[tuple[Sql, dict, tuple]]) -> list[list[dict]]:
+    """Several queries `(statement, params, json_columns)` in one round trip; their rows each."""
+    with pipeline(conn):
+        cursors = [execute(conn, statement, params) for statement, params, _ in queries]
+    return [fetched(conn, cursor, json_columns) for cursor, (_, _, json_columns) in zip(cursors, queries)]
+
+
 def rows(conn: Connection, statement: Sql, params: dict | None = None, *, json_columns: tuple = ()) -> list[dict]:
     """Every row as a dict; `json_columns` decoded where the driver hands back text (SQLite)."""
-    cursor = execute(conn, statement, params)
+    return fetched(conn, execute(conn, statement, params), json_columns)
+
+
+def fetched(conn: Connection, cursor: Any, json_columns: tuple = ()) -> list[dict]:
     names = [column[0] for column in cursor.description]
     found = [dict(zip(names, row)) for row in cursor.fetchall()]
     if json_columns and conn.dialect.name == "sqlite":
