@@ -186,3 +186,25 @@ def test_a_replayed_batch_key_answers_from_the_first_batch(ledger, count):
     again = ledger.capture_many("seller", [(h, "0.01") for h in ids], idempotency_key="batch")
     assert first == again and ledger.get("buyer", e["id"])["paid_micro"] == 10_000 * count
     assert_audit_clean(ledger)
+
+
+def test_deduct_many_reports_a_bad_item_alone_and_replays_by_key(ledger):
+    parties(ledger, "buyer", "seller", "eve", fund="10")
+    a = ledger.create_escrow("buyer", "seller", "1")
+    b = ledger.create_escrow("buyer", "seller", "0.1")
+    items = [(a["id"], "0.2"), {"escrow_id": b["id"], "amount": "0.5"},        # too much: refused alone
+             {"escrow_id": b["id"], "amount": "0.05", "idempotency_key": "k1", "usage": {"prompt_tokens": 7}},
+             (a["id"], "0.3"), ("esc_nobody", "0.01")]
+    first = ledger.deduct_many("seller", items, idempotency_key="batch")
+    assert [r["ok"] for r in first["results"]] == [True, False, True, True, False]
+    assert (first["results"][1]["error"], first["results"][4]["error"]) == ("insufficient_funds", "not_found")
+    assert first["results"][3]["receipt"]["remaining_micro"] == 500_000  # each sees the ones before it
+    assert ledger.deduct_many("seller", items, idempotency_key="batch") == first
+    # An item's key is the key a single deduct would use.
+    assert ledger.deduct("seller", b["id"], "0.05", usage={"prompt_tokens": 7}, idempotency_key="k1") == \
+        first["results"][2]["receipt"]
+    assert (ledger.get("buyer", a["id"])["paid_micro"], ledger.get("buyer", b["id"])["paid_micro"]) == \
+        (500_000, 50_000)
+    with pytest.raises(EscrowError, match="deduct 1"):
+        ledger.deduct_many("seller", [(a["id"], "0.1"), (a["id"], "nan")])
+    assert_audit_clean(ledger)

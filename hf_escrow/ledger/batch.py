@@ -394,21 +394,28 @@ class Batch:
         conn = self.conn
         tx_ids = self._tx_ids()
         new = {hold["hold_id"] for hold in self.new_holds}
-        with sql.pipeline(conn):  # on PostgreSQL, every write below in one round trip
-            sql.execute_many(conn, _INSERT_HOLD, self.new_holds)
-            applied = self._write_journal(tx_ids) if self.txs else []
-            sql.execute_many(conn, _ESCROW_AMOUNTS, [
-                {name: getattr(self.escrows[escrow_id], name) for name in (
-                    "escrow_id", "paid_micro", "fees_micro", "referral_micro", "refunded_micro", "held_micro",
-                    "tokens_in", "tokens_out")} for escrow_id in sorted(self.dirty_escrows)])
-            sql.execute_many(conn, _HOLD_STATE, [
-                {name: getattr(self.holds[hold_id], name) for name in (
-                    "hold_id", "captured_micro", "captures", "status", "closed_at_ms")}
-                for hold_id in sorted(self.dirty_holds - new)])
-            sql.execute_many(conn, _INSERT_EVENT, self.events)
-            sql.execute_many(conn, _INSERT_KEY, self.keys)
+        applied: list[tuple[str, Any]] = []
+        try:
+            with sql.pipeline(conn):  # on PostgreSQL, every write below in one round trip
+                sql.execute_many(conn, _INSERT_HOLD, self.new_holds)
+                if self.txs:
+                    self._write_journal(tx_ids, applied)
+                sql.execute_many(conn, _ESCROW_AMOUNTS, [
+                    {name: getattr(self.escrows[escrow_id], name) for name in (
+                        "escrow_id", "paid_micro", "fees_micro", "referral_micro", "refunded_micro", "held_micro",
+                        "tokens_in", "tokens_out")} for escrow_id in sorted(self.dirty_escrows)])
+                sql.execute_many(conn, _HOLD_STATE, [
+                    {name: getattr(self.holds[hold_id], name) for name in (
+                        "hold_id", "captured_micro", "captures", "status", "closed_at_ms")}
+                    for hold_id in sorted(self.dirty_holds - new)])
+                sql.execute_many(conn, _INSERT_EVENT, self.events)
+                sql.execute_many(conn, _INSERT_KEY, self.keys)
+        except BaseException:
+            for _, cursor in applied:
+                cursor.close()  # an unread statement left open would block this connection's next commit
+            raise
         for account_id, cursor in applied:
-            found = cursor.fetchone()
+            found = sql.first(cursor)
             expected = self._expected_balance(account_id)
             if found is None or (expected is not None and found[0] != expected):
                 raise LedgerCorrupted(f"{account_id} stores {found and found[0]} after this batch, "
@@ -421,15 +428,15 @@ class Batch:
             tx_ids = self.tx_ids[:len(self.txs)]
         else:
             # The write lock (BEGIN IMMEDIATE) is held: nobody else takes ids meanwhile.
-            first = sql.execute(self.conn, _NEXT_TX_SQLITE).fetchone()[0] + 1
+            first = sql.first(sql.execute(self.conn, _NEXT_TX_SQLITE))[0] + 1
             tx_ids = list(range(first, first + len(self.txs)))
         if len(tx_ids) != len(self.txs):
             raise LedgerCorrupted(f"{len(self.txs)} journal transactions but {len(tx_ids)} ids for them")
         return tx_ids
 
-    def _write_journal(self, tx_ids: list[int]) -> list[tuple[str, Any]]:
+    def _write_journal(self, tx_ids: list[int], applied: list[tuple[str, Any]]) -> None:
         """Transactions and entries; one conditional UPDATE per account, in account-id order
-        (no deadlocks between processes). Returns each UPDATE's cursor, read once sent."""
+        (no deadlocks between processes). Each UPDATE's cursor goes to `applied`, read once sent."""
         conn = self.conn
         deltas: dict[str, int] = {}
         entries = []
@@ -442,8 +449,10 @@ class Batch:
             {"tx_id": tx_id, "kind": tx.kind, "escrow_id": tx.escrow_id, "agent_id": tx.agent_id,
              "at_ms": self.now_ms} for tx_id, tx in zip(tx_ids, self.txs)])
         sql.execute_many(conn, _INSERT_ENTRY, entries)
-        return [(account_id, sql.execute(conn, _APPLY, {"aid": account_id, "delta": deltas[account_id]}))
-                for account_id in sorted(deltas) if deltas[account_id] != 0]
+        for account_id in sorted(deltas):
+            if deltas[account_id] != 0:
+                applied.append((account_id, sql.execute(conn, _APPLY, {"aid": account_id,
+                                                                       "delta": deltas[account_id]})))
 
     def _expected_balance(self, account_id: str) -> int | None:
         if account_id.startswith("escrow:"):

@@ -30,7 +30,8 @@ from . import idempotency, journal, rules
 from .config import LedgerConfig
 from .journal import Leg, agent_account, escrow_account
 from .group import GroupCommitter
-from .holds import SPEND_TOKEN_PREFIX, HoldOperations
+from .batch import Operation
+from .holds import MAX_BATCH_ITEMS, SPEND_TOKEN_PREFIX, HoldOperations
 from .records import OPEN_STATUSES, escrow_dict, event_dict, receipt_dict, split_data
 from .queries import ESCROW, ESCROW_FOR_UPDATE, INSERT_EVENT, PAYOUT
 from .schema import agents, escrow_events, escrows, holds, spend_tokens, transactions
@@ -214,9 +215,9 @@ class Ledger(HoldOperations):
         """Settle what a refused operation found past its TTL (in its own transaction)."""
         if expired.hold_id is not None:
             self.expire_hold(expired.hold_id)
-            return StateConflict(f"hold {expired.hold_id} has expired; what it reserved was freed")
-        self.expire(expired.escrow_id)
-        return StateConflict(f"escrow {expired.escrow_id} has expired; its remainder was refunded to the buyer")
+        else:
+            self.expire(expired.escrow_id)
+        return rules.expired_error(expired)
 
     def _credit(self, conn: Connection, agent_id: str, amount_micro: int, kind: str, now_ms: int) -> dict:
         self._agent(conn, agent_id)
@@ -282,13 +283,38 @@ class Ledger(HoldOperations):
     def deduct(self, agent_id: str, escrow_id: str, amount: Any, *, reason: str | None = None,
                usage: dict | None = None, idempotency_key: str | None = None) -> dict:
         """The seller takes `amount` out of the remainder for work delivered; fee applies."""
+        return self._settle_one(self._deduct_operation(agent_id, escrow_id, amount, reason, usage, idempotency_key))
+
+    def deduct_many(self, agent_id: str, items: Any, *, idempotency_key: str | None = None) -> dict:
+        """Many deducts in one database transaction; a refused item moves nothing and is reported alone.
+
+        `items`: dicts ``{"escrow_id", "amount", "reason", "usage", "idempotency_key"}`` or
+        tuples ``(escrow_id, amount)``; at most 1,000. The batch is idempotent under its
+        key, each item under its own (the same key a single deduct would use).
+        """
+        if not isinstance(items, (list, tuple)) or not 1 <= len(items) <= MAX_BATCH_ITEMS:
+            raise ValidationError(f"deduct_many takes a list of 1 to {MAX_BATCH_ITEMS} deducts")
+        operations = []
+        for index, item in enumerate(items):
+            if isinstance(item, (list, tuple)) and len(item) == 2:
+                item = {"escrow_id": item[0], "amount": item[1]}
+            if not isinstance(item, dict):
+                raise ValidationError(f"deduct {index}: give {{escrow_id, amount}} or (escrow_id, amount)")
+            try:
+                operations.append(self._deduct_operation(agent_id, item.get("escrow_id"), item.get("amount"),
+                                                         item.get("reason"), item.get("usage"),
+                                                         item.get("idempotency_key")))
+            except ValidationError as error:
+                raise type(error)(f"deduct {index}: {error.message}") from None
+        return self._settle_many(agent_id, "deduct_many", operations, idempotency_key)
+
+    def _deduct_operation(self, agent_id: str, escrow_id: Any, amount: Any, reason: Any, usage: Any,
+                          key: str | None) -> Operation:
         amount_micro = parse_usdc(amount)
         tokens_in, tokens_out = rules.usage_tokens(usage)
         request = {"escrow_id": escrow_id, "amount_micro": amount_micro,
                    "reason": rules.check_text(reason, "reason"), "usage": [tokens_in, tokens_out]}
-
-        return self._settle_one(self._operation("deduct", agent_id, request, idempotency_key, escrow_id,
-                                                rounded_from=_rounded(amount)))
+        return self._operation("deduct", agent_id, request, key, escrow_id, rounded_from=_rounded(amount))
 
     def release(self, agent_id: str, escrow_id: str, amount: Any = None, *, refund_remainder: bool = True,
                 usage: dict | None = None, price_per_token: Any = None, quality_score: Any = None,

@@ -21,7 +21,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select, update
 
-from .._exceptions import Forbidden, NotFound, StateConflict, ValidationError
+from .._exceptions import Forbidden, NotFound, ValidationError
 from ..money import parse_usdc
 from . import idempotency, rules
 from .batch import Batch, Operation, refused
@@ -108,15 +108,7 @@ class HoldOperations:
         batch = _batch_requests(items)
         # An item's key answers as a single capture's would: the same request hash.
         operations = [self._operation("capture", agent_id, request, key, request["hold_id"]) for request, key in batch]
-
-        def fn(conn: Connection, now_ms: int) -> dict:
-            Batch(self, conn, now_ms).run(operations)
-            return {"results": [_item_result(op) for op in operations]}
-
-        digest_items = [dict(request, key=key) for request, key in batch]
-        result = self._mutate(agent_id, "capture_many", {"items": digest_items}, idempotency_key, fn)
-        self._settle_expired(operations)
-        return result
+        return self._settle_many(agent_id, "capture_many", operations, idempotency_key)
 
     # ---- the settlement path ------------------------------------------------------
 
@@ -134,6 +126,17 @@ class HoldOperations:
         if op.error is not None:
             raise op.error
         return op.result
+
+    def _settle_many(self, agent_id: str, op: str, operations: list[Operation], key: str | None) -> dict:
+        """A caller's batch in one transaction of its own, idempotent under `key` as a whole."""
+        def fn(conn: Connection, now_ms: int) -> dict:
+            Batch(self, conn, now_ms).run(operations)
+            return {"results": [_item_result(op) for op in operations]}
+
+        digest_items = [dict(op.request, key=op.key) for op in operations]
+        result = self._mutate(agent_id, op, {"items": digest_items}, key, fn)
+        self._settle_expired(operations)
+        return result
 
     def _settle(self, operations: list[Operation]) -> None:
         self._run(lambda conn, now_ms: Batch(self, conn, now_ms).run(operations))
@@ -244,9 +247,9 @@ def _batch_requests(items: Any) -> list[tuple[dict, str | None]]:
 
 
 def _item_result(op: Operation) -> dict:
-    """A capture_many item as it is reported: its receipt, or its error alone."""
+    """A batch item as it is reported: its receipt, or its error alone."""
     if isinstance(op.error, rules.Expired):
-        return refused(StateConflict(f"hold {op.error.hold_id} has expired; what it reserved was freed"))
+        return refused(rules.expired_error(op.error))
     if op.error is not None:
         return refused(op.error)
     return {"ok": True, "receipt": op.result}

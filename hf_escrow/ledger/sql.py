@@ -54,14 +54,24 @@ def numbered(name: str, values: Iterable[Any]) -> dict:
 
 
 def execute(conn: Connection, statement: Sql, params: dict | None = None) -> Any:
-    """Run one statement; driver errors surface as SQLAlchemy's (IntegrityError, OperationalError)."""
+    """Run one statement; driver errors surface as SQLAlchemy's (IntegrityError, OperationalError).
+    The caller reads the cursor and closes it (`fetched`, `first`)."""
     text = statement.form(conn.dialect.name)
     cursor = conn.connection.driver_connection.cursor()
     try:
         cursor.execute(text, params or {})
     except conn.dialect.loaded_dbapi.Error as error:
+        cursor.close()
         raise _wrapped(conn, text, params, error) from error
     return cursor
+
+
+def first(cursor: Any) -> tuple | None:
+    """A cursor's first row; the cursor is closed after."""
+    try:
+        return cursor.fetchone()
+    finally:
+        cursor.close()
 
 
 def execute_many(conn: Connection, statement: Sql, rows: list[dict]) -> int:
@@ -74,6 +84,9 @@ def execute_many(conn: Connection, statement: Sql, rows: list[dict]) -> int:
         cursor.executemany(text, rows)
     except conn.dialect.loaded_dbapi.Error as error:
         raise _wrapped(conn, text, rows[0], error) from error
+    finally:
+        if conn.dialect.name == "sqlite":
+            cursor.close()  # no statement left open to keep a closing connection alive
     return cursor.rowcount
 
 
@@ -93,8 +106,15 @@ def pipeline(conn: Connection) -> Iterator[None]:
 
 def read_all(conn: Connection, queries: list[tuple[Sql, dict, tuple]]) -> list[list[dict]]:
     """Several queries `(statement, params, json_columns)` in one round trip; their rows each."""
-    with pipeline(conn):
-        cursors = [execute(conn, statement, params) for statement, params, _ in queries]
+    cursors: list[Any] = []
+    try:
+        with pipeline(conn):
+            for statement, params, _ in queries:
+                cursors.append(execute(conn, statement, params))
+    except BaseException:
+        for cursor in cursors:
+            cursor.close()  # an unread SELECT left open would block this connection's next commit
+        raise
     return [fetched(conn, cursor, json_columns) for cursor, (_, _, json_columns) in zip(cursors, queries)]
 
 
@@ -104,8 +124,12 @@ def rows(conn: Connection, statement: Sql, params: dict | None = None, *, json_c
 
 
 def fetched(conn: Connection, cursor: Any, json_columns: tuple = ()) -> list[dict]:
+    """Every row of a cursor, which is closed after."""
     names = [column[0] for column in cursor.description]
-    found = [dict(zip(names, row)) for row in cursor.fetchall()]
+    try:
+        found = [dict(zip(names, row)) for row in cursor.fetchall()]
+    finally:
+        cursor.close()
     if json_columns and conn.dialect.name == "sqlite":
         for row in found:
             for name in json_columns:
