@@ -16,7 +16,7 @@ operations of many callers as one batch.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -73,7 +73,6 @@ class Operation:
     rounded_from: str | None = None
     result: dict | None = None
     error: Exception | None = None  # an EscrowError, or rules.Expired to settle after the commit
-    written: bool = field(default=False)
 
 
 @dataclass
@@ -197,7 +196,6 @@ class Batch:
             self.stored[(op.agent_id, op.key)] = (op.digest, op.result)
             self.keys.append({"agent_id": op.agent_id, "key": op.key, "request_hash": op.digest,
                               "response": sql.json_text(op.result), "created_at_ms": self.now_ms})
-        op.written = True
 
     def _not_found(self, agent_id: str, message: str) -> NotFound:
         self.ledger._agent(self.conn, agent_id)  # an unknown agent hears Unauthorized first
