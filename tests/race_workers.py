@@ -189,3 +189,31 @@ def milestone_race(url: str, escrow_ids: list[str], buyer: str, seller: str, art
             pass  # not awaiting verification (yet, or any more)
     ledger.close()
     return won
+
+
+GROUP_THREADS = 8
+
+
+def capture_in_groups_forever(url: str, token: str, seller: str, threads: int = GROUP_THREADS) -> None:
+    """Threads that hold and capture (each under its own key) until killed; concurrent
+    captures are group-committed. Bounded by MAX_SECONDS."""
+    import threading
+
+    ledger = Ledger(url)
+    deadline = time.monotonic() + MAX_SECONDS
+
+    def worker(n: int) -> None:
+        i = 0
+        while time.monotonic() < deadline:
+            try:
+                hold = ledger.hold(seller, token, "0.000010", idempotency_key=f"h-{n}-{i}")
+                ledger.capture(seller, hold["id"], "0.000010", final=True, idempotency_key=f"c-{n}-{i}")
+            except EscrowError:
+                pass
+            i += 1
+
+    pool = [threading.Thread(target=worker, args=(n,), daemon=True) for n in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join()

@@ -29,7 +29,9 @@ from ..pricing import Pricing
 from . import idempotency, journal, rules
 from .config import LedgerConfig
 from .journal import Leg, agent_account, escrow_account
-from .holds import SPEND_TOKEN_PREFIX, HoldOperations
+from .group import GroupCommitter
+from .batch import Operation
+from .holds import MAX_BATCH_ITEMS, SPEND_TOKEN_PREFIX, HoldOperations
 from .keys import KEY_PREFIX, KeyOperations, is_key_identity
 from .milestones import MilestoneOperations, check_number
 from .records import OPEN_STATUSES, escrow_dict, event_dict, receipt_dict, split_data
@@ -67,6 +69,8 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
         self.engine = open_engine(self.url)
         self.config = config or LedgerConfig.from_env()
         self.clock = clock
+        # Holds, captures, voids and deducts of concurrent callers share transactions.
+        self._group = GroupCommitter(self._settle)
         self._run(lambda conn, now: journal.ensure_system_accounts(conn))
 
     def close(self) -> None:
@@ -218,9 +222,9 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
         """Settle what a refused operation found past its TTL (in its own transaction)."""
         if expired.hold_id is not None:
             self.expire_hold(expired.hold_id)
-            return StateConflict(f"hold {expired.hold_id} has expired; what it reserved was freed")
-        self.expire(expired.escrow_id)
-        return StateConflict(f"escrow {expired.escrow_id} has expired; its remainder was refunded to the buyer")
+        else:
+            self.expire(expired.escrow_id)
+        return rules.expired_error(expired)
 
     def _credit(self, conn: Connection, agent_id: str, amount_micro: int, kind: str, now_ms: int) -> dict:
         self._agent(conn, agent_id)
@@ -300,31 +304,38 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
     def deduct(self, agent_id: str, escrow_id: str, amount: Any, *, reason: str | None = None,
                usage: dict | None = None, idempotency_key: str | None = None) -> dict:
         """The seller takes `amount` out of the remainder for work delivered; fee applies."""
+        return self._settle_one(self._deduct_operation(agent_id, escrow_id, amount, reason, usage, idempotency_key))
+
+    def deduct_many(self, agent_id: str, items: Any, *, idempotency_key: str | None = None) -> dict:
+        """Many deducts in one database transaction; a refused item moves nothing and is reported alone.
+
+        `items`: dicts ``{"escrow_id", "amount", "reason", "usage", "idempotency_key"}`` or
+        tuples ``(escrow_id, amount)``; at most 1,000. The batch is idempotent under its
+        key, each item under its own (the same key a single deduct would use).
+        """
+        if not isinstance(items, (list, tuple)) or not 1 <= len(items) <= MAX_BATCH_ITEMS:
+            raise ValidationError(f"deduct_many takes a list of 1 to {MAX_BATCH_ITEMS} deducts")
+        operations = []
+        for index, item in enumerate(items):
+            if isinstance(item, (list, tuple)) and len(item) == 2:
+                item = {"escrow_id": item[0], "amount": item[1]}
+            if not isinstance(item, dict):
+                raise ValidationError(f"deduct {index}: give {{escrow_id, amount}} or (escrow_id, amount)")
+            try:
+                operations.append(self._deduct_operation(agent_id, item.get("escrow_id"), item.get("amount"),
+                                                         item.get("reason"), item.get("usage"),
+                                                         item.get("idempotency_key")))
+            except ValidationError as error:
+                raise type(error)(f"deduct {index}: {error.message}") from None
+        return self._settle_many(agent_id, "deduct_many", operations, idempotency_key)
+
+    def _deduct_operation(self, agent_id: str, escrow_id: Any, amount: Any, reason: Any, usage: Any,
+                          key: str | None) -> Operation:
         amount_micro = parse_usdc(amount)
         tokens_in, tokens_out = rules.usage_tokens(usage)
         request = {"escrow_id": escrow_id, "amount_micro": amount_micro,
                    "reason": rules.check_text(reason, "reason"), "usage": [tokens_in, tokens_out]}
-
-        def fn(conn: Connection, now_ms: int) -> dict:
-            row = self._locked(conn, escrow_id, agent_id, now_ms, role="seller", states=("active",))
-            if row.release_condition is not None:
-                # Paying a gated escrow piecemeal would pay for a result that has not passed.
-                raise StateConflict(f"escrow {escrow_id} pays on a passing benchmark result "
-                                    "(submit_result, then verify), not by deduct")
-            remaining = int(row.remaining_micro)
-            if amount_micro > remaining:
-                raise InsufficientFunds(
-                    f"escrow {escrow_id} has {format_usdc(remaining)} USDC left, cannot deduct "
-                    f"{format_usdc(amount_micro)}; the buyer must fund a new escrow",
-                    details={"remaining_micro": remaining})
-            split = self._payout(conn, row, amount_micro, 0, "deduct", now_ms)
-            self._add_tokens(conn, escrow_id, tokens_in, tokens_out)
-            self._event(conn, escrow_id, "deducted", agent_id, now_ms, reason=request["reason"],
-                        rounded_from=_rounded(amount), tokens_in=tokens_in, tokens_out=tokens_out, **split_data(split))
-            return receipt_dict("deduct", self._escrow(conn, escrow_id), base_micro=amount_micro, bonus_micro=0,
-                                refunded_micro=0, rounded_from=_rounded(amount), **split_data(split))
-
-        return self._mutate(agent_id, "deduct", request, idempotency_key, fn)
+        return self._operation("deduct", agent_id, request, key, escrow_id, rounded_from=_rounded(amount))
 
     def release(self, agent_id: str, escrow_id: str, amount: Any = None, *, refund_remainder: bool = True,
                 usage: dict | None = None, price_per_token: Any = None, quality_score: Any = None,

@@ -17,18 +17,16 @@ These operations are mixed into `Ledger` and use its transaction helpers.
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 from sqlalchemy import Connection, select, update
 
-from .._exceptions import EscrowError, Forbidden, InsufficientFunds, NotFound, StateConflict, ValidationError
-from ..money import format_usdc, parse_usdc
+from .._exceptions import Forbidden, NotFound, ValidationError
+from ..money import parse_usdc
 from . import idempotency, rules
-from .queries import (
-    ESCROW, ESCROW_FOR_UPDATE, HELD, HOLD, HOLD_BY_ID, HOLD_ESCROW_ID, HOLD_ROW_FOR_UPDATE, INSERT_HOLD,
-)
-from .records import OPEN_STATUSES, hold_dict, receipt_dict, split_data
+from .batch import Batch, Operation, refused
+from .queries import ESCROW, ESCROW_FOR_UPDATE, HELD, HOLD, HOLD_BY_ID, HOLD_ESCROW_ID, HOLD_ROW_FOR_UPDATE
+from .records import OPEN_STATUSES, hold_dict
 from .schema import holds, spend_tokens
 
 MAX_BATCH_ITEMS = 1_000
@@ -83,33 +81,7 @@ class HoldOperations:
         # The request is keyed by the token's hash: a token never reaches a stored row.
         request = {"target": rules.hash_secret(target) if by_token else target, "amount_micro": amount_micro,
                    "ttl_ms": ttl_ms}
-
-        def fn(conn: Connection, now_ms: int) -> dict:
-            if by_token:
-                row = self._token_escrow(conn, target, agent_id)
-            else:
-                row = self._locked(conn, target, agent_id, now_ms, role="party", states=("active",))
-            rules.check_state(row, now_ms, ("active",))
-            if row.release_condition is not None and agent_id == row.seller:
-                # As with deduct: a seller paid piecemeal would be paid for a result that has not passed.
-                raise StateConflict(f"escrow {row.escrow_id} pays its seller on a passing benchmark result "
-                                    "(submit_result, then verify), not through holds")
-            remaining = int(row.remaining_micro)
-            if amount_micro > remaining:
-                raise InsufficientFunds(
-                    f"escrow {row.escrow_id} has {format_usdc(remaining)} USDC free, cannot hold "
-                    f"{format_usdc(amount_micro)}; ask for less or have the buyer fund a new escrow",
-                    details={"remaining_micro": remaining, "needed_micro": amount_micro})
-            hold_id = "hold_" + secrets.token_hex(12)
-            expires = min(now_ms + ttl_ms, int(row.expires_at_ms) + self.config.hold_grace_s * 1000)
-            conn.execute(INSERT_HOLD, {"hold_id": hold_id, "escrow_id": row.escrow_id,
-                                       "holder": self._acting(row, agent_id),
-                                       "status": "open", "amount_micro": amount_micro, "captured_micro": 0,
-                                       "captures": 0, "created_at_ms": now_ms, "expires_at_ms": expires})
-            conn.execute(HELD, {"eid": row.escrow_id, "delta": amount_micro})
-            return self._hold_view(conn, hold_id)
-
-        return self._mutate(agent_id, "hold", request, idempotency_key, fn)
+        return self._settle_one(self._operation("hold", agent_id, request, idempotency_key, target))
 
     def capture(self, agent_id: str, hold_id: str, amount: Any, *, final: bool = False, usage: dict | None = None,
                 idempotency_key: str | None = None) -> dict:
@@ -119,14 +91,12 @@ class HoldOperations:
         (work already delivered) until the hold expires.
         """
         request = _capture_request(hold_id, amount, final, usage)
-        return self._mutate(agent_id, "capture", request, idempotency_key,
-                            lambda conn, now_ms: self._capture(conn, agent_id, request, now_ms))
+        return self._settle_one(self._operation("capture", agent_id, request, idempotency_key, hold_id))
 
     def void(self, agent_id: str, hold_id: str, *, idempotency_key: str | None = None) -> dict:
         """As the hold's maker: free all of it (the work failed or was not needed)."""
         request = {"hold_id": hold_id, "amount_micro": 0, "final": True, "usage": [0, 0], "kind": "void"}
-        return self._mutate(agent_id, "void", request, idempotency_key,
-                            lambda conn, now_ms: self._capture(conn, agent_id, request, now_ms))
+        return self._settle_one(self._operation("void", agent_id, request, idempotency_key, hold_id))
 
     def capture_many(self, agent_id: str, items: Any, *, idempotency_key: str | None = None) -> dict:
         """Many captures in one database transaction; a refused item moves nothing and is reported alone.
@@ -136,18 +106,46 @@ class HoldOperations:
         its key, each item under its own.
         """
         batch = _batch_requests(items)
-        expired: list[str] = []
+        # An item's key answers as a single capture's would: the same request hash.
+        operations = [self._operation("capture", agent_id, request, key, request["hold_id"]) for request, key in batch]
+        return self._settle_many(agent_id, "capture_many", operations, idempotency_key)
 
+    # ---- the settlement path ------------------------------------------------------
+
+    def _operation(self, kind: str, agent_id: str, request: dict, key: str | None, target: Any,
+                   rounded_from: str | None = None) -> Operation:
+        key = idempotency.check_key(key)
+        return Operation(kind, agent_id, request, key, idempotency.request_hash(kind, request), target=target,
+                         rounded_from=rounded_from)
+
+    def _settle_one(self, op: Operation) -> dict:
+        """One operation, committed in one transaction with those of concurrent callers."""
+        self._group.submit(op)
+        if isinstance(op.error, rules.Expired):
+            raise self._expired_now(op.error)
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    def _settle_many(self, agent_id: str, op: str, operations: list[Operation], key: str | None) -> dict:
+        """A caller's batch in one transaction of its own, idempotent under `key` as a whole."""
         def fn(conn: Connection, now_ms: int) -> dict:
-            expired.clear()
-            return {"results": [self._batch_item(conn, agent_id, request, key, now_ms, expired)
-                                for request, key in batch]}
+            Batch(self, conn, now_ms).run(operations)
+            return {"results": [_item_result(op) for op in operations]}
 
-        digest_items = [dict(request, key=key) for request, key in batch]
-        result = self._mutate(agent_id, "capture_many", {"items": digest_items}, idempotency_key, fn)
-        for hold_id in expired:
-            self.expire_hold(hold_id)
+        digest_items = [dict(op.request, key=op.key) for op in operations]
+        result = self._mutate(agent_id, op, {"items": digest_items}, key, fn)
+        self._settle_expired(operations)
         return result
+
+    def _settle(self, operations: list[Operation]) -> None:
+        self._run(lambda conn, now_ms: Batch(self, conn, now_ms).run(operations))
+
+    def _settle_expired(self, operations: list[Operation]) -> None:
+        """What refused operations found past its TTL, settled each in a transaction of its own."""
+        for op in operations:
+            if isinstance(op.error, rules.Expired):
+                self._expired_now(op.error)
 
     def get_hold(self, agent_id: str, hold_id: str) -> dict:
         """One hold, for its maker or a party of its escrow."""
@@ -201,67 +199,6 @@ class HoldOperations:
 
     # ---- inside a transaction -----------------------------------------------------
 
-    def _token_escrow(self, conn: Connection, token: str, agent_id: str) -> Any:
-        """The escrow a spend token pays from, locked, if `agent_id` is its seller."""
-        found = None
-        if rules.is_key_text(token, MAX_TOKEN_CHARS):
-            found = conn.execute(select(spend_tokens.c.escrow_id, spend_tokens.c.revoked_at_ms).where(
-                spend_tokens.c.token_hash == rules.hash_secret(token))).first()
-        if found is None or found.revoked_at_ms is not None:
-            self._agent(conn, agent_id)
-            raise Forbidden("this spend token is unknown or was revoked by the buyer; ask the buyer for a new one "
-                            "(mint_spend_token) or a new escrow")
-        row = conn.execute(ESCROW_FOR_UPDATE, {"eid": found.escrow_id}).first()
-        if row.seller != agent_id:
-            self._agent(conn, agent_id)
-            raise Forbidden("this spend token pays another seller; only the escrow's seller can take payment "
-                            "with it")
-        return row
-
-    def _hold_locked(self, conn: Connection, hold_id: Any, agent_id: str) -> tuple[Any, Any]:
-        """(escrow row, hold row), both locked, escrow first (every writer locks in that order)."""
-        escrow_id = conn.scalar(HOLD_ESCROW_ID, {"hid": hold_id}) if rules.is_key_text(hold_id, 40) else None
-        row = conn.execute(ESCROW_FOR_UPDATE, {"eid": escrow_id}).first() if escrow_id else None
-        acting = self._acting(row, agent_id) if row is not None else agent_id
-        if row is None or acting not in (row.buyer, row.seller):
-            self._agent(conn, agent_id)
-            raise NotFound(f"hold {hold_id!r} not found among your holds")
-        hold = conn.execute(HOLD_ROW_FOR_UPDATE, {"hid": hold_id}).first()
-        if hold.holder != acting:
-            raise Forbidden(f"hold {hold_id} was made by {hold.holder!r}; only its maker may capture or void it")
-        return row, hold
-
-    def _capture(self, conn: Connection, agent_id: str, request: dict, now_ms: int) -> dict:
-        row, hold = self._hold_locked(conn, request["hold_id"], agent_id)
-        if hold.status != "open":
-            raise StateConflict(f"hold {hold.hold_id} is {hold.status}; make a new hold for new work")
-        if hold.expires_at_ms <= now_ms:
-            raise rules.Expired(hold_id=hold.hold_id)
-        row = self._settle_escrow_expiry(conn, row, now_ms)
-        open_micro = int(hold.amount_micro - hold.captured_micro)
-        amount_micro, final = request["amount_micro"], request["final"]
-        if amount_micro > open_micro:
-            raise InsufficientFunds(
-                f"hold {hold.hold_id} has {format_usdc(open_micro)} USDC left, cannot capture "
-                f"{format_usdc(amount_micro)}; make another hold for more work",
-                details={"hold_open_micro": open_micro, "needed_micro": amount_micro})
-        split = self._payout(conn, row, amount_micro, 0, "capture", now_ms) if amount_micro else None
-        tokens_in, tokens_out = request["usage"]
-        self._add_tokens(conn, row.escrow_id, tokens_in, tokens_out)
-        conn.execute(update(holds).where(holds.c.hold_id == hold.hold_id).values(
-            captured_micro=holds.c.captured_micro + amount_micro, captures=holds.c.captures + 1))
-        conn.execute(HELD, {"eid": row.escrow_id, "delta": -amount_micro})
-        refunded = 0
-        if final or amount_micro == open_micro:
-            refunded = self._free(conn, row, hold, open_micro - amount_micro,
-                                  "voided" if request.get("kind") == "void" else "captured", now_ms)
-            self._event(conn, row.escrow_id, "hold_closed", agent_id, now_ms, hold_id=hold.hold_id,
-                        captured_micro=int(hold.captured_micro) + amount_micro,
-                        freed_micro=open_micro - amount_micro)
-        escrow = self._escrow(conn, row.escrow_id)
-        return receipt_dict(request.get("kind", "capture"), escrow, base_micro=amount_micro, bonus_micro=0,
-                            refunded_micro=refunded, hold=self._hold_view(conn, hold.hold_id), **split_data(split))
-
     def _free(self, conn: Connection, row: Any, hold: Any, freed_micro: int, status: str, now_ms: int) -> int:
         """Close a hold; what it frees returns to the remainder, or to the buyer if the escrow closed."""
         conn.execute(update(holds).where(holds.c.hold_id == hold.hold_id).values(status=status, closed_at_ms=now_ms))
@@ -278,29 +215,6 @@ class HoldOperations:
             self._event(conn, row.escrow_id, "expired", None, now_ms, refunded_micro=refunded)
             return conn.execute(ESCROW, {"eid": row.escrow_id}).first()
         return row
-
-    def _batch_item(self, conn: Connection, agent_id: str, request: dict, key: str | None, now_ms: int,
-                    expired: list[str]) -> dict:
-        """One capture of a batch, in a savepoint: refused, it rolls back alone."""
-        digest = idempotency.request_hash("capture", request)  # the same as a single capture's
-        try:
-            with conn.begin_nested():
-                if key is not None:
-                    stored = idempotency.lookup(conn, agent_id, key, digest)
-                    if stored is not None:
-                        return {"ok": True, "receipt": stored}
-                receipt = self._capture(conn, agent_id, request, now_ms)
-                if key is not None:
-                    idempotency.store(conn, agent_id, key, digest, receipt, now_ms)
-                return {"ok": True, "receipt": receipt}
-        except rules.Expired as error:
-            expired.append(error.hold_id)
-            return _refused(StateConflict(f"hold {error.hold_id} has expired; what it reserved was freed"))
-        except EscrowError as error:
-            return _refused(error)
-
-    def _hold_view(self, conn: Connection, hold_id: str) -> dict:
-        return hold_dict(conn.execute(HOLD_BY_ID, {"hid": hold_id}).first())
 
 
 def _capture_request(hold_id: Any, amount: Any, final: Any, usage: Any) -> dict:
@@ -332,7 +246,10 @@ def _batch_requests(items: Any) -> list[tuple[dict, str | None]]:
     return requests
 
 
-def _refused(error: EscrowError) -> dict:
-    return {"ok": False, "error": error.code, "status": error.status_code, "message": error.message}
-
-
+def _item_result(op: Operation) -> dict:
+    """A batch item as it is reported: its receipt, or its error alone."""
+    if isinstance(op.error, rules.Expired):
+        return refused(rules.expired_error(op.error))
+    if op.error is not None:
+        return refused(op.error)
+    return {"ok": True, "receipt": op.result}

@@ -41,10 +41,13 @@ def lookup(conn: Connection, agent_id: str, key: str, digest: str) -> dict | Non
     if row is None:
         return None
     if row.request_hash != digest:
-        raise IdempotencyConflict(
-            f"idempotency key {key!r} was already used for a different request; use a new key for a new request"
-        )
+        raise conflict(key)
     return row.response
+
+
+def conflict(key: str) -> IdempotencyConflict:
+    return IdempotencyConflict(
+        f"idempotency key {key!r} was already used for a different request; use a new key for a new request")
 
 
 def store(conn: Connection, agent_id: str, key: str, digest: str, response: dict, now_ms: int) -> None:

@@ -1,9 +1,10 @@
 """The double-entry journal: every movement of money is one balanced transaction.
 
-`post` is the only writer of `entries` and of `accounts.balance_micro`. It asserts the
-transaction sums to zero, then applies each stored balance change as one conditional
-UPDATE (so a debit can never overdraw, even between processes), in account-id order
-(so two transactions touching the same accounts never deadlock on PostgreSQL).
+`post` and the settlement batch (`batch.py`) are the only writers of `entries` and of
+`accounts.balance_micro`. Each checks that a transaction sums to zero, then applies each
+stored balance change as one conditional UPDATE (so a debit can never overdraw, even
+between processes), in account-id order (so two transactions touching the same accounts
+never deadlock on PostgreSQL).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, bindparam, func, insert, select, update
 
 from .._exceptions import InsufficientFunds
+from .records import LedgerCorrupted
 from .schema import accounts, entries, transactions
 
 MINT = "system:mint"
@@ -65,8 +67,8 @@ def post(conn: Connection, kind: str, legs: list[Leg], *, at_ms: int, escrow_id:
     rolls back, so a partially applied transfer never survives.
     """
     legs = [leg for leg in legs if leg.amount_micro != 0]
-    assert 2 <= len(legs) <= MAX_ENTRIES_PER_TX, legs
-    assert sum(leg.amount_micro for leg in legs) == 0, f"unbalanced transaction {kind}: {legs}"
+    if not 2 <= len(legs) <= MAX_ENTRIES_PER_TX or sum(leg.amount_micro for leg in legs) != 0:
+        raise LedgerCorrupted(f"unbalanced transaction {kind}: {legs}")  # raised: survives python -O
     for leg in sorted(legs, key=lambda leg: leg.account_id):
         if leg.account_id not in SYSTEM_ACCOUNTS:
             _apply(conn, leg)

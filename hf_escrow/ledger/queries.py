@@ -25,6 +25,5 @@ HOLD = (select(holds, escrows.c.status.label("escrow_status"),
 HOLD_BY_ID = HOLD.where(holds.c.hold_id == bindparam("hid"))
 HOLD_ESCROW_ID = select(holds.c.escrow_id).where(holds.c.hold_id == bindparam("hid"))
 HOLD_ROW_FOR_UPDATE = select(holds).where(holds.c.hold_id == bindparam("hid")).with_for_update()
-INSERT_HOLD = insert(holds)
 HELD = (update(escrows).where(escrows.c.escrow_id == bindparam("eid"))
         .values(held_micro=escrows.c.held_micro + bindparam("delta")))

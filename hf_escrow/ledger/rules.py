@@ -43,6 +43,13 @@ class Expired(Exception):
         self.hold_id = hold_id
 
 
+def expired_error(expired: Expired) -> StateConflict:
+    """How an operation refused for an expiry is answered (once the expiry is settled)."""
+    if expired.hold_id is not None:
+        return StateConflict(f"hold {expired.hold_id} has expired; what it reserved was freed")
+    return StateConflict(f"escrow {expired.escrow_id} has expired; its remainder was refunded to the buyer")
+
+
 def check_state(row: Any, now_ms: int, states: tuple[str, ...]) -> None:
     """An escrow row's state allows an operation: not past its TTL, in one of `states`."""
     if row.status in ("active", "awaiting_verification") and row.expires_at_ms <= now_ms:
