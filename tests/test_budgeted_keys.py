@@ -262,7 +262,8 @@ def test_processes_racing_on_one_keys_budget_never_lock_more_than_it(db_url):
     with context.Manager() as manager, context.Pool(PROCESSES) as pool:
         barrier = manager.Barrier(PROCESSES)   # released once every process has imported and connected
         results = pool.starmap_async(race_workers.lock_with_key, [
-            (db_url, key["api_key"], "seller", RACE_AMOUNT, barrier, 60) for _ in range(PROCESSES)]
+            (db_url, key["api_key"], "seller", RACE_AMOUNT, barrier, budget // amount + 3)
+            for _ in range(PROCESSES)]
         ).get(timeout=RACE_TIMEOUT_S)
     created = [escrow_id for r in results for escrow_id in r["created"]]
     assert len(set(created)) == len(created) == budget // amount, results    # all of it, and not one more
@@ -306,3 +307,17 @@ def test_the_cli_mints_lists_shows_and_revokes_keys(tmp_path, monkeypatch):
     assert ledger.me("owner")["balance_micro"] == 5_000_000
     assert_audit_clean(ledger)
     ledger.close()
+
+
+def test_what_a_hold_frees_after_its_key_escrow_closed_gives_the_key_budget_back(world):
+    ledger, owner, agent, seller = world["ledger"], world["owner"], world["agent"], world["seller"]
+    e = agent.create_escrow("seller-a", "0.40", ttl_seconds=600)
+    h = seller.hold(e.spend_token, "0.10")
+    agent.cancel(e.id)                               # the free 0.30 comes back at once; the hold stays
+    assert agent.mandate().left == D("0.90")
+    seller.capture(h.id, "0.04", final=True)         # within the grace: the 0.06 it frees is refunded
+    after = owner.get(e.id)
+    assert (after.paid, after.refunded, after.held) == (D("0.04"), D("0.36"), 0)
+    assert agent.mandate().left == D("0.96")
+    assert_keys_add_up(ledger)
+    assert_audit_clean(ledger)
