@@ -155,6 +155,8 @@ def test_the_embedded_client_raises_only_escrow_errors(world):
 
 # ---- MCP --------------------------------------------------------------------------------
 
+MCP_HOSTILE_TIMEOUT_S = 300   # every tool x argument x value, a ledger snapshot each: minutes under load
+
 def test_mcp_tools_answer_tool_errors_for_hostile_arguments(world):
     from .liveserver import serve_app
     from .test_mcp import mcp_session, run
@@ -180,7 +182,7 @@ def test_mcp_tools_answer_tool_errors_for_hostile_arguments(world):
 
     from hf_escrow.server import create_app
     with serve_app(create_app(world.ledger, sweep_interval_s=0)) as url:   # the fuzz world's app has no MCP
-        assert run(drive(url)) > 300
+        assert run(drive(url), timeout_s=MCP_HOSTILE_TIMEOUT_S) > 300
 
 
 def test_hostile_inputs_leave_the_ledger_balanced(world):

@@ -37,9 +37,9 @@ def hf_escrow_exe() -> str:
     return found
 
 
-def run(coro):
+def run(coro, timeout_s: float = RUN_TIMEOUT_S):
     async def bounded():
-        return await asyncio.wait_for(coro, RUN_TIMEOUT_S)
+        return await asyncio.wait_for(coro, timeout_s)
     return asyncio.run(bounded())
 
 
