@@ -30,7 +30,7 @@ _LAZY = {
     "load_paid_dataset": "datasets", "paid_shards": "datasets",
     "paid": "gate", "Gate": "gate",
     "EscrowedEngine": "vllm",
-    "AutoPay": "autopay", "Mandate": "autopay",
+    "AutoPay": "autopay", "Mandate": "autopay", "Declined": "autopay",
 }
 
 
@@ -45,7 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "connect", "connect_async", "EscrowClient", "AsyncEscrowClient",
     "PaidInferenceClient", "AsyncPaidInferenceClient", "paid_inference",
-    "load_paid_dataset", "paid_shards", "paid", "Gate", "EscrowedEngine", "AutoPay", "Mandate",
+    "load_paid_dataset", "paid_shards", "paid", "Gate", "EscrowedEngine", "AutoPay", "Mandate", "Declined",
     "Agent", "Escrow", "EscrowEvent", "Milestone", "Me", "Receipt", "Hold", "CaptureResult", "Pricing",
     "BudgetedKey",
     "EscrowError", "ValidationError", "InvalidAmount", "Unauthorized", "Forbidden", "NotFound",
