@@ -290,10 +290,9 @@ class AutoPay:
             except BudgetExceeded as refusal:
                 # Other holders of the key spent part of its budget: what is left may still pay this call.
                 left = refusal.details.get("left_micro")
-                if tries >= LEDGER_TRIES or isinstance(left, bool) or not isinstance(left, int) \
-                        or not need <= left < amount:
+                if tries >= LEDGER_TRIES or isinstance(left, bool) or not isinstance(left, int) or left < need:
                     raise
-                amount, tries = left, tries + 1
+                amount, tries = min(amount, left), tries + 1
 
     def _lock_escrow(self, seller: str, amount: int, ttl: float) -> _Escrow:
         """Open one escrow through the ledger, counted in the books first."""

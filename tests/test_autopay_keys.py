@@ -48,13 +48,13 @@ def keyed(tmp_path):
     """An owner with 5 USDC, two sellers each behind a shard server, and an owner's client."""
     db = f"sqlite:///{tmp_path / 'l.db'}"
     ledger = Ledger(db)
-    parties(ledger, "owner", "seller", "other", fund="5")
+    registered = parties(ledger, "owner", "seller", "other", fund="5")
     clients = {name: hf_escrow.connect(agent=name, database_url=db) for name in ("owner", "seller", "other")}
     face, names = _shard_face(tmp_path, clients["seller"], 12)
     other_face, other_names = _shard_face(tmp_path, clients["other"], 2, "other")
     with face as url, other_face as other_url:
         yield {"db": db, "ledger": ledger, "url": url, "names": names, "other_url": f"{other_url}/{other_names[0]}",
-               **clients}
+               "api_keys": {name: r["api_key"] for name, r in registered.items()}, **clients}
     assert_audit_clean(ledger)
     assert_keys_add_up(ledger)
     ledger.close()
@@ -106,19 +106,38 @@ def test_the_ledgers_refusals_reach_the_caller_as_they_came(keyed):
     assert ledger.me("owner")["balance_micro"] == start - SHARD_PRICE_MICRO
 
 
-def test_autopay_shrinks_an_escrow_to_what_the_key_has_left(keyed):
+def _shrinks_to_what_the_key_has_left(owner, connect_key, shard_url: str, names: list[str]) -> None:
     """Another holder of the key spent most of it: the next escrow is what is left, if that pays a call."""
-    owner = keyed["owner"]
     key = owner.create_key(budget="0.01")
-    first = hf_escrow.connect(database_url=keyed["db"], api_key=key.api_key)
-    second = hf_escrow.connect(database_url=keyed["db"], api_key=key.api_key)
+    first, second = connect_key(key.api_key), connect_key(key.api_key)
     other_process = first.create_escrow("seller", "0.007")
     assert AutoPay.from_key(second).mandate.budget_micro == 3_000     # read after the other holder locked
     with AutoPay(second, budget="0.01") as pay, httpx.Client(auth=pay.auth, timeout=30) as http:   # read before
-        assert http.get(f"{keyed['url']}/{keyed['names'][0]}").status_code == 200
+        assert http.get(f"{shard_url}/{names[0]}").status_code == 200
         assert [second.get(i).amount for i in pay.escrow_ids] == [D("0.003")]
+        with pytest.raises(BudgetExceeded, match="budget left") as spent:   # the ledger's own words
+            http.get(f"{shard_url}/{names[1]}")
+        assert spent.value.details["left_micro"] == 1_000
     first.cancel(other_process.id)
     assert owner.mandate(key.key_id).left == D("0.008")
+
+
+def test_autopay_shrinks_an_escrow_to_what_the_key_has_left(keyed):
+    _shrinks_to_what_the_key_has_left(keyed["owner"], lambda api_key: hf_escrow.connect(
+        database_url=keyed["db"], api_key=api_key), keyed["url"], keyed["names"])
+
+
+def test_autopay_on_a_key_over_http(keyed, tmp_path):
+    """The same against an escrow server: the key's mandate and the ledger's refusal travel over HTTP."""
+    from hf_escrow.server import create_app
+    with serve_app(create_app(keyed["ledger"], sweep_interval_s=0)) as escrow_url:
+        owner, seller = (hf_escrow.connect(escrow_url, api_key=keyed["api_keys"][name]) for name in ("owner", "seller"))
+        face, names = _shard_face(tmp_path, seller, 4, "over-http")
+        with face as shard_url:
+            _shrinks_to_what_the_key_has_left(owner, lambda api_key: hf_escrow.connect(escrow_url, api_key=api_key),
+                                              shard_url, names)
+        owner.close()
+        seller.close()
 
 
 def _key_locked_micro(ledger: Ledger, key_id: str) -> int:
