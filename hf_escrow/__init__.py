@@ -15,8 +15,8 @@ Example:
 """
 
 from ._exceptions import (
-    BudgetExceeded, EscrowError, Forbidden, IdempotencyConflict, InsufficientFunds, InvalidAmount, KeyInactive,
-    NotFound, OutsideMandate, PaymentRequired, RateLimited, StateConflict, TransportError, Unauthorized,
+    BudgetExceeded, Declined, EscrowError, Forbidden, IdempotencyConflict, InsufficientFunds, InvalidAmount,
+    KeyInactive, NotFound, OutsideMandate, PaymentRequired, RateLimited, StateConflict, TransportError, Unauthorized,
     ValidationError,
 )
 from ._models import Agent, BudgetedKey, CaptureResult, Escrow, EscrowEvent, Hold, Me, Milestone, Receipt
@@ -30,7 +30,7 @@ _LAZY = {
     "load_paid_dataset": "datasets", "paid_shards": "datasets",
     "paid": "gate", "Gate": "gate",
     "EscrowedEngine": "vllm",
-    "AutoPay": "autopay", "Mandate": "autopay", "Declined": "autopay",
+    "AutoPay": "autopay", "Mandate": "autopay",
 }
 
 
@@ -45,10 +45,10 @@ __version__ = "0.1.0"
 __all__ = [
     "connect", "connect_async", "EscrowClient", "AsyncEscrowClient",
     "PaidInferenceClient", "AsyncPaidInferenceClient", "paid_inference",
-    "load_paid_dataset", "paid_shards", "paid", "Gate", "EscrowedEngine", "AutoPay", "Mandate", "Declined",
+    "load_paid_dataset", "paid_shards", "paid", "Gate", "EscrowedEngine", "AutoPay", "Mandate",
     "Agent", "Escrow", "EscrowEvent", "Milestone", "Me", "Receipt", "Hold", "CaptureResult", "Pricing",
     "BudgetedKey",
     "EscrowError", "ValidationError", "InvalidAmount", "Unauthorized", "Forbidden", "NotFound",
     "InsufficientFunds", "PaymentRequired", "StateConflict", "IdempotencyConflict", "RateLimited", "TransportError",
-    "BudgetExceeded", "OutsideMandate", "KeyInactive",
+    "BudgetExceeded", "OutsideMandate", "KeyInactive", "Declined",
 ]

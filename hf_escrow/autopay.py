@@ -60,7 +60,7 @@ import httpx
 
 from . import challenge
 from ._exceptions import (
-    BudgetExceeded, EscrowError, Forbidden, KeyInactive, StateConflict, TransportError, ValidationError,
+    BudgetExceeded, Declined, EscrowError, KeyInactive, StateConflict, TransportError, ValidationError,
 )
 from .challenge import Challenge
 from .money import format_usdc, parse_usdc
@@ -74,13 +74,6 @@ MIN_TTL_S = 1.0
 LEDGER_TRIES = 3                   # escrows tried per payment when the key's budget shrinks under it
 
 __all__ = ["AutoPay", "Mandate", "Declined", "EscrowAuth", "RequestsAuth", "PaidClient"]
-
-
-class Declined(Forbidden):
-    """AutoPay will not pay this challenge (not hf-escrow's, another escrow server, outside
-    its mandate): the caller gets the 402 as the face sent it."""
-
-    code = "autopay_declined"
 
 
 @dataclass(frozen=True)

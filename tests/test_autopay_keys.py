@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 import hf_escrow
-from hf_escrow import BudgetExceeded, KeyInactive, OutsideMandate
-from hf_escrow.autopay import AutoPay, Declined, Mandate
+from hf_escrow import BudgetExceeded, Declined, KeyInactive, OutsideMandate
+from hf_escrow.autopay import AutoPay, Mandate
 from hf_escrow.ledger import Ledger
 from hf_escrow.shardserver import create_shard_app
 
