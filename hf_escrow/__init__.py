@@ -18,8 +18,8 @@ Example:
 __version__ = "0.1.0"
 
 from ._exceptions import (
-    BudgetExceeded, EscrowError, Forbidden, IdempotencyConflict, InsufficientFunds, InvalidAmount, KeyInactive,
-    NotFound, OutsideMandate, PaymentRequired, RateLimited, StateConflict, TransportError, Unauthorized,
+    BudgetExceeded, Declined, EscrowError, Forbidden, IdempotencyConflict, InsufficientFunds, InvalidAmount,
+    KeyInactive, NotFound, OutsideMandate, PaymentRequired, RateLimited, StateConflict, TransportError, Unauthorized,
     ValidationError,
 )
 from ._models import Agent, BudgetedKey, CaptureResult, Escrow, EscrowEvent, Hold, Me, Milestone, Receipt
@@ -52,5 +52,5 @@ __all__ = [
     "BudgetedKey",
     "EscrowError", "ValidationError", "InvalidAmount", "Unauthorized", "Forbidden", "NotFound",
     "InsufficientFunds", "PaymentRequired", "StateConflict", "IdempotencyConflict", "RateLimited", "TransportError",
-    "BudgetExceeded", "OutsideMandate", "KeyInactive",
+    "BudgetExceeded", "OutsideMandate", "KeyInactive", "Declined",
 ]

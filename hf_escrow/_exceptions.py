@@ -6,7 +6,8 @@
     ├── Unauthorized         (401)   no key, or a key that matches no agent
     │   └── KeyInactive      (401)   a budgeted key its owner revoked, or past its expiry
     ├── Forbidden            (403)   a party acting outside its role
-    │   └── OutsideMandate   (403)   a budgeted key asked for what its mandate does not allow
+    │   ├── OutsideMandate   (403)   a budgeted key asked for what its mandate does not allow
+    │   └── Declined         (403)   AutoPay will not pay a 402 (not its to pay, or outside its mandate)
     ├── NotFound             (404)   unknown escrow or agent (or not visible to the caller)
     ├── InsufficientFunds    (402)   balance, escrow remainder or hold too small; nothing moved
     │   └── BudgetExceeded   (402)   a budgeted key's budget has too little left
@@ -32,6 +33,7 @@ __all__ = [
     "KeyInactive",
     "Forbidden",
     "OutsideMandate",
+    "Declined",
     "NotFound",
     "InsufficientFunds",
     "BudgetExceeded",
@@ -91,6 +93,13 @@ class OutsideMandate(Forbidden):
     code = "outside_mandate"
 
 
+class Declined(Forbidden):
+    """AutoPay will not pay this challenge (not hf-escrow's, another escrow server, outside
+    its mandate): the caller gets the 402 as the face sent it."""
+
+    code = "autopay_declined"
+
+
 class NotFound(EscrowError):
     status_code = 404
     code = "not_found"
@@ -137,8 +146,9 @@ class TransportError(EscrowError):
 _BY_CODE = {
     cls.code: cls
     for cls in (
-        ValidationError, InvalidAmount, Unauthorized, KeyInactive, Forbidden, OutsideMandate, NotFound,
-        InsufficientFunds, BudgetExceeded, PaymentRequired, StateConflict, IdempotencyConflict, RateLimited, TransportError,
+        ValidationError, InvalidAmount, Unauthorized, KeyInactive, Forbidden, OutsideMandate, Declined,
+        NotFound, InsufficientFunds, BudgetExceeded, PaymentRequired, StateConflict, IdempotencyConflict, RateLimited,
+        TransportError,
     )
 }
 _BY_STATUS = {401: Unauthorized, 403: Forbidden, 404: NotFound, 402: InsufficientFunds,

@@ -9,14 +9,28 @@ another when the face says it is too small, closed or revoked, and at `close()` 
 end of a ``with`` block) cancels what is left, so the rest comes back.
 
 The mandate says what may be spent: `budget` in all, at most `max_per_seller` with one
-seller, only with `sellers` (any when None), until `expires_at`. AutoPay never locks
-more than the budget: the money it has locked (escrows opened, less what their cancels
-refunded) is counted under one lock before each escrow is opened, so any number of
-threads and asyncio tasks sharing one AutoPay together stay within it. Escrows are the
+seller and `max_escrow` in one escrow, only with `sellers` (any when None), until
+`expires_at`. AutoPay never locks more than the budget: the money it has locked (escrows
+opened, less what their cancels refunded) is counted under one lock before each escrow
+is opened, so any number of threads and asyncio tasks sharing one AutoPay together stay
+within it. Escrows are the
 reservation on the ledger: a face can only take what an escrow holds, so spending can
 never pass what was locked. A 402 that is not hf-escrow's, that names another escrow
 server than AutoPay's client, a seller outside the mandate, or arrives after the
 mandate expired is handed back to the caller unchanged; AutoPay never follows it.
+
+When the money runs out, the call raises rather than answer 402, from whichever client
+made it: `BudgetExceeded` when the mandate has too little left for the face's smallest
+useful escrow, so the caller learns that its money, not the face, stopped the work. A
+face the mandate could never pay (outside it, or dearer than it allows in one escrow)
+gets its 402 back unchanged (`pay` raises `Declined`).
+
+On a budgeted key (`AutoPay.from_key(agent)` takes the key's own mandate) the ledger
+holds every process on the key to one budget. When the ledger refuses an escrow
+AutoPay's own mandate allowed (another process spent the key's budget, the seller is off
+the key's list, the key was revoked or expired), that refusal is raised as it came,
+`BudgetExceeded`, `OutsideMandate` or `KeyInactive`; on `BudgetExceeded` AutoPay first
+tries again with what the key has left when that still pays for the refused call.
 
 Example:
     >>> buyer = hf_escrow.connect("http://127.0.0.1:8787", api_key="hfe_...")
@@ -26,6 +40,9 @@ Example:
     ...     http.post("http://127.0.0.1:8788/v1/chat/completions", json={...})   # 402 -> escrow -> retry
     ...     Client(space_url, headers=pay.headers_for(space_url))              # gradio_client
     ...     load_dataset(..., storage_options=pay.storage_options(shard_url))   # datasets streaming
+    >>> agent = hf_escrow.connect("http://127.0.0.1:8787", api_key=budgeted_key.api_key)
+    >>> with hf_escrow.AutoPay.from_key(agent) as pay:   # the key's budget, sellers, cap and expiry
+    ...     httpx.get(shard_url, auth=pay.auth)
 """
 
 from __future__ import annotations
@@ -42,7 +59,9 @@ from urllib.parse import urlsplit
 import httpx
 
 from . import challenge
-from ._exceptions import EscrowError, Forbidden, StateConflict, TransportError, ValidationError
+from ._exceptions import (
+    BudgetExceeded, Declined, EscrowError, KeyInactive, StateConflict, TransportError, ValidationError,
+)
 from .challenge import Challenge
 from .money import format_usdc, parse_usdc
 
@@ -52,22 +71,25 @@ MAX_PAYMENTS_PER_REQUEST = 8       # challenges paid for one request (others may
 MAX_ESCROWS = 1_000                # escrows one AutoPay opens in its life
 DISCOVERY_TIMEOUT_S = 10.0
 MIN_TTL_S = 1.0
+LEDGER_TRIES = 3                   # escrows tried per payment when the key's budget shrinks under it
 
-__all__ = ["AutoPay", "Mandate", "EscrowAuth", "RequestsAuth", "PaidClient"]
+__all__ = ["AutoPay", "Mandate", "Declined", "EscrowAuth", "RequestsAuth", "PaidClient"]
 
 
 @dataclass(frozen=True)
 class Mandate:
-    """What an AutoPay may spend: in all, per seller, with whom, until when (micro-USDC, epoch seconds)."""
+    """What an AutoPay may spend: in all, per seller, per escrow, with whom, until when
+    (micro-USDC, epoch seconds)."""
 
     budget_micro: int
     max_per_seller_micro: int | None = None
     sellers: frozenset[str] | None = None
     expires_at: float | None = None
+    max_escrow_micro: int | None = None
 
     @classmethod
     def of(cls, budget: Any, *, max_per_seller: Any = None, sellers: Iterable[str] | None = None,
-           expires_at: float | datetime | None = None) -> "Mandate":
+           expires_at: float | datetime | None = None, max_escrow: Any = None) -> "Mandate":
         """A mandate from USDC amounts (strings, Decimals, ints), a list of sellers and a deadline."""
         if isinstance(sellers, str):
             raise ValidationError("sellers must be a list of seller ids, e.g. [\"my-space\"]")
@@ -79,7 +101,22 @@ class Mandate:
                    max_per_seller_micro=None if max_per_seller is None else parse_usdc(max_per_seller,
                                                                                        what="max_per_seller"),
                    sellers=None if sellers is None else frozenset(sellers),
-                   expires_at=None if expires_at is None else float(expires_at))
+                   expires_at=None if expires_at is None else float(expires_at),
+                   max_escrow_micro=None if max_escrow is None else parse_usdc(max_escrow, what="max_escrow"))
+
+    @classmethod
+    def of_key(cls, key: Any) -> "Mandate":
+        """A budgeted key's mandate (a `BudgetedKey`, as `client.mandate()` answers): what it
+        has left now, its sellers, its cap per escrow and its expiry."""
+        if not key.active:
+            raise ValidationError(f"budgeted key {key.key_id} is no longer active (revoked or expired)")
+        if key.left <= 0:
+            raise BudgetExceeded(f"budgeted key {key.key_id} has nothing of its {key.budget} USDC budget left",
+                                 details={"left_micro": 0, "budget_micro": parse_usdc(key.budget)})
+        return cls(budget_micro=parse_usdc(key.left, allow_zero=True),
+                   sellers=None if key.sellers is None else frozenset(key.sellers),
+                   expires_at=None if key.expires_at is None else key.expires_at.timestamp(),
+                   max_escrow_micro=None if key.max_escrow is None else parse_usdc(key.max_escrow))
 
     def refuses(self, seller: str, now: float) -> str | None:
         """Why this mandate does not pay `seller` now; None when it may."""
@@ -118,7 +155,8 @@ class AutoPay:
     Args:
         escrow: the buyer's synchronous `EscrowClient` (embedded or over HTTP); escrows
             are opened only through it, and only challenges naming its server are paid.
-        mandate: a `Mandate`, or give `budget` (and `max_per_seller`, `sellers`, `expires_at`).
+        mandate: a `Mandate`, or give `budget` (and `max_per_seller`, `sellers`, `expires_at`,
+            `max_escrow`); `AutoPay.from_key` takes a budgeted key's own.
         calls_per_escrow: an escrow is sized for this many of the challenged call's price
             (at least the face's smallest useful escrow), capped by what the mandate leaves.
         ttl_seconds: the escrows' TTL (never past the mandate's expiry).
@@ -126,14 +164,17 @@ class AutoPay:
 
     def __init__(self, escrow: Any, mandate: Mandate | None = None, *, budget: Any = None, max_per_seller: Any = None,
                  sellers: Iterable[str] | None = None, expires_at: float | datetime | None = None,
-                 calls_per_escrow: int = DEFAULT_CALLS_PER_ESCROW, ttl_seconds: float = DEFAULT_TTL_S):
+                 max_escrow: Any = None, calls_per_escrow: int = DEFAULT_CALLS_PER_ESCROW,
+                 ttl_seconds: float = DEFAULT_TTL_S):
         from .client import AsyncEscrowClient
         if not callable(getattr(escrow, "create_escrow", None)) or isinstance(escrow, AsyncEscrowClient):
             raise ValidationError("AutoPay needs the buyer's synchronous EscrowClient (hf_escrow.connect(...))")
         if mandate is None:
             if budget is None:
-                raise ValidationError("give AutoPay a mandate: budget= (and max_per_seller=, sellers=, expires_at=)")
-            mandate = Mandate.of(budget, max_per_seller=max_per_seller, sellers=sellers, expires_at=expires_at)
+                raise ValidationError("give AutoPay a mandate: budget= (and max_per_seller=, sellers=, expires_at=), "
+                                      "or AutoPay.from_key(client) on a budgeted key")
+            mandate = Mandate.of(budget, max_per_seller=max_per_seller, sellers=sellers, expires_at=expires_at,
+                                 max_escrow=max_escrow)
         if isinstance(calls_per_escrow, bool) or not isinstance(calls_per_escrow, int) or calls_per_escrow < 1:
             raise ValidationError("calls_per_escrow must be a whole number, at least 1")
         self.escrow = escrow
@@ -149,6 +190,17 @@ class AutoPay:
         self.closed = False
         self.auth = EscrowAuth(self)
         self.requests_auth = RequestsAuth(self)
+
+    @classmethod
+    def from_key(cls, escrow: Any, **options: Any) -> "AutoPay":
+        """An AutoPay whose mandate is its client's budgeted key's own (`escrow.mandate()`):
+        the budget it has left now, its sellers, its cap per escrow, its expiry. The
+        ledger holds every process on the key to the same budget; `options` as for AutoPay."""
+        mandate = getattr(escrow, "mandate", None)
+        if not callable(mandate):
+            raise ValidationError("AutoPay.from_key needs the sub-agent's EscrowClient, connected with its "
+                                  "budgeted key")
+        return cls(escrow, Mandate.of_key(mandate()), **options)
 
     # ---- what it has done -------------------------------------------------------------
 
@@ -172,7 +224,9 @@ class AutoPay:
     # ---- paying -----------------------------------------------------------------------
 
     def pay(self, found: Challenge, sent_token: str | None = None) -> str:
-        """The spend token to retry a challenged call with; raises Forbidden when the mandate says no.
+        """The spend token to retry a challenged call with; raises `Declined` when the mandate
+        does not pay this face, `BudgetExceeded` when it has too little left, and the
+        ledger's refusal (`BudgetExceeded`, `OutsideMandate`, `KeyInactive`) as it came.
 
         `sent_token` is the token the refused call carried: a token another thread has put
         in its place since is returned as it is; a refused current token is retired first
@@ -180,7 +234,7 @@ class AutoPay:
         """
         why = self._foreign(found)
         if why:
-            raise Forbidden(f"AutoPay will not pay this challenge: {why}")
+            raise Declined(f"AutoPay will not pay this challenge: {why}")
         with self._lock:
             if self.closed:
                 raise StateConflict("this AutoPay is closed; open a new one")
@@ -203,28 +257,50 @@ class AutoPay:
 
     def _open(self, found: Challenge) -> _Escrow:
         need = max(found.price_micro or 0, found.min_escrow_micro)
+        ceiling = min(x for x in (self.mandate.budget_micro, self.mandate.max_per_seller_micro,
+                                  self.mandate.max_escrow_micro) if x is not None)
+        if ceiling < need:   # too dear for this mandate, spent or not: the face's 402 is the caller's answer
+            raise Declined(f"the mandate allows at most {format_usdc(ceiling)} USDC in one escrow with seller "
+                           f"{found.seller!r}, and its face asks for at least {format_usdc(need)} USDC")
         cap = self.left_micro(found.seller)
+        if self.mandate.max_escrow_micro is not None:
+            cap = min(cap, self.mandate.max_escrow_micro)
         if cap < need:
-            raise Forbidden(f"the mandate leaves {format_usdc(cap)} USDC for seller {found.seller!r}, and its face "
-                            f"asks for at least {format_usdc(need)} USDC")
+            raise BudgetExceeded(f"AutoPay's mandate has {format_usdc(cap)} USDC left for seller {found.seller!r} "
+                                 f"and the face asks for at least {format_usdc(need)} USDC; what escrows left "
+                                 f"unspent comes back at close()", details={
+                                     "left_micro": cap, "budget_micro": self.mandate.budget_micro})
         if len(self._escrows) >= MAX_ESCROWS:
-            raise Forbidden(f"this AutoPay opened {MAX_ESCROWS} escrows already; open a new one")
+            raise Declined(f"this AutoPay opened {MAX_ESCROWS} escrows already; open a new one")
         ttl = self.ttl_seconds
         if self.mandate.expires_at is not None:
             ttl = min(ttl, max(self.mandate.expires_at - time.time(), MIN_TTL_S))
         amount = min(need * self.calls_per_escrow, cap)
+        tries = 1
+        while True:
+            try:
+                return self._lock_escrow(found.seller, amount, ttl)
+            except BudgetExceeded as refusal:
+                # Other holders of the key spent part of its budget: what is left may still pay this call.
+                left = refusal.details.get("left_micro")
+                if tries >= LEDGER_TRIES or isinstance(left, bool) or not isinstance(left, int) or left < need:
+                    raise
+                amount, tries = min(amount, left), tries + 1
+
+    def _lock_escrow(self, seller: str, amount: int, ttl: float) -> _Escrow:
+        """Open one escrow through the ledger, counted in the books first."""
         # Counted before the ledger call: a create lost in transit may still have locked it.
-        self._books.add(found.seller, amount)
+        self._books.add(seller, amount)
         try:
-            made = self.escrow.create_escrow(found.seller, format_usdc(amount), ttl_seconds=ttl,
+            made = self.escrow.create_escrow(seller, format_usdc(amount), ttl_seconds=ttl,
                                              description="opened by AutoPay", meta={"autopay": True})
         except EscrowError as error:
             if not isinstance(error, TransportError):   # refused by the ledger: nothing was locked
-                self._books.add(found.seller, -amount)
+                self._books.add(seller, -amount)
             raise
-        opened = _Escrow(found.seller, made.id, made.spend_token, amount)
+        opened = _Escrow(seller, made.id, made.spend_token, amount)
         self._escrows.append(opened)
-        self._current[found.seller] = opened
+        self._current[seller] = opened
         return opened
 
     def _retire(self, old: _Escrow) -> None:
@@ -241,6 +317,8 @@ class AutoPay:
                                   allow_zero=True)
         except StateConflict:          # closed meanwhile (expired, released): its refund is not ours to count
             return
+        except KeyInactive:            # the key was revoked: its escrows are its owner's to cancel now
+            return
         old.refunded_micro = refunded
         self._books.add(old.seller, -refunded)
 
@@ -254,7 +332,7 @@ class AutoPay:
             return None
         try:
             token = self.pay(found, sent_token)
-        except (Forbidden, StateConflict):   # not the mandate's to pay, or closed: the caller gets the 402
+        except (Declined, StateConflict):   # not the mandate's to pay, or closed: the caller gets the 402
             return None
         with self._lock:
             self._faces[_origin(url)] = found.seller
@@ -271,15 +349,15 @@ class AutoPay:
         """Headers that pay a face, learned from its ``/.well-known/hf-escrow`` before the first call.
 
         For clients that take fixed headers: ``gradio_client.Client(url, headers=...)``,
-        ``InferenceClient(base_url, headers=...)``. Raises Forbidden when the face is not
-        hf-escrow's or the mandate does not allow it.
+        ``InferenceClient(base_url, headers=...)``. Raises `Declined` when the face is not
+        hf-escrow's or the mandate does not allow it, and the ledger's refusal as it came.
         """
         token = self.token_for(url)
         if token is None:
             answer = httpx.get(_origin(url) + challenge.WELL_KNOWN_PATH, timeout=DISCOVERY_TIMEOUT_S)
             found = challenge.parse(answer.json()) if answer.status_code == 200 else None
             if found is None:
-                raise Forbidden(f"{_origin(url)} publishes no hf-escrow offer at {challenge.WELL_KNOWN_PATH}")
+                raise Declined(f"{_origin(url)} publishes no hf-escrow offer at {challenge.WELL_KNOWN_PATH}")
             token = self.pay(found, None)
             with self._lock:
                 self._faces[_origin(url)] = found.seller
@@ -393,7 +471,7 @@ class PaidClient:
             raise error
         try:
             self._headers[challenge.TOKEN_HEADER] = self._pay.pay(found, sent)
-        except (Forbidden, StateConflict):
+        except (Declined, StateConflict):
             raise error from None
 
 

@@ -727,6 +727,189 @@ NOTEBOOKS = {
             print('paid', escrow.paid, '| refunded', escrow.refunded, '| buyer balance', buyer.me().balance)
         """),
     ],
+    "07_agent_budget.ipynb": [
+        md("""
+            # An agent that pays by itself, on a budget
+
+            A person funds an agent with a **budgeted key** of 1 USDC instead of the account's
+            own key. The agent meets three paid faces it has never seen - a Gradio Space, the
+            inference gateway before a local model, and a dataset on a shard server - and pays
+            each through `hf_escrow.AutoPay`: every face answers an unpaid call with one
+            machine-readable 402, AutoPay opens an escrow for the seller it names, within the
+            key's mandate, and calls again. The person then sees what the agent spent, revokes
+            the key, and gets the rest back. Everything runs locally: an embedded SQLite ledger,
+            gemma-3-270m served by `transformers serve`, and the faces on 127.0.0.1.
+        """),
+        code("""
+            import os, tempfile
+            os.environ.setdefault('HF_ESCROW_HOME', tempfile.mkdtemp())  # a fresh ledger for this run
+            os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')   # keep Gradio on 127.0.0.1
+            import contextlib, json
+            from decimal import Decimal
+            import hf_escrow
+
+            human = hf_escrow.connect(agent='nb-human')
+            human.register()
+            print('faucet:', human.claim_faucet(), 'USDC')
+            sellers = {name: hf_escrow.connect(agent=name) for name in ('nb-space', 'nb-gateway', 'nb-data')}
+            for seller in sellers.values():
+                seller.register()
+            start = human.me().balance
+        """),
+        md("""
+            ## The human mints a key for the agent
+
+            The key locks the human's money, but only within its mandate: 1 USDC in all (net of
+            refunds), at most 0.25 in one escrow, only with these three sellers, for one hour. The
+            ledger checks it inside each escrow's transaction, so every process holding the key
+            shares the one budget. `api_key` is shown only once; the agent gets nothing else.
+        """),
+        code("""
+            key = human.create_key(budget='1', sellers=list(sellers), max_escrow='0.25', expires_in=3600,
+                                   label='research agent')
+            agent = hf_escrow.connect(api_key=key.api_key)    # embedded here; a URL and the key over HTTP
+            m = agent.mandate()
+            print('budget', m.budget, '| max per escrow', m.max_escrow, '| sellers', m.sellers, '| left', m.left)
+        """),
+        md("""
+            ## Three paid faces
+
+            A Gradio app whose handler is paid per call (`gate.paid`), the gateway metering a
+            local model per token, and the shard server selling parquet shards. Each publishes
+            its offer at `/.well-known/hf-escrow`. The model starts in a few seconds (converted
+            once from the packaged GGUF, then cached).
+        """),
+        code("""
+            import socket
+            import gradio as gr
+            from hf_escrow.gate import Gate
+            from hf_escrow.gateway import create_gateway
+            from hf_escrow.localmodel import prepare_model, served_model
+            from hf_escrow.serving import serve_in_thread
+            from hf_escrow.shardserver import create_shard_app
+
+            faces = contextlib.ExitStack()
+            gate = Gate(sellers['nb-space'])
+
+            @gate.paid(price='0.01')
+            def summarize(text: str) -> str:
+                words = text.split()
+                return ' '.join(words[:5]) + (' ...' if len(words) > 5 else '')
+
+            with gr.Blocks() as demo:
+                box, out = gr.Textbox(), gr.Textbox()
+                gr.Button('Summarize').click(summarize, box, out, api_name='summarize')
+            with socket.socket() as sock:  # a free port, so that several runs can share the machine
+                sock.bind(('127.0.0.1', 0))
+                port = sock.getsockname()[1]
+            demo.launch(server_name='127.0.0.1', server_port=port, prevent_thread_lock=True, quiet=True,
+                        inline=False, app_kwargs={'routes': gate.discovery_routes()})
+            faces.callback(demo.close)
+            space_url = f'http://127.0.0.1:{port}'
+
+            model_dir = prepare_model(home=os.environ.get('HF_ESCROW_TEST_MODEL_HOME'))
+            upstream = faces.enter_context(served_model(model_dir))
+            gateway_url = faces.enter_context(serve_in_thread(create_gateway(
+                upstream, escrow=sellers['nb-gateway'], tokenizer=str(model_dir), max_tokens=16,
+                pricing={'input_per_1k': '0.0005', 'output_per_1k': '0.0015'})))
+
+            import datasets
+            from pathlib import Path
+            shard_dir = Path(tempfile.mkdtemp()) / 'papers'
+            shard_dir.mkdir()
+            datasets.disable_progress_bars()
+            for s in range(4):
+                ids = list(range(s * 50, (s + 1) * 50))
+                datasets.Dataset.from_dict({'id': ids, 'abstract': [f'abstract {i}: escrow for agents' for i in ids]}
+                                           ).to_parquet(shard_dir / f'train-{s:05d}-of-00004.parquet')
+            shard_url = faces.enter_context(serve_in_thread(create_shard_app(
+                shard_dir, escrow=sellers['nb-data'], price_per_shard='0.02')))
+            import httpx
+            for name, url in [('space', space_url), ('gateway', gateway_url), ('dataset', shard_url)]:
+                offer = httpx.get(url + '/.well-known/hf-escrow', timeout=10).json()
+                print(f"{name:<8} seller {offer['seller']:<11} prices {offer['pricing']}")
+        """),
+        md("""
+            ## What an unpaid call gets
+
+            A 402 whose body a program can act on: the scheme, the escrow server, the seller,
+            the prices, the smallest useful escrow and the header to send the spend token in.
+            The same facts travel in the `X-Escrow-Challenge` header.
+        """),
+        code("""
+            refused = httpx.get(f'{shard_url}/train-00000-of-00004.parquet', timeout=10)
+            print(refused.status_code, json.dumps({k: refused.json()[k] for k in (
+                'reason', 'scheme', 'seller', 'pricing', 'min_escrow_micro', 'token_header')}, indent=1))
+        """),
+        md("""
+            ## The agent pays by itself
+
+            `AutoPay.from_key(agent)` takes the key's own mandate. Each face's first call meets
+            the 402; AutoPay opens an escrow for that seller (sized for `calls_per_escrow`
+            calls, capped by the mandate), calls again with its spend token, and reuses it for
+            the calls after. The agent's code is the ordinary client code: `gradio_client`,
+            `huggingface_hub.InferenceClient`, `datasets` streaming.
+        """),
+        code("""
+            pay = hf_escrow.AutoPay.from_key(agent, calls_per_escrow=5)
+
+            space = pay.gradio_client(space_url, verbose=False)
+            for text in ['escrow holds the money while work streams', 'agents pay within a mandate']:
+                print('space  :', space.predict(text, api_name='/summarize'))
+
+            llm = pay.inference_client(gateway_url + '/v1')
+            reply = llm.chat_completion([{'role': 'user', 'content': 'Say hi'}], model=str(model_dir), max_tokens=8)
+            print('gateway:', repr(reply.choices[0].message.content), reply.usage.prompt_tokens, '+',
+                  reply.usage.completion_tokens, 'tokens')
+
+            files = [f'{shard_url}/train-{s:05d}-of-00004.parquet' for s in range(2)]
+            papers = datasets.load_dataset('parquet', data_files=files, split='train', streaming=True,
+                                           storage_options=pay.storage_options(shard_url))
+            print('dataset:', sum(1 for _ in papers), 'rows from', len(files), 'shards')
+            print('escrows AutoPay opened:', len(pay.escrow_ids))
+        """),
+        md("""
+            ## The human sees what the agent spent
+
+            The key's row: what it locked, what sellers were paid, what is still in escrow, and
+            what it may still lock. The escrows are the human's (the buyer of record) and show
+            in the human's history with the key that opened them.
+        """),
+        code("""
+            [k] = human.keys()
+            print(f'{k.label}: locked {k.locked} | paid {k.paid} | in escrow {k.in_escrow} | left {k.left} '
+                  f'| escrows {k.escrows} ({k.escrows_open} open)')
+            for e in human.history():
+                print(f'  {e.id}  {e.seller:<11} amount {e.amount}  paid {e.paid}  key {e.key_id}')
+            assert k.paid == Decimal('0.02') + Decimal('0.04') + sum(e.paid for e in human.history()
+                                                                   if e.seller == 'nb-gateway')
+        """),
+        md("""
+            ## The human revokes the key; the rest comes back
+
+            Revoking stops the key at once; `cancel_escrows=True` also cancels what it still
+            has open, refunded to the human. The agent's next call is refused with
+            `KeyInactive` (a spent budget would raise `BudgetExceeded`), and its `close()` has
+            nothing left to return.
+        """),
+        code("""
+            revoked = human.revoke_key(key.key_id, cancel_escrows=True)
+            print('revoked; cancelled', len(revoked.cancelled), 'escrows; in escrow now', revoked.in_escrow)
+            try:
+                space.predict('one more?', api_name='/summarize')
+            except hf_escrow.KeyInactive as error:
+                print('agent:', error)
+            pay.close()
+            spent = start - human.me().balance
+            print('the agent spent', spent, 'USDC of its 1; the human has', human.me().balance)
+            assert spent == revoked.paid and revoked.in_escrow == 0 and revoked.escrows_open == 0
+            assert all(e.status == 'cancelled' for e in human.history())
+        """),
+        code("""
+            faces.close()
+            datasets.enable_progress_bars()
+        """),
+    ],
 }
 
 

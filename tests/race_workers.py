@@ -217,3 +217,30 @@ def capture_in_groups_forever(url: str, token: str, seller: str, threads: int = 
         thread.start()
     for thread in pool:
         thread.join()
+
+
+def read_shards_on_key(url: str, api_key: str, shard_url: str, names: list[str], barrier) -> dict:
+    """A sub-agent process: read paid shards through its own AutoPay on a budgeted key it
+    shares with other processes, until the ledger refuses the key's budget."""
+    import httpx
+
+    import hf_escrow
+    from hf_escrow import AutoPay, BudgetExceeded
+    agent = hf_escrow.connect(database_url=url, api_key=api_key)
+    pay = AutoPay.from_key(agent, calls_per_escrow=3)      # each process sees the key's whole budget left
+    barrier.wait(timeout=MAX_SECONDS)
+    read, statuses, refusal = 0, [], None
+    deadline = time.monotonic() + MAX_SECONDS
+    with pay, httpx.Client(auth=pay.auth, timeout=30) as http:
+        for name in names[:MAX_OPS]:
+            if time.monotonic() > deadline:
+                break
+            try:
+                answer = http.get(f"{shard_url}/{name}")
+            except BudgetExceeded as refused:
+                refusal = {"message": refused.message, "left_micro": refused.details.get("left_micro")}
+                break
+            statuses.append(answer.status_code)
+            read += answer.status_code == 200
+    return {"read": read, "statuses": statuses, "refusal": refusal, "escrow_ids": pay.escrow_ids,
+            "mandate_budget_micro": pay.mandate.budget_micro, "locked_micro": pay.locked_micro}

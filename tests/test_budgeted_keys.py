@@ -34,7 +34,8 @@ from .liveserver import serve_app
 
 PROCESSES = 4
 RACE_AMOUNT = "0.001"
-RACE_BUDGET = "0.06"       # 60 locks in all; the processes may try 4 times as many
+RACE_BUDGET = "0.2"        # 200 locks in all: long enough for every process to take part
+RACE_OPS = 250             # tries per process: one that wins nearly every lock still meets three refusals
 RACE_TIMEOUT_S = 180
 
 
@@ -262,8 +263,7 @@ def test_processes_racing_on_one_keys_budget_never_lock_more_than_it(db_url):
     with context.Manager() as manager, context.Pool(PROCESSES) as pool:
         barrier = manager.Barrier(PROCESSES)   # released once every process has imported and connected
         results = pool.starmap_async(race_workers.lock_with_key, [
-            (db_url, key["api_key"], "seller", RACE_AMOUNT, barrier, budget // amount + 3)
-            for _ in range(PROCESSES)]
+            (db_url, key["api_key"], "seller", RACE_AMOUNT, barrier, RACE_OPS) for _ in range(PROCESSES)]
         ).get(timeout=RACE_TIMEOUT_S)
     created = [escrow_id for r in results for escrow_id in r["created"]]
     assert len(set(created)) == len(created) == budget // amount, results    # all of it, and not one more
