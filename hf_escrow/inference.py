@@ -113,6 +113,11 @@ class _PaidMixin:
         return dict(target=self.escrow_id, amount=to_usdc(self._meter.hold_micro(plan.worst_micro)),
                     ttl_seconds=self.hold_ttl_seconds, idempotency_key=plan.key + "-hold")
 
+    @staticmethod
+    def _held(plan: _Plan, hold: Any) -> None:
+        plan.hold_id = hold.id
+        plan.started = time.perf_counter()  # the call's latency is the model's; the hold is billing time
+
     def _void_args(self, plan: _Plan) -> dict:
         return dict(hold_id=plan.hold_id, idempotency_key=plan.key + "-void")
 
@@ -296,7 +301,7 @@ class PaidInferenceClient(_PaidMixin, InferenceClient):
         args = self._hold_args(plan)
         if args is not None:
             try:
-                plan.hold_id = self.escrow.hold(**args).id
+                self._held(plan, self.escrow.hold(**args))
             except InsufficientFunds as error:
                 raise self._meter.refusal(plan.worst_micro, error) from None
         return plan
@@ -441,7 +446,7 @@ class AsyncPaidInferenceClient(_PaidMixin, AsyncInferenceClient):
         args = self._hold_args(plan)
         if args is not None:
             try:
-                plan.hold_id = (await _maybe_await(self.escrow.hold(**args))).id
+                self._held(plan, await _maybe_await(self.escrow.hold(**args)))
             except InsufficientFunds as error:
                 raise self._meter.refusal(plan.worst_micro, error) from None
         return plan

@@ -166,6 +166,23 @@ def test_concurrent_calls_never_overdraw_one_escrow(tiny_url, market):
     assert escrow.paid <= Decimal("0.0015") and escrow.paid == sum(r.gross for r in client.receipts)
 
 
+def test_a_stream_read_past_its_holds_ttl_is_still_paid_exactly(tiny_url, market):
+    """The hold expires while the buyer reads slowly: the release pays from the free remainder instead."""
+    ledger, buyer = market
+    client = hf_escrow.PaidInferenceClient(tiny_url, escrow=buyer, seller="seller", budget="0.05",
+                                           pricing=PRICES, hold_ttl_seconds=1)
+    stream = client.chat_completion(MSGS, max_tokens=6, stream=True)
+    first = next(stream)
+    hold_id = buyer.holds(client.escrow_id)[0].id
+    time.sleep(1.2)
+    chunks = [first, *stream]
+    usage = chunks[-1].usage
+    assert buyer.get_hold(hold_id).status in ("open", "expired")   # past its TTL, swept or not
+    end = client.finish().escrow
+    assert end.paid == to_usdc(Pricing.coerce(PRICES).tokens_micro(usage.prompt_tokens, usage.completion_tokens))
+    assert (end.held, client.receipts[-1].gross, buyer.get_hold(hold_id).status) == (0, end.paid, "expired")
+
+
 def test_abandoned_stream_pays_delivered_tokens_only(tiny_url, tiny_dir, market):
     ledger, buyer = market
     client = hf_escrow.PaidInferenceClient(tiny_url, escrow=buyer, seller="seller", budget="0.05",
