@@ -5,6 +5,8 @@ A hold is a reservation row, not a transfer: the money stays in the escrow's acc
 the spendable remainder. A capture pays the seller out of a hold with the usual fee and
 referral split (one journal transaction, like a deduct); `final` or `void` frees the
 rest. Once the escrow is closed, whatever a hold frees goes straight back to the buyer.
+A buyer's own hold (a buyer-side reservation) may also be freed by the release that pays
+for its work (`Ledger.release(hold_id=...)`), as a void frees it, in that same transaction.
 
 Every hold expires: at most `hold_max_ttl_s` after it was made, `hold_grace_s` after its
 escrow closed, and `hold_grace_s` after its escrow's own expiry. An expired hold is
