@@ -3,8 +3,9 @@
     python benchmarks/inference.py [--model gemma|tiny] [--calls 6] [--max-tokens 32]
 
 tokens/s of `PaidInferenceClient` vs a plain `InferenceClient` (interleaved, same prompt,
-same max_tokens), and the billing overhead per call (reserve + settle: the time the
-paid client spends outside the model call) on the embedded ledger and over HTTP.
+same max_tokens), and the billing overhead per call (the ledger hold + the settling
+release: the time the paid client spends outside the model call) on the embedded ledger
+and over HTTP.
 """
 
 from __future__ import annotations

@@ -92,11 +92,12 @@ class _BaseClient:
     def release(self, escrow_id: str, amount: Amount | None = None, refund_remainder: bool = True,
                 usage: dict | None = None, meta: dict | None = None, idempotency_key: str | None = None, *,
                 price_per_token: Amount | None = None, quality_score: float | None = None,
-                throughput_tps: float | None = None) -> Receipt:
+                throughput_tps: float | None = None, hold_id: str | None = None) -> Receipt:
         """As the buyer: pay the seller `amount`, or `usage` x price, plus earned bonuses.
 
         With `refund_remainder` (the default) the rest goes back to the buyer and the
-        escrow closes. Without amount and usage, the whole remainder is paid.
+        escrow closes. Without amount and usage, the whole remainder is paid. `hold_id`:
+        your own open hold on this escrow, freed in the same transaction to pay this release.
 
         Example:
             >>> r = esc.release(e.id, usage={"prompt_tokens": 12, "completion_tokens": 30})
@@ -106,7 +107,7 @@ class _BaseClient:
         return self._request("release", dict(
             escrow_id=escrow_id, amount=amount, refund_remainder=refund_remainder, usage=usage, meta=meta,
             price_per_token=price_per_token, quality_score=quality_score, throughput_tps=throughput_tps,
-            idempotency_key=idempotency_key), Receipt.from_dict)
+            hold_id=hold_id, idempotency_key=idempotency_key), Receipt.from_dict)
 
     def cancel(self, escrow_id: str, reason: str | None = None, idempotency_key: str | None = None) -> Receipt:
         """As buyer or seller: refund the whole remainder to the buyer and close the escrow."""

@@ -1,11 +1,14 @@
 """Paid inference: huggingface_hub's InferenceClient, billed per token from an escrow.
 
 `PaidInferenceClient` is a drop-in `InferenceClient` (same constructor and methods, plus
-`escrow=`, `seller=`, `pricing=`, `budget=`). Every call reserves its worst case first
-(prompt + max_tokens at the output price) and refuses before the model is called if the
-escrow cannot cover it; after the call, the buyer releases exactly what was delivered
-(the server's `usage`, else the tokens counted with the model's tokenizer) and keeps the
-escrow open for the next call. A failed call costs nothing.
+`escrow=`, `seller=`, `pricing=`, `budget=`). Every call first places a ledger hold on
+the escrow for its worst case (prompt + max_tokens at the output price, and the seller's
+streak bonus on it) and refuses before the model is called if the escrow cannot cover it;
+the hold is in the ledger, so threads and processes sharing one escrow never promise more
+than it has. After the call, one release frees the call's hold and pays exactly what was
+delivered (the server's `usage`, else the tokens counted with the model's tokenizer) in the
+same transaction, and keeps the escrow open for the next call. A failed call voids its
+hold and costs nothing.
 
 Example:
     >>> import hf_escrow
@@ -21,18 +24,25 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
+import secrets
 import time
 from typing import Any
 
 import httpx
 from huggingface_hub import AsyncInferenceClient, InferenceClient
 
-from ._exceptions import ValidationError
+from ._exceptions import InsufficientFunds, StateConflict, ValidationError
 from .metering import CallReceipt, Meter, TokenCounter
-from .money import parse_usdc, to_usdc
+from .money import to_usdc
 from .pricing import Pricing
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_MAX_TOKENS = 256
+# A call's hold outlives a slow generation or a stream read slowly; the ledger caps it at
+# its hold_max_ttl_s (900 s by default), and a crashed buyer's hold frees itself then.
+DEFAULT_HOLD_TTL_S = 900.0
 _SPECIAL = {"chat_completion", "text_generation", "feature_extraction", "text_to_image"}
 _NOT_TASKS = {"close", "get_endpoint_info", "health_check"}
 PER_CALL_TASKS = sorted(
@@ -42,10 +52,13 @@ PER_CALL_TASKS = sorted(
 
 
 class _Plan:
-    """One call's reservation and what is known before it runs."""
+    """One call's reservation (its ledger hold) and what is known before it runs."""
 
-    def __init__(self, task: str, ticket: int, prompt_tokens: int = 0, units: int = 0, unit: str | None = None):
-        self.task, self.ticket, self.prompt_tokens, self.units, self.unit = task, ticket, prompt_tokens, units, unit
+    def __init__(self, task: str, worst_micro: int, prompt_tokens: int = 0, units: int = 0, unit: str | None = None):
+        self.task, self.worst_micro, self.prompt_tokens, self.units, self.unit = \
+            task, worst_micro, prompt_tokens, units, unit
+        self.hold_id: str | None = None
+        self.key = "call-" + secrets.token_hex(12)   # the call's hold, release and void are retry-safe under it
         self.started = time.perf_counter()
 
 
@@ -55,7 +68,7 @@ class _PaidMixin:
     _meter: Meter
     _counter: TokenCounter
 
-    def _setup(self, escrow: Any, pricing: Any, tokenizer: Any, max_tokens: int) -> Pricing:
+    def _setup(self, escrow: Any, pricing: Any, tokenizer: Any, max_tokens: int, hold_ttl_seconds: float) -> Pricing:
         sheet = Pricing.coerce(pricing)
         if sheet is None:
             raise ValidationError("paid inference needs pricing, e.g. {\"input_per_1k\": \"0.0005\", "
@@ -63,6 +76,7 @@ class _PaidMixin:
         self.escrow = escrow
         self._counter = TokenCounter(tokenizer)
         self.default_max_tokens = max_tokens
+        self.hold_ttl_seconds = hold_ttl_seconds
         return sheet
 
     @property
@@ -76,31 +90,56 @@ class _PaidMixin:
 
     @property
     def remaining(self):
-        """USDC left in the escrow after the calls settled so far."""
+        """USDC free in the escrow as the ledger last reported it (other callers' holds aside)."""
         return self._meter.remaining
 
     def _plan_chat(self, messages: list[dict], max_tokens: int) -> _Plan:
         prompt_tokens, _ = self._counter.prompt_tokens(messages)
         worst = self._meter.worst_chat_micro(prompt_tokens, max_tokens)
-        return _Plan("chat_completion", self._meter.reserve(worst), prompt_tokens=prompt_tokens)
+        return _Plan("chat_completion", worst, prompt_tokens=prompt_tokens)
 
     def _plan_text(self, prompt: str, max_tokens: int) -> _Plan:
         prompt_tokens, _ = self._counter.prompt_tokens([{"role": "user", "content": prompt}])
         worst = self._meter.worst_chat_micro(prompt_tokens, max_tokens)
-        return _Plan("text_generation", self._meter.reserve(worst), prompt_tokens=prompt_tokens)
+        return _Plan("text_generation", worst, prompt_tokens=prompt_tokens)
 
     def _plan_units(self, task: str, unit: str, count: int) -> _Plan:
-        return _Plan(task, self._meter.reserve(self._meter.unit_micro(task, unit, count)), units=count, unit=unit)
+        return _Plan(task, self._meter.unit_micro(task, unit, count), units=count, unit=unit)
+
+    def _hold_args(self, plan: _Plan) -> dict | None:
+        """The call's hold on the escrow (None when it can cost nothing)."""
+        if plan.worst_micro == 0:
+            return None
+        return dict(target=self.escrow_id, amount=to_usdc(self._meter.hold_micro(plan.worst_micro)),
+                    ttl_seconds=self.hold_ttl_seconds, idempotency_key=plan.key + "-hold")
+
+    @staticmethod
+    def _held(plan: _Plan, hold: Any) -> None:
+        plan.hold_id = hold.id
+        plan.started = time.perf_counter()  # the call's latency is the model's; the hold is billing time
+
+    def _void_args(self, plan: _Plan) -> dict:
+        return dict(hold_id=plan.hold_id, idempotency_key=plan.key + "-void")
+
+    @staticmethod
+    def _void_failed(plan: _Plan, error: Exception) -> None:
+        # The call's own error is the one to raise; the hold frees itself at its TTL.
+        logger.warning("could not void hold %s (it frees itself at its TTL): %s", plan.hold_id, error)
+
+    @staticmethod
+    def _hold_gone(plan: _Plan, error: StateConflict) -> bool:
+        """The call's hold expired (a stream outlived its TTL): what was delivered is still owed."""
+        return plan.hold_id is not None and plan.hold_id in str(error)
 
     def _cost(self, plan: _Plan, tokens_in: int, tokens_out: int, units: int) -> int:
         if plan.unit is not None:
             return self._meter.pricing.unit_micro(plan.unit, units)
         return self._meter.pricing.tokens_micro(tokens_in, tokens_out)
 
-    def _release_args(self, plan: _Plan, tokens_in: int, tokens_out: int, cost_micro: int) -> dict:
-        return dict(amount=to_usdc(cost_micro), refund_remainder=False,
-                    usage={"prompt_tokens": tokens_in, "completion_tokens": tokens_out},
-                    meta={"task": plan.task})  # over HTTP the transport adds a retry-safe key
+    def _release_args(self, plan: _Plan, tokens_in: int, tokens_out: int, cost_micro: int,
+                      hold_id: str | None, key: str) -> dict:
+        return dict(amount=to_usdc(cost_micro), refund_remainder=False, hold_id=hold_id, idempotency_key=key,
+                    usage={"prompt_tokens": tokens_in, "completion_tokens": tokens_out}, meta={"task": plan.task})
 
     def _receipt(self, plan: _Plan, tokens_in: int, tokens_out: int, units: int, cost_micro: int,
                  counted_by: str, settled: Any, billing_started: float) -> CallReceipt:
@@ -111,7 +150,7 @@ class _PaidMixin:
             net=settled.net if settled else to_usdc(0), bonus=settled.bonus if settled else to_usdc(0),
             latency_ms=(billing_started - plan.started) * 1000,
             billing_ms=(time.perf_counter() - billing_started) * 1000, counted_by=counted_by,
-            pricing=self._meter.pricing.to_dict()))
+            pricing=self._meter.pricing.to_dict()), settled.remaining if settled else None)
 
     def _stream_tokens(self, plan: _Plan, usage: Any, text: str, chunks: int) -> tuple[int, int, str]:
         """Tokens delivered by a stream: the server's usage, else counted from the text received."""
@@ -154,6 +193,7 @@ class PaidInferenceClient(_PaidMixin, InferenceClient):
         escrow_id: bill an escrow the buyer already holds.
         tokenizer: a tokenizer or local path, to count prompts and streams that end without usage.
         max_tokens: the bound reserved for calls that give no max_tokens.
+        hold_ttl_seconds: how long a call's hold may last (the ledger caps it at its maximum).
 
     Example:
         >>> client = PaidInferenceClient("http://127.0.0.1:8000/v1", escrow=esc, seller="seller",
@@ -165,9 +205,10 @@ class PaidInferenceClient(_PaidMixin, InferenceClient):
 
     def __init__(self, model: str | None = None, *, escrow: Any, pricing: Any, seller: str | None = None,
                  budget: Any = None, escrow_id: str | None = None, tokenizer: Any = None,
-                 max_tokens: int = DEFAULT_MAX_TOKENS, ttl_seconds: float = 3600, **kwargs: Any):
+                 max_tokens: int = DEFAULT_MAX_TOKENS, ttl_seconds: float = 3600,
+                 hold_ttl_seconds: float = DEFAULT_HOLD_TTL_S, **kwargs: Any):
         super().__init__(model, **kwargs)
-        sheet = self._setup(escrow, pricing, tokenizer, max_tokens)
+        sheet = self._setup(escrow, pricing, tokenizer, max_tokens, hold_ttl_seconds)
         if escrow_id is None:
             if seller is None or budget is None:
                 raise ValidationError("give seller= and budget= to open an escrow, or escrow_id= to use one")
@@ -175,18 +216,18 @@ class PaidInferenceClient(_PaidMixin, InferenceClient):
                                           meta={"model": str(model), "kind": "inference"})
         else:
             opened = escrow.get(escrow_id)
-        self._meter = Meter(opened.id, sheet, int(opened.remaining * 1_000_000))
+        self._meter = Meter(opened.id, sheet, opened.remaining)
 
     def chat_completion(self, messages: list, *, model: str | None = None, stream: bool = False,
                         max_tokens: int | None = None, **kwargs: Any) -> Any:
         """`InferenceClient.chat_completion`, paid: usage x price is released after the answer."""
         max_tokens = max_tokens or self.default_max_tokens
-        plan = self._plan_chat(messages, max_tokens)
+        plan = self._reserve(self._plan_chat(messages, max_tokens))
         try:
             result = super().chat_completion(messages, model=self._served_model(model), stream=stream,
                                              max_tokens=max_tokens, **kwargs)
         except BaseException:
-            self._meter.release_ticket(plan.ticket, 0)
+            self._void(plan)
             raise
         if stream:
             return self._metered_stream(plan, result)
@@ -197,12 +238,12 @@ class PaidInferenceClient(_PaidMixin, InferenceClient):
                         max_new_tokens: int | None = None, **kwargs: Any) -> Any:
         """`InferenceClient.text_generation`, paid per token (details, else the tokenizer)."""
         max_new_tokens = max_new_tokens or self.default_max_tokens
-        plan = self._plan_text(prompt, max_new_tokens)
+        plan = self._reserve(self._plan_text(prompt, max_new_tokens))
         try:
             result = super().text_generation(prompt, stream=stream, details=True, max_new_tokens=max_new_tokens,
                                              **kwargs)
         except BaseException:
-            self._meter.release_ticket(plan.ticket, 0)
+            self._void(plan)
             raise
         if stream:
             return self._metered_text_stream(plan, result, details)
@@ -220,11 +261,11 @@ class PaidInferenceClient(_PaidMixin, InferenceClient):
                                lambda: super(PaidInferenceClient, self).text_to_image(prompt, **kwargs))
 
     def _unit_call(self, task: str, unit: str, worst_units: int, count, call) -> Any:
-        plan = self._plan_units(task, unit, worst_units)
+        plan = self._reserve(self._plan_units(task, unit, worst_units))
         try:
             result = call()
         except BaseException:
-            self._meter.release_ticket(plan.ticket, 0)
+            self._void(plan)
             raise
         self._settle(plan, 0, 0, count(result), "units")
         return result
@@ -255,16 +296,47 @@ class PaidInferenceClient(_PaidMixin, InferenceClient):
             tokens_in, tokens_out, how = self._stream_tokens(plan, None, "".join(text), chunks)
             self._settle(plan, tokens_in, tokens_out, 0, how)
 
+    def _reserve(self, plan: _Plan) -> _Plan:
+        """Hold the call's worst case on the escrow, or refuse before the model is called."""
+        args = self._hold_args(plan)
+        if args is not None:
+            try:
+                self._held(plan, self.escrow.hold(**args))
+            except InsufficientFunds as error:
+                raise self._meter.refusal(plan.worst_micro, error) from None
+        return plan
+
+    def _void(self, plan: _Plan) -> None:
+        if plan.hold_id is not None:
+            try:
+                self.escrow.void(**self._void_args(plan))
+            except Exception as error:
+                self._void_failed(plan, error)
+
     def _settle(self, plan: _Plan, tokens_in: int, tokens_out: int, units: int, counted_by: str) -> CallReceipt:
         billing_started = time.perf_counter()
         cost = self._cost(plan, tokens_in, tokens_out, units)
         settled = None
-        try:
-            if cost or tokens_in or tokens_out:
-                settled = self.escrow.release(self.escrow_id, **self._release_args(plan, tokens_in, tokens_out, cost))
-        finally:
-            self._meter.release_ticket(plan.ticket, _taken_micro(settled))
+        if cost or tokens_in or tokens_out:
+            try:
+                settled = self._release(plan, tokens_in, tokens_out, cost)
+            except BaseException:
+                self._void(plan)
+                raise
+        else:
+            self._void(plan)
         return self._receipt(plan, tokens_in, tokens_out, units, cost, counted_by, settled, billing_started)
+
+    def _release(self, plan: _Plan, tokens_in: int, tokens_out: int, cost: int) -> Any:
+        """One release frees the call's hold and pays what was delivered, in one ledger transaction."""
+        try:
+            return self.escrow.release(self.escrow_id, **self._release_args(
+                plan, tokens_in, tokens_out, cost, plan.hold_id, plan.key + "-release"))
+        except StateConflict as error:
+            if not self._hold_gone(plan, error):
+                raise
+        return self.escrow.release(self.escrow_id, **self._release_args(
+            plan, tokens_in, tokens_out, cost, None, plan.key + "-late"))
 
     def finish(self) -> Any:
         """Close the escrow: what was used is already paid; the rest goes back to the buyer."""
@@ -293,10 +365,11 @@ class AsyncPaidInferenceClient(_PaidMixin, AsyncInferenceClient):
     """
 
     def __init__(self, model: str | None = None, *, escrow: Any, pricing: Any, escrow_id: str,
-                 remaining: Any, tokenizer: Any = None, max_tokens: int = DEFAULT_MAX_TOKENS, **kwargs: Any):
+                 remaining: Any, tokenizer: Any = None, max_tokens: int = DEFAULT_MAX_TOKENS,
+                 hold_ttl_seconds: float = DEFAULT_HOLD_TTL_S, **kwargs: Any):
         super().__init__(model, **kwargs)
-        sheet = self._setup(escrow, pricing, tokenizer, max_tokens)
-        self._meter = Meter(escrow_id, sheet, int(remaining * 1_000_000))
+        sheet = self._setup(escrow, pricing, tokenizer, max_tokens, hold_ttl_seconds)
+        self._meter = Meter(escrow_id, sheet, remaining)
 
     @classmethod
     async def open(cls, model: str | None = None, *, escrow: Any, pricing: Any, seller: str | None = None,
@@ -316,13 +389,13 @@ class AsyncPaidInferenceClient(_PaidMixin, AsyncInferenceClient):
                               max_tokens: int | None = None, **kwargs: Any) -> Any:
         """`AsyncInferenceClient.chat_completion`, paid."""
         max_tokens = max_tokens or self.default_max_tokens
-        plan = self._plan_chat(messages, max_tokens)
+        plan = await self._reserve(self._plan_chat(messages, max_tokens))
         try:
             served = await asyncio.to_thread(self._served_model, model)
             result = await super().chat_completion(messages, model=served, stream=stream, max_tokens=max_tokens,
                                                    **kwargs)
         except BaseException:
-            self._meter.release_ticket(plan.ticket, 0)
+            await self._void(plan)
             raise
         if stream:
             return self._metered_stream(plan, result)
@@ -342,14 +415,14 @@ class AsyncPaidInferenceClient(_PaidMixin, AsyncInferenceClient):
     async def _unit_call(self, task: str, unit: str, count, call) -> Any:
         """Reserve one unit, await `call` (a coroutine not started yet), settle the units it returned."""
         try:
-            plan = self._plan_units(task, unit, 1)
+            plan = await self._reserve(self._plan_units(task, unit, 1))
         except BaseException:
             call.close()
             raise
         try:
             result = await call
         except BaseException:
-            self._meter.release_ticket(plan.ticket, 0)
+            await self._void(plan)
             raise
         await self._settle(plan, 0, 0, count(result), "units")
         return result
@@ -368,17 +441,47 @@ class AsyncPaidInferenceClient(_PaidMixin, AsyncInferenceClient):
             tokens_in, tokens_out, how = self._stream_tokens(plan, usage, "".join(text), chunks)
             await self._settle(plan, tokens_in, tokens_out, 0, how)
 
+    async def _reserve(self, plan: _Plan) -> _Plan:
+        """Hold the call's worst case on the escrow, or refuse before the model is called."""
+        args = self._hold_args(plan)
+        if args is not None:
+            try:
+                self._held(plan, await _maybe_await(self.escrow.hold(**args)))
+            except InsufficientFunds as error:
+                raise self._meter.refusal(plan.worst_micro, error) from None
+        return plan
+
+    async def _void(self, plan: _Plan) -> None:
+        if plan.hold_id is not None:
+            try:
+                await _maybe_await(self.escrow.void(**self._void_args(plan)))
+            except Exception as error:
+                self._void_failed(plan, error)
+
     async def _settle(self, plan: _Plan, tokens_in: int, tokens_out: int, units: int, counted_by: str) -> CallReceipt:
         billing_started = time.perf_counter()
         cost = self._cost(plan, tokens_in, tokens_out, units)
         settled = None
-        try:
-            if cost or tokens_in or tokens_out:
-                settled = await _maybe_await(self.escrow.release(
-                    self.escrow_id, **self._release_args(plan, tokens_in, tokens_out, cost)))
-        finally:
-            self._meter.release_ticket(plan.ticket, _taken_micro(settled))
+        if cost or tokens_in or tokens_out:
+            try:
+                settled = await self._release(plan, tokens_in, tokens_out, cost)
+            except BaseException:
+                await self._void(plan)
+                raise
+        else:
+            await self._void(plan)
         return self._receipt(plan, tokens_in, tokens_out, units, cost, counted_by, settled, billing_started)
+
+    async def _release(self, plan: _Plan, tokens_in: int, tokens_out: int, cost: int) -> Any:
+        """One release frees the call's hold and pays what was delivered, in one ledger transaction."""
+        try:
+            return await _maybe_await(self.escrow.release(self.escrow_id, **self._release_args(
+                plan, tokens_in, tokens_out, cost, plan.hold_id, plan.key + "-release")))
+        except StateConflict as error:
+            if not self._hold_gone(plan, error):
+                raise
+        return await _maybe_await(self.escrow.release(self.escrow_id, **self._release_args(
+            plan, tokens_in, tokens_out, cost, None, plan.key + "-late")))
 
     async def finish(self) -> Any:
         """Close the escrow and refund what is left to the buyer."""
@@ -436,7 +539,3 @@ class paid_inference:  # noqa: N801 - used like a function: `with paid_inference
     async def __aexit__(self, *exc_info: Any) -> None:
         await self._client.finish()
 
-
-def _taken_micro(settled: Any) -> int:
-    """What a settling release took from the escrow (0 when none was made or it failed)."""
-    return parse_usdc(settled.gross, allow_zero=True) if settled is not None else 0

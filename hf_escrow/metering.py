@@ -1,21 +1,19 @@
-"""The buyer-side meter: reserve the worst case before a call, settle what was delivered.
+"""The buyer-side meter: what a call may cost at worst, and what each call cost.
 
 Pure bookkeeping, shared by the sync and async paid clients; the escrow calls themselves
-happen in `hf_escrow.inference`. A reservation is local (a lock and a sum) so that
-concurrent calls on one escrow never promise more than it holds; the ledger refuses an
-overdraw again when the call is settled.
+happen in `hf_escrow.inference`. The reservation itself is a ledger hold on the escrow,
+so that every process sharing the escrow sees it: no count in one process's memory.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
 from ._exceptions import InsufficientFunds, ValidationError
-from .money import format_usdc, to_usdc
+from .money import STREAK_BONUS_PCT, format_usdc, percent_of
 from .pricing import Pricing
 
 MAX_RECEIPTS = 10_000          # the receipt log keeps the newest calls only
@@ -90,14 +88,12 @@ def _messages_text(messages: list[dict]) -> str:
 
 
 class Meter:
-    """Reservations and receipts for one escrow, safe across threads."""
+    """Prices, the remainder the ledger last reported, and receipts for one escrow (thread-safe)."""
 
-    def __init__(self, escrow_id: str, pricing: Pricing, remaining_micro: int):
+    def __init__(self, escrow_id: str, pricing: Pricing, remaining: Decimal):
         self.escrow_id = escrow_id
         self.pricing = pricing
-        self._remaining_micro = remaining_micro
-        self._reserved: dict[int, int] = {}
-        self._ids = itertools.count()
+        self.remaining = remaining
         self._lock = threading.Lock()
         self.receipts: list[CallReceipt] = []
 
@@ -110,31 +106,25 @@ class Meter:
                                   "it is not for sale (add it to pricing)")
         return self.pricing.unit_micro(unit, count)
 
-    def reserve(self, worst_micro: int) -> int:
-        """Hold `worst_micro` of the remainder for one call, or refuse before the model is called."""
-        with self._lock:
-            free = self._remaining_micro - sum(self._reserved.values())
-            if worst_micro > free:
-                raise InsufficientFunds(
-                    f"escrow {self.escrow_id} has {format_usdc(max(free, 0))} USDC free, and this call may cost up "
-                    f"to {format_usdc(worst_micro)} USDC (prompt + max_tokens at the output price); lower "
-                    "max_tokens or fund a larger escrow", details={"free_micro": free, "worst_micro": worst_micro})
-            ticket = next(self._ids)
-            self._reserved[ticket] = worst_micro
-            return ticket
+    @staticmethod
+    def hold_micro(worst_micro: int) -> int:
+        """What a call holds: its worst case and the seller's streak bonus on it (the only
+        bonus a paid call can earn; the ledger pays it on top of the base)."""
+        return worst_micro + percent_of(worst_micro, STREAK_BONUS_PCT)
 
-    def release_ticket(self, ticket: int, spent_micro: int) -> None:
-        with self._lock:
-            self._reserved.pop(ticket, None)
-            self._remaining_micro -= spent_micro
-            assert self._remaining_micro >= 0, self._remaining_micro
+    def refusal(self, worst_micro: int, error: InsufficientFunds) -> InsufficientFunds:
+        """The ledger's refusal of a call's hold, said in the call's terms."""
+        free = int(error.details.get("remaining_micro", 0))
+        return InsufficientFunds(
+            f"escrow {self.escrow_id} has {format_usdc(max(free, 0))} USDC free (other calls' holds aside), and "
+            f"this call may cost up to {format_usdc(worst_micro)} USDC (prompt + max_tokens at the output price, "
+            "with the streak bonus on it); lower max_tokens or fund a larger escrow",
+            details={"free_micro": free, "worst_micro": worst_micro})
 
-    def record(self, receipt: CallReceipt) -> CallReceipt:
+    def record(self, receipt: CallReceipt, remaining: Decimal | None) -> CallReceipt:
         with self._lock:
             self.receipts.append(receipt)
             del self.receipts[:-MAX_RECEIPTS]
+            if remaining is not None:
+                self.remaining = remaining
         return receipt
-
-    @property
-    def remaining(self) -> Decimal:
-        return to_usdc(self._remaining_micro)

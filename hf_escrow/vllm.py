@@ -49,17 +49,14 @@ from typing import Any, AsyncIterator, Callable, Iterable
 
 from ._exceptions import ValidationError
 from ._models import Receipt
-from .money import percent_of, to_decimal, to_usdc
+from .money import QUALITY_BONUS_PCT, STREAK_BONUS_PCT, percent_of, to_decimal, to_usdc
 from .pricing import Pricing
 
 logger = logging.getLogger(__name__)
 
-# What the ledger pays on top of the base by default (LedgerConfig.quality_bonus_pct and
-# streak_bonus_pct; the vLLM guide's "+10% above 0.9" and "2% streak multiplier"). The
-# adapter never reads the ledger, so it mirrors them here to size the headroom it locks;
-# pass `headroom_pct` when a server is configured otherwise.
-QUALITY_BONUS_PCT = Decimal(10)
-STREAK_BONUS_PCT = Decimal(2)
+# What the ledger pays on top of the base by default (money.QUALITY_BONUS_PCT and
+# STREAK_BONUS_PCT; the vLLM guide's "+10% above 0.9" and "2% streak multiplier") size the
+# headroom the adapter locks; pass `headroom_pct` when a server is configured otherwise.
 DEFAULT_MAX_TOKENS = 16  # vLLM's own SamplingParams default
 
 try:  # Real vLLM where it is installed, so its SamplingParams pass straight through.

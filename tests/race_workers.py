@@ -244,3 +244,30 @@ def read_shards_on_key(url: str, api_key: str, shard_url: str, names: list[str],
             read += answer.status_code == 200
     return {"read": read, "statuses": statuses, "refusal": refusal, "escrow_ids": pay.escrow_ids,
             "mandate_budget_micro": pay.mandate.budget_micro, "locked_micro": pay.locked_micro}
+
+
+def paid_chat_calls(url: str, upstream: str, escrow_id: str, buyer: str, pricing: dict, messages: list,
+                    barrier, calls: int) -> dict:
+    """Chat completions through `PaidInferenceClient` on an escrow other processes share.
+
+    Returns each served call's usage and what its receipt says was taken, and how many were
+    refused (InsufficientFunds, before the model was called).
+    """
+    from hf_escrow import InsufficientFunds, PaidInferenceClient, connect
+    client = PaidInferenceClient(upstream, escrow=connect(agent=buyer, database_url=url), escrow_id=escrow_id,
+                                 pricing=pricing)
+    served, refused = [], 0
+    barrier.wait(timeout=MAX_SECONDS)  # both processes start calling at the same moment
+    deadline = time.monotonic() + MAX_SECONDS
+    for step in range(min(calls, MAX_OPS)):
+        if time.monotonic() > deadline:
+            break
+        try:
+            out = client.chat_completion(messages, max_tokens=4 + step % 5)
+        except InsufficientFunds:
+            refused += 1
+            continue
+        receipt = client.receipts[-1]
+        served.append({"usage": (out.usage.prompt_tokens, out.usage.completion_tokens),
+                       "receipt": (receipt.tokens_in, receipt.tokens_out, str(receipt.gross), str(receipt.bonus))})
+    return {"served": served, "refused": refused}

@@ -305,6 +305,40 @@ def test_non_amounts_raise_invalid_amount_from_every_client(mode, bad, tmp_path)
     asyncio.run(run())
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_release_with_the_buyers_own_hold_from_every_client(mode, tmp_path):
+    """The hold is freed and the release paid in one step; another's, a closed or a malformed hold is refused alike."""
+
+    async def run():
+        m = Mode(mode, tmp_path)
+        try:
+            buyer, seller = m.client("buyer"), m.client("seller")
+            await call(buyer.register, "buyer")
+            await call(seller.register, "seller")
+            await call(buyer.claim_faucet)
+            e, elsewhere = await call(buyer.create_escrow, "seller", "1"), await call(buyer.create_escrow, "seller", "1")
+            mine = await call(buyer.hold, e.id, "0.4", ttl_seconds=60)
+            sellers = await call(seller.hold, e.spend_token, "0.1")
+            other = await call(buyer.hold, elsewhere.id, "0.1")
+            before = snapshot(m.ledger)
+            for error, hold_id in ((Forbidden, sellers.id), (NotFound, other.id), (ValidationError, "x" * 41)):
+                await refused(error, buyer.release, e.id, "0.2", refund_remainder=False, hold_id=hold_id)
+            assert snapshot(m.ledger) == before
+            r = await call(buyer.release, e.id, "0.2", refund_remainder=False, hold_id=mine.id, idempotency_key="k1")
+            assert (r.gross, r.hold.status, r.escrow.held, r.remaining) == (D("0.2"), "voided", D("0.1"), D("0.7"))
+            again = await call(buyer.release, e.id, "0.2", refund_remainder=False, hold_id=mine.id,
+                               idempotency_key="k1")
+            assert (again.gross, again.escrow.paid) == (D("0.2"), D("0.2"))
+            await refused(StateConflict, buyer.release, e.id, "0.2", refund_remainder=False, hold_id=mine.id)
+        finally:
+            await m.close()
+
+    asyncio.run(run())
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    assert_audit_clean(ledger)
+    ledger.close()
+
+
 # ---- retries of the HTTP client ------------------------------------------------------------------------------------
 
 

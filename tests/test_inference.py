@@ -4,7 +4,9 @@ both served by `transformers serve` on 127.0.0.1, and a local embeddings/image e
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from pathlib import Path
@@ -17,7 +19,8 @@ from hf_escrow.ledger import Ledger
 from hf_escrow.localmodel import served_model
 from hf_escrow.money import split_payout, to_usdc
 
-from .helpers import assert_audit_clean
+from . import race_workers
+from .helpers import assert_audit_clean, parties
 from .liveserver import free_port, serve_app
 from .models import build_tiny_chat_model, unit_app
 
@@ -118,7 +121,9 @@ def test_failed_calls_cost_nothing(units_url, market):
     with pytest.raises(Exception):
         closed.chat_completion(MSGS, max_tokens=4)
     for c in (client, closed):
-        assert c.finish().escrow.paid == 0 and c.remaining == Decimal("0.01")
+        assert buyer.holds(c.escrow_id) == []   # the failed call's hold was voided at once
+        end = c.finish().escrow
+        assert (end.paid, end.held, end.refunded) == (0, 0, Decimal("0.01")) and c.remaining == Decimal("0.01")
 
 
 def test_per_vector_and_per_image_billing(units_url, market):
@@ -159,6 +164,23 @@ def test_concurrent_calls_never_overdraw_one_escrow(tiny_url, market):
     assert "refused" in outcomes and "served" in outcomes
     escrow = client.finish().escrow
     assert escrow.paid <= Decimal("0.0015") and escrow.paid == sum(r.gross for r in client.receipts)
+
+
+def test_a_stream_read_past_its_holds_ttl_is_still_paid_exactly(tiny_url, market):
+    """The hold expires while the buyer reads slowly: the release pays from the free remainder instead."""
+    ledger, buyer = market
+    client = hf_escrow.PaidInferenceClient(tiny_url, escrow=buyer, seller="seller", budget="0.05",
+                                           pricing=PRICES, hold_ttl_seconds=1)
+    stream = client.chat_completion(MSGS, max_tokens=6, stream=True)
+    first = next(stream)
+    hold_id = buyer.holds(client.escrow_id)[0].id
+    time.sleep(1.2)
+    chunks = [first, *stream]
+    usage = chunks[-1].usage
+    assert buyer.get_hold(hold_id).status in ("open", "expired")   # past its TTL, swept or not
+    end = client.finish().escrow
+    assert end.paid == to_usdc(Pricing.coerce(PRICES).tokens_micro(usage.prompt_tokens, usage.completion_tokens))
+    assert (end.held, client.receipts[-1].gross, buyer.get_hold(hold_id).status) == (0, end.paid, "expired")
 
 
 def test_abandoned_stream_pays_delivered_tokens_only(tiny_url, tiny_dir, market):
@@ -285,3 +307,47 @@ def test_receipts_show_what_the_ledger_took_with_the_sellers_streak_bonus(tiny_u
     assert receipt.bonus == to_usdc(round(base * 2 / 100)) and receipt.bonus > 0
     assert receipt.gross == to_usdc(base) + receipt.bonus == escrow.paid
     assert receipt.net + receipt.fee == receipt.gross
+
+
+RACE_PRICES = {"input_per_1k": "0.01", "output_per_1k": "0.01"}
+RACE_ESCROW = "0.004"        # about a dozen calls' worth: the two processes ask for about three times as much
+RACE_CALLS = 20
+RACE_TIMEOUT_S = 240
+
+
+@pytest.mark.slow
+def test_two_buyer_processes_sharing_one_escrow_never_reserve_more_than_it_has(tiny_url, db_url):
+    """Two processes, one escrow, a real model: held + paid never above the escrow, each served
+    call paid exactly its usage x price, each refused call costs nothing, no hold left open."""
+    ledger = Ledger(db_url)
+    parties(ledger, "buyer", "seller", fund="1")
+    e = ledger.create_escrow("buyer", "seller", RACE_ESCROW, pricing=RACE_PRICES)
+    amount, sheet = e["amount_micro"], Pricing.coerce(RACE_PRICES)
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, context.Pool(2) as pool:
+        barrier = manager.Barrier(2)
+        pending = pool.starmap_async(race_workers.paid_chat_calls, [
+            (db_url, tiny_url, e["id"], "buyer", RACE_PRICES, MSGS, barrier, RACE_CALLS) for _ in range(2)])
+        peak_held = 0
+        deadline = time.monotonic() + RACE_TIMEOUT_S
+        while not pending.ready() and time.monotonic() < deadline:
+            view = ledger.get("buyer", e["id"])
+            assert view["paid_micro"] + view["held_micro"] <= amount and view["remaining_micro"] >= 0, view
+            peak_held = max(peak_held, view["held_micro"])
+            time.sleep(0.02)
+        results = pending.get(timeout=RACE_TIMEOUT_S)
+
+    served = [call for result in results for call in result["served"]]
+    assert all(result["served"] for result in results), "a process was never served: no sharing shown"
+    assert sum(result["refused"] for result in results) > 0, "the escrow was never too small: no race"
+    assert peak_held > 0, "no hold was ever seen from outside the processes"
+    for call in served:
+        tokens_in, tokens_out, gross, bonus = call["receipt"]
+        assert (tokens_in, tokens_out) == call["usage"] and bonus == "0.000000"
+        assert Decimal(gross) == to_usdc(sheet.tokens_micro(*call["usage"]))
+    end = ledger.get("buyer", e["id"])
+    assert end["paid_micro"] == sum(sheet.tokens_micro(*call["usage"]) for call in served)
+    assert (end["tokens_in"], end["tokens_out"]) == tuple(map(sum, zip(*(call["usage"] for call in served))))
+    assert end["held_micro"] == 0 and ledger.holds("buyer", e["id"]) == []
+    assert_audit_clean(ledger)
+    ledger.close()

@@ -647,3 +647,73 @@ def test_late_captures_racing_a_sweeper_are_refused_and_free_each_hold_once(worl
         assert conn.scalar(select(func.count()).select_from(transactions).where(transactions.c.kind == "capture")) == 0
     assert sum(e["held_micro"] + e["paid_micro"] for e in world.history("buyer")) == 0
     assert_audit_clean(world)
+
+
+# ---- release with the buyer's own hold ------------------------------------------------
+
+def test_a_release_with_the_buyers_hold_frees_it_as_a_void_and_pays_in_one_transaction(world):
+    e = escrow(world, "1")
+    other = world.hold("buyer", e["id"], "0.3")        # another call's reservation, left alone
+    h = world.hold("buyer", e["id"], "0.6")
+    # Only 0.1 is free besides the hold: the release is paid out of what the hold frees.
+    r = world.release("buyer", e["id"], "0.5", refund_remainder=False, hold_id=h["id"],
+                      usage={"prompt_tokens": 3, "completion_tokens": 4}, idempotency_key="call-1")
+    assert (r["gross_micro"], r["status"], r["hold"]["status"], r["hold"]["id"]) == \
+        (M("0.5"), "active", "voided", h["id"])
+    assert (r["escrow"]["held_micro"], r["remaining_micro"]) == (M("0.3"), M("0.2"))
+    assert world.get_hold("buyer", h["id"])["closed_at_ms"] is not None
+    assert hold_events(world, "hold_closed") == Counter({h["id"]: 1})
+    with world.engine.connect() as conn:
+        data = conn.scalar(select(escrow_events.c.data).where(escrow_events.c.kind == "hold_closed"))
+    assert (data["freed_micro"], data["captured_micro"]) == (M("0.6"), 0)
+    # A replay answers as the first time and moves nothing; a second use of the hold is refused.
+    again = world.release("buyer", e["id"], "0.5", refund_remainder=False, hold_id=h["id"],
+                          usage={"prompt_tokens": 3, "completion_tokens": 4}, idempotency_key="call-1")
+    assert again == r and view(world, e["id"])["paid_micro"] == M("0.5")
+    refused(world, StateConflict, world.release, "buyer", e["id"], "0.1", refund_remainder=False, hold_id=h["id"])
+    refused(world, IdempotencyConflict, world.release, "buyer", e["id"], "0.5", refund_remainder=False,
+            hold_id=other["id"], usage={"prompt_tokens": 3, "completion_tokens": 4}, idempotency_key="call-1")
+    assert view(world, e["id"])["held_micro"] == M("0.3")
+    assert_audit_clean(world)
+
+
+def test_a_release_with_a_hold_not_the_callers_own_open_one_is_refused_with_nothing_moved(world, clock):
+    e, elsewhere = escrow(world, "1"), escrow(world, "1")
+    sellers = world.hold("seller", e["spend_token"], "0.2")
+    mine_elsewhere = world.hold("buyer", elsewhere["id"], "0.2")
+    voided = world.hold("buyer", e["id"], "0.1")
+    world.void("buyer", voided["id"])
+    assert "maker" in refused(world, Forbidden, world.release, "buyer", e["id"], "0.1", refund_remainder=False,
+                              hold_id=sellers["id"]).message
+    refused(world, NotFound, world.release, "buyer", e["id"], "0.1", refund_remainder=False,
+            hold_id=mine_elsewhere["id"])
+    refused(world, NotFound, world.release, "buyer", e["id"], "0.1", refund_remainder=False,
+            hold_id="hold_" + "0" * 24)
+    refused(world, StateConflict, world.release, "buyer", e["id"], "0.1", refund_remainder=False,
+            hold_id=voided["id"])
+    for malformed in ("", "x" * 41, 12, "hold_\x00"):
+        refused(world, ValidationError, world.release, "buyer", e["id"], "0.1", hold_id=malformed)
+    # The seller's own hold does not let the seller release (only the buyer releases).
+    refused(world, Forbidden, world.release, "seller", e["id"], "0.1", hold_id=sellers["id"])
+    # An expired hold is refused and freed once, by that refusal.
+    late = world.hold("buyer", e["id"], "0.3", ttl_seconds=5)
+    clock.advance(6)
+    with pytest.raises(StateConflict, match="expired"):
+        world.release("buyer", e["id"], "0.1", refund_remainder=False, hold_id=late["id"])
+    assert world.get_hold("buyer", late["id"])["status"] == "expired"
+    assert (view(world, e["id"])["paid_micro"], view(world, e["id"])["held_micro"]) == (0, M("0.2"))
+    assert_audit_clean(world)
+
+
+def test_a_budgeted_keys_release_with_its_own_hold_counts_as_its_owners(world):
+    key = world.create_key("buyer", budget="1", sellers=["seller"])
+    me = "@" + key["key_id"]
+    e = world.create_escrow(me, "seller", "0.5")
+    h = world.hold(me, e["id"], "0.4")
+    r = world.release(me, e["id"], "0.1", refund_remainder=False, hold_id=h["id"])
+    assert (r["gross_micro"], r["hold"]["status"], r["escrow"]["held_micro"]) == (M("0.1"), "voided", 0)
+    closed = world.release(me, e["id"], "0")
+    assert closed["refunded_micro"] == M("0.4")
+    spent = world.key("buyer", key["key_id"])
+    assert (spent["paid_micro"], spent["refunded_micro"], spent["left_micro"]) == (M("0.1"), M("0.4"), M("0.9"))
+    assert_audit_clean(world)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from .._exceptions import ValidationError
-from ..money import parse_usdc
+from ..money import QUALITY_BONUS_PCT, STREAK_BONUS_PCT, parse_usdc
 
 
 @dataclass(frozen=True)
@@ -17,8 +17,8 @@ class LedgerConfig:
     faucet_enabled: bool = True
     faucet_amount_micro: int = 10_000_000   # 10 USDC of test money per claim
     faucet_interval_s: int = 86_400
-    quality_bonus_pct: Decimal = Decimal(10)
-    streak_bonus_pct: Decimal = Decimal(2)
+    quality_bonus_pct: Decimal = QUALITY_BONUS_PCT
+    streak_bonus_pct: Decimal = STREAK_BONUS_PCT
     streak_days: int = 7
     hold_max_ttl_s: int = 900          # a seller cannot keep a buyer's money reserved longer
     hold_grace_s: int = 30             # a closed escrow's open holds still capture this long

@@ -31,7 +31,7 @@ from .config import LedgerConfig
 from .journal import Leg, agent_account, escrow_account
 from .group import GroupCommitter
 from .batch import Operation
-from .holds import MAX_BATCH_ITEMS, SPEND_TOKEN_PREFIX, HoldOperations
+from .holds import MAX_BATCH_ITEMS, SPEND_TOKEN_PREFIX, HoldOperations, check_hold_id
 from .keys import KEY_PREFIX, KeyOperations, is_key_identity
 from .milestones import MilestoneOperations, check_number
 from .records import OPEN_STATUSES, escrow_dict, event_dict, receipt_dict, split_data
@@ -339,15 +339,20 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
 
     def release(self, agent_id: str, escrow_id: str, amount: Any = None, *, refund_remainder: bool = True,
                 usage: dict | None = None, price_per_token: Any = None, quality_score: Any = None,
-                throughput_tps: Any = None, meta: dict | None = None,
+                throughput_tps: Any = None, meta: dict | None = None, hold_id: str | None = None,
                 idempotency_key: str | None = None) -> dict:
         """The buyer pays the seller (an amount, or usage x price, plus earned bonuses).
 
         Without `amount` or `usage`, the whole remainder is paid. A usage-priced amount is
         capped at the remainder; an explicit amount above it is refused.
+
+        `hold_id`: the buyer's own open hold on this escrow (the call's reservation), freed
+        as a void frees it in the same transaction, just before the payment: what it
+        reserved pays this release, and no other caller can take it in between.
         """
         if not isinstance(refund_remainder, bool):
             raise ValidationError("refund_remainder must be true or false")
+        check_hold_id(hold_id, optional=True)
         amount_micro = None if amount is None else parse_usdc(amount, allow_zero=True)
         tokens_in, tokens_out = rules.usage_tokens(usage)
         price = None if price_per_token is None else to_decimal(price_per_token, what="price_per_token")
@@ -357,9 +362,14 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
                    "usage": None if usage is None else [tokens_in, tokens_out],
                    "price_per_token": None if price is None else str(price), "quality_score": quality,
                    "throughput_tps": tps, "meta": _check_meta(meta)}
+        if hold_id is not None:
+            request["hold_id"] = hold_id  # absent otherwise: keys stored before it answer as they did
 
         def fn(conn: Connection, now_ms: int) -> dict:
             row = self._locked(conn, escrow_id, agent_id, now_ms, role="buyer", states=OPEN_STATUSES)
+            freed_hold = None
+            if hold_id is not None:
+                row, freed_hold = self._void_own_hold(conn, row, agent_id, hold_id, now_ms)
             remaining = int(row.remaining_micro)
             base = self._release_base(row, remaining, amount_micro, usage, tokens_in, tokens_out, price)
             bonus = rules.capped(rules.earned_bonus(
@@ -375,7 +385,9 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
                                         "quality_micro": bonus.quality_micro, "streak_micro": bonus.streak_micro},
                            refunded_micro=refunded, rounded_from=_rounded(amount), **split_data(split))
             self._event(conn, escrow_id, "released", agent_id, now_ms, meta=request["meta"],
-                        tokens_in=tokens_in, tokens_out=tokens_out, **amounts)
+                        tokens_in=tokens_in, tokens_out=tokens_out, hold_id=hold_id, **amounts)
+            if freed_hold is not None:
+                amounts["hold"] = freed_hold
             return receipt_dict("release", self._escrow(conn, escrow_id), **amounts)
 
         return self._mutate(agent_id, "release", request, idempotency_key, fn)

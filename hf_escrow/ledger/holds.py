@@ -5,6 +5,8 @@ A hold is a reservation row, not a transfer: the money stays in the escrow's acc
 the spendable remainder. A capture pays the seller out of a hold with the usual fee and
 referral split (one journal transaction, like a deduct); `final` or `void` frees the
 rest. Once the escrow is closed, whatever a hold frees goes straight back to the buyer.
+A buyer's own hold (a buyer-side reservation) may also be freed by the release that pays
+for its work (`Ledger.release(hold_id=...)`), as a void frees it, in that same transaction.
 
 Every hold expires: at most `hold_max_ttl_s` after it was made, `hold_grace_s` after its
 escrow closed, and `hold_grace_s` after its escrow's own expiry. An expired hold is
@@ -21,7 +23,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select, update
 
-from .._exceptions import Forbidden, NotFound, ValidationError
+from .._exceptions import Forbidden, NotFound, StateConflict, ValidationError
 from ..money import parse_usdc
 from . import idempotency, rules
 from .batch import Batch, Operation, refused
@@ -208,6 +210,28 @@ class HoldOperations:
         self._refund(conn, row, freed_micro, now_ms)
         return freed_micro
 
+    def _void_own_hold(self, conn: Connection, row: Any, agent_id: str, hold_id: str, now_ms: int) -> tuple[Any, dict]:
+        """Free the caller's own open hold on this (locked) escrow as a void frees it.
+
+        Returns the escrow row as it is now and the hold as it was left. Another party's
+        hold, another escrow's, a closed or an expired one is refused: nothing is freed.
+        """
+        hold = conn.execute(HOLD_ROW_FOR_UPDATE, {"hid": hold_id}).first()
+        if hold is None or hold.escrow_id != row.escrow_id:
+            raise NotFound(f"hold {hold_id!r} not found among your holds on escrow {row.escrow_id}")
+        if hold.holder != self._acting(row, agent_id):
+            raise Forbidden(f"hold {hold_id} was made by {hold.holder!r}; only its maker may free it")
+        if hold.status != "open":
+            raise StateConflict(f"hold {hold_id} is {hold.status}; release without it, or hold again")
+        if hold.expires_at_ms <= now_ms:
+            raise rules.Expired(hold_id=hold_id)
+        freed = int(hold.amount_micro - hold.captured_micro)
+        self._free(conn, row, hold, freed, "voided", now_ms)
+        self._event(conn, row.escrow_id, "hold_closed", agent_id, now_ms, hold_id=hold_id,
+                    captured_micro=int(hold.captured_micro), freed_micro=freed)
+        return conn.execute(ESCROW, {"eid": row.escrow_id}).first(), hold_dict(conn.execute(
+            HOLD_BY_ID, {"hid": hold_id}).first())
+
     def _settle_escrow_expiry(self, conn: Connection, row: Any, now_ms: int) -> Any:
         """An open escrow past its TTL is expired here (its holds keep their grace); the row as it is now."""
         if row.status in OPEN_STATUSES and row.expires_at_ms <= now_ms:
@@ -217,14 +241,20 @@ class HoldOperations:
         return row
 
 
+def check_hold_id(hold_id: Any, *, optional: bool = False) -> None:
+    if hold_id is None and optional:
+        return
+    if not rules.is_key_text(hold_id, HOLD_ID_CHARS):
+        raise ValidationError("hold_id must be the id of a hold, such as hold_0123...")
+
+
 def _capture_request(hold_id: Any, amount: Any, final: Any, usage: Any) -> dict:
     if not isinstance(final, bool):
         raise ValidationError("final must be true or false")
     amount_micro = parse_usdc(amount, allow_zero=True)
     if amount_micro == 0 and not final:
         raise ValidationError("a capture of 0 pays nothing: give an amount, or final=true to free the rest")
-    if not rules.is_key_text(hold_id, HOLD_ID_CHARS):
-        raise ValidationError("hold_id must be the id of a hold, such as hold_0123...")
+    check_hold_id(hold_id)
     return {"hold_id": hold_id, "amount_micro": amount_micro, "final": final,
             "usage": list(rules.usage_tokens(usage))}
 

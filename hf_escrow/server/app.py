@@ -134,7 +134,8 @@ def _hf_routes(ledger: Ledger, Agent) -> APIRouter:
         return receipt_view(ledger.release(
             agent_id, escrow_id, body.amount_usdc, refund_remainder=body.refund_remainder, usage=_usage(body.usage),
             price_per_token=body.price_per_token, quality_score=body.quality_score,
-            throughput_tps=body.throughput_tps, meta=body.meta, idempotency_key=idempotency_key))
+            throughput_tps=body.throughput_tps, meta=body.meta, hold_id=body.hold_id,
+            idempotency_key=idempotency_key))
 
     @router.post("/escrow/{escrow_id}/cancel")
     def cancel(escrow_id: str, agent_id: Agent, body: bodies.Cancel | None = None,

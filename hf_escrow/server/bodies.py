@@ -48,6 +48,8 @@ class Release(_Body):
     price_per_token: Optional[Amount] = None
     quality_score: Optional[Score] = None
     throughput_tps: Optional[Score] = None
+    hold_id: Optional[StrictStr] = Field(None, description="Your own open hold on this escrow, freed to pay "
+                                                           "this release in the same transaction")
 
 
 class Cancel(_Body):
