@@ -109,9 +109,12 @@ def create_gateway(upstream: str, *, escrow: Any, pricing: Any, tokenizer: Any =
     install_ops(app, ready=escrow.me, admin_key=admin_key())
     app.router.on_shutdown.append(gateway.client.aclose)
 
+    # The smallest useful escrow pays one short request (16 prompt tokens) at the default
+    # output limit, or one vector where only embeddings are sold.
+    smallest_micro = sheet.tokens_micro(16, max_tokens) if sheet.sells_tokens else sheet.unit_micro("per_vector")
+
     def offer() -> challenge.Offer:
-        # The smallest useful escrow pays one short request (16 prompt tokens) at the default output limit.
-        return gateway.till.offer(sheet.to_dict(), sheet.tokens_micro(16, max_tokens), escrow_server=escrow_url,
+        return gateway.till.offer(sheet.to_dict(), smallest_micro, escrow_server=escrow_url,
                                   max_tokens_default=max_tokens)
 
     @app.exception_handler(EscrowError)

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from huggingface_hub import InferenceClient
-from openai import APIStatusError, OpenAI, PermissionDeniedError
+from openai import APIStatusError, OpenAI
 
 import hf_escrow
 from hf_escrow.gateway import EMBED_OVERHEAD_TOKENS, MAX_EMBED_INPUTS, create_gateway
@@ -133,7 +133,7 @@ def test_an_embedding_escrow_too_small_is_refused_before_the_model_runs(vectors_
     before = app.state.requests
     answer = httpx.post(f"{vectors_shop.url}/v1/embeddings", headers={"X-Escrow-Token": small.spend_token},
                         json={"input": TEXTS}, timeout=30)
-    assert answer.status_code == 402 and "embedding 5 input(s) may cost up to 0.000015" in answer.json()["message"]
+    assert answer.status_code == 402 and "embedding 5 input(s) may cost up to 0.000015" in answer.json()["message"], answer.json()
     assert app.state.requests == before and vectors_shop.paid(small.id) == 0
     # per token, the hold is the bytes bound: 11 bytes + overhead tokens
     bound = len("hello world") + EMBED_OVERHEAD_TOKENS
@@ -245,7 +245,8 @@ def test_completions_refuse_before_the_upstream_runs(completions_shop):
     other = hf_escrow.connect(agent="buyer", database_url=shop.db)
     revoked = shop.escrow("0.05")
     other.revoke_spend_tokens(revoked.id)
-    with pytest.raises(PermissionDeniedError):
+    with pytest.raises(APIStatusError) as stopped:   # a revoked token is a payment refusal, with its reason
         OpenAI(base_url=f"{shop.url}/v1", api_key="unused", default_headers={"X-Escrow-Token": revoked.spend_token}
                ).completions.create(model=str(shop.folder), prompt="hi", max_tokens=2)
+    assert stopped.value.status_code == 402 and stopped.value.response.json()["reason"] == "token_unknown_or_revoked"
     assert shop.relay.count == seen and shop.paid(e.id) == 0 and shop.paid(revoked.id) == 0
