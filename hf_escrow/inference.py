@@ -129,7 +129,8 @@ class _PaidMixin:
     @staticmethod
     def _hold_gone(plan: _Plan, error: StateConflict) -> bool:
         """The call's hold expired (a stream outlived its TTL): what was delivered is still owed."""
-        return plan.hold_id is not None and plan.hold_id in str(error)
+        return plan.hold_id is not None and error.details.get("hold_id") == plan.hold_id \
+            and error.details.get("hold_status") == "expired"
 
     def _cost(self, plan: _Plan, tokens_in: int, tokens_out: int, units: int) -> int:
         if plan.unit is not None:

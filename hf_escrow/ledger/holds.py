@@ -222,7 +222,8 @@ class HoldOperations:
         if hold.holder != self._acting(row, agent_id):
             raise Forbidden(f"hold {hold_id} was made by {hold.holder!r}; only its maker may free it")
         if hold.status != "open":
-            raise StateConflict(f"hold {hold_id} is {hold.status}; release without it, or hold again")
+            raise StateConflict(f"hold {hold_id} is {hold.status}; release without it, or hold again",
+                                details={"hold_id": hold_id, "hold_status": hold.status})
         if hold.expires_at_ms <= now_ms:
             raise rules.Expired(hold_id=hold_id)
         freed = int(hold.amount_micro - hold.captured_micro)

@@ -46,7 +46,8 @@ class Expired(Exception):
 def expired_error(expired: Expired) -> StateConflict:
     """How an operation refused for an expiry is answered (once the expiry is settled)."""
     if expired.hold_id is not None:
-        return StateConflict(f"hold {expired.hold_id} has expired; what it reserved was freed")
+        return StateConflict(f"hold {expired.hold_id} has expired; what it reserved was freed",
+                             details={"hold_id": expired.hold_id, "hold_status": "expired"})
     return StateConflict(f"escrow {expired.escrow_id} has expired; its remainder was refunded to the buyer")
 
 
