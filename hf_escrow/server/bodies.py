@@ -40,6 +40,16 @@ class Deduct(_Body):
     usage: Optional[Usage] = None
 
 
+class DeductItem(Deduct):
+    escrow_id: StrictStr
+    idempotency_key: Optional[StrictStr] = Field(None, description="Retry-safe key for this item alone.")
+
+
+class DeductMany(_Body):
+    items: list[DeductItem] = Field(max_length=MAX_CAPTURE_ITEMS,
+                                    description=f"At most {MAX_CAPTURE_ITEMS} deducts, in one transaction.")
+
+
 class Release(_Body):
     amount_usdc: Optional[Amount] = Field(None, description=AMOUNT_DOC + "; default: usage x price, else all")
     refund_remainder: StrictBool = True
