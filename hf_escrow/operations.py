@@ -197,7 +197,8 @@ OPERATIONS: dict[str, Operation] = {op.name: op for op in (
               (Field("escrow_id", PATH, strict=True),), returns=int, key="revoked",
               positional=("escrow_id",), mcp="escrow_revoke_tokens", cli="tokens revoke"),
     Operation("hold", "buyer or seller", "POST", "/api/escrow/{target}/holds", (
-        Field("target", TARGET), Field("amount", AMOUNT, "amount_usdc"), Field("ttl_seconds", NUMBER)),
+        Field("target", TARGET, strict=True), Field("amount", AMOUNT, "amount_usdc"),
+        Field("ttl_seconds", NUMBER)),
         keyed=True, returns=Hold, positional=("target", "amount"), token_path="/api/holds",
         mcp="escrow_hold", cli="hold"),
     Operation("capture", "hold maker", "POST", "/api/holds/{hold_id}/capture", (
