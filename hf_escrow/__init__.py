@@ -29,11 +29,11 @@ from .pricing import Pricing
 
 # The adapters import huggingface_hub, datasets or gradio; load them only when asked for.
 _LAZY = {
-    "PaidInferenceClient": "inference", "AsyncPaidInferenceClient": "inference", "paid_inference": "inference",
-    "load_paid_dataset": "datasets", "paid_shards": "datasets",
-    "paid": "gate", "Gate": "gate",
-    "EscrowedEngine": "vllm",
-    "AutoPay": "autopay", "Mandate": "autopay",
+    "PaidInferenceClient": "buyer.inference", "AsyncPaidInferenceClient": "buyer.inference", "paid_inference": "buyer.inference",
+    "load_paid_dataset": "buyer.datasets", "paid_shards": "buyer.datasets",
+    "paid": "seller.gate", "Gate": "seller.gate",
+    "EscrowedEngine": "buyer.vllm",
+    "AutoPay": "buyer.autopay", "Mandate": "buyer.autopay",
 }
 
 

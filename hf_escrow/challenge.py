@@ -34,7 +34,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ._exceptions import EscrowError
+from ._exceptions import EscrowError, PaymentRequired, ValidationError
 from .money import format_usdc
 
 SCHEME = "hf-escrow"
@@ -224,3 +224,50 @@ def _json(raw: bytes | str) -> Any:
 
 def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+# ---- the spend token a request carries ----------------------------------------------
+
+SPEND_TOKEN_PREFIX = "est_"
+API_KEY_PREFIX = "hfe_"
+MAX_TOKEN_CHARS = 80
+
+
+def spend_token_from(headers: Mapping[str, str] | None) -> str | None:
+    """The spend token a request carries in ``X-Escrow-Token`` (headers matched case-blind).
+
+    A buyer API key sent instead (as the token, or as ``Authorization: Bearer hfe_...``
+    with no token) is refused: keys never belong with a seller.
+    """
+    lowered = {str(k).lower(): str(v) for k, v in (headers or {}).items()}
+    token = lowered.get(TOKEN_HEADER.lower(), "").strip()
+    auth = lowered.get("authorization", "")
+    if not token and auth.lower().startswith("bearer ") and auth[7:].strip().startswith(API_KEY_PREFIX):
+        raise _key_sent()
+    return token or None
+
+
+def check_token(token: Any) -> str:
+    """A spend token as given, or PaymentRequired saying what to send instead."""
+    if token is None or (isinstance(token, str) and not token.strip()):
+        raise tag(PaymentRequired(
+            f"this is a paid endpoint: send the escrow's spend token in the {TOKEN_HEADER} header (create_escrow "
+            "returns it as spend_token; mint_spend_token makes more)"), NO_TOKEN)
+    if not isinstance(token, str) or len(token.strip()) > MAX_TOKEN_CHARS:
+        raise _malformed(f"{TOKEN_HEADER} must be a spend token such as est_...")
+    token = token.strip()
+    if token.startswith(API_KEY_PREFIX):
+        raise _key_sent()
+    if not token.startswith(SPEND_TOKEN_PREFIX):
+        raise _malformed(f"{TOKEN_HEADER} must be a spend token (est_...), the secret create_escrow returned")
+    return token
+
+
+def _malformed(message: str) -> ValidationError:
+    return tag(ValidationError(message), TOKEN_MALFORMED)
+
+
+def _key_sent() -> PaymentRequired:
+    return tag(PaymentRequired(
+        f"that is a buyer API key: never send it to a seller. Send the escrow's spend token (est_..., returned by "
+        f"create_escrow as spend_token) in the {TOKEN_HEADER} header"), API_KEY_SENT)

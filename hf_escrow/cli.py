@@ -517,7 +517,7 @@ def gateway(upstream: str = typer.Option(..., help="The OpenAI-compatible server
                      "holds go back to the buyers after it (the ledger caps it, 15 minutes by default).")):
     """Meter an OpenAI-compatible server: buyers pay per token from their escrows (X-Escrow-Token)."""
     import uvicorn
-    from .gateway import create_gateway
+    from .seller.gateway import create_gateway
     escrow = connect(escrow_url, api_key=api_key) if escrow_url else connect(agent=seller)
     if not escrow_url:
         ensure_registered(escrow, seller)

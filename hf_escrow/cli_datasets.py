@@ -46,7 +46,7 @@ def serve(folder: Path = typer.Argument(..., help="Folder of parquet/jsonl/csv/a
 
     from .client import connect
     from .money import parse_usdc
-    from .shardserver import create_shard_app
+    from .seller.shardserver import create_shard_app
     try:
         parse_usdc(price_per_shard, what="--price-per-shard", allow_zero=True)
         if escrow_url:

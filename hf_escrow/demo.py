@@ -152,7 +152,7 @@ def served_model_name(url: str, folder: Path | None) -> str:
 
 
 def _chat(buyer, seller: str, console: Console, model_url: str | None, model_dir: Path | None) -> str:
-    from .inference import PaidInferenceClient
+    from .buyer.inference import PaidInferenceClient
     with _model_server(console, model_url, model_dir) as (url, tokenizer):
         model = served_model_name(url, model_dir if model_url else Path(tokenizer))
         # The escrow names the model, not the server's URL: the dashboard's spend per model reads well.
@@ -191,9 +191,9 @@ def _model_server(console: Console, model_url: str | None, model_dir: Path | Non
 def _dataset(buyer, seller, console: Console) -> str:
     import datasets
 
-    from .datasets import load_paid_dataset
+    from .buyer.datasets import load_paid_dataset
     from .serving import serve_in_thread
-    from .shardserver import create_shard_app
+    from .seller.shardserver import create_shard_app
     datasets.disable_progress_bars()  # the demo prints its own one line per step
     with tempfile.TemporaryDirectory(prefix="hf-escrow-demo-shards-") as folder:
         _write_shards(Path(folder))
@@ -220,7 +220,7 @@ def _gradio(buyer, seller, console: Console) -> str:
     import gradio as gr
     from gradio_client import Client
 
-    from .gate import Gate
+    from .seller.gate import Gate
     gate = Gate(seller)
 
     @gate.paid(price=PRICE_PER_CALL, with_receipt=True)

@@ -28,7 +28,7 @@ from hf_escrow._exceptions import InsufficientFunds, PaymentRequired, Validation
 from hf_escrow.gateway import MAX_UNPAID_CHUNKS, create_gateway
 from hf_escrow.ledger import Ledger
 from hf_escrow.localmodel import served_model
-from hf_escrow.metering import TokenCounter
+from hf_escrow.tokens import TokenCounter
 from hf_escrow.money import to_usdc
 from hf_escrow.pricing import Pricing
 
