@@ -1,8 +1,9 @@
 """HTTP transports for `connect(url)` / `connect_async(url)`, on httpx.
 
-Each call becomes one request to the server's `/api` routes. Every mutation carries an
-`Idempotency-Key` (the caller's, or a fresh one per call); retries after connection
-errors, timeouts and 5xx answers resend the same key, so a retry never moves money twice.
+Each call becomes one request to the server's `/api` routes, built as its row in
+`hf_escrow.operations` says. Every keyed operation carries an `Idempotency-Key` (the
+caller's, or a fresh one per call); retries after connection errors, timeouts and 5xx
+answers resend the same key, so a retry never moves money twice.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import httpx
 from ._exceptions import InvalidAmount, TransportError, ValidationError, error_for_status
 from ._models import Agent
 from .money import to_decimal
-from .operations import ACTING, AMOUNT, BODY, FLAG, ITEMS, NUMBER, OPERATIONS, PATH, QUERY, TARGET, Field, Operation
+from .operations import ACTING, AMOUNT, FLAG, IN_BODY, ITEMS, NUMBER, OPERATIONS, PATH, QUERY, TARGET, Field, Operation
 
 RETRY_STATUSES = (502, 503, 504)
 BACKOFF_S = 0.2
@@ -62,10 +63,7 @@ def build_request(op: str, params: dict, agent: str | None) -> tuple[str, str, d
             query[field.sent_as] = "true" if value else "false"
         else:
             body[field.sent_as] = _wire_value(field, value, spec)
-    return spec.method, path, body if any(f.how in _IN_BODY for f in spec.fields) else None, query or None
-
-
-_IN_BODY = (BODY, AMOUNT, NUMBER, ITEMS, ACTING)
+    return spec.method, path, body if any(f.how in IN_BODY for f in spec.fields) else None, query or None
 
 
 def _wire_value(field: Field, value: Any, spec: Operation) -> Any:

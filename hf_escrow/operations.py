@@ -30,6 +30,7 @@ FLAG = "flag"        # in the query string as true/false; anything but a bool is
 ITEMS = "items"      # a batch: a list of items, each with the operation's `item` fields
 TARGET = "target"    # a spend token goes in the body to `token_path`, an escrow id fills {target}
 ACTING = "acting"    # no argument: the acting agent's id, in the body
+IN_BODY = (BODY, AMOUNT, NUMBER, ITEMS, ACTING)
 
 
 @dataclass(frozen=True)

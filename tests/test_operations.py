@@ -15,13 +15,12 @@ import typer
 from hf_escrow.client import EscrowClient
 from hf_escrow.ledger import Ledger
 from hf_escrow.operations import (
-    ACTING, ADAPTER_ROUTES, AMOUNT, BODY, FLAG, ITEMS, NUMBER, OPERATIONS, OPERATOR_ROUTES, PATH, QUERY, TARGET,
-    Exempt,
+    ACTING, ADAPTER_ROUTES, AMOUNT, BODY, FLAG, IN_BODY, ITEMS, NUMBER, OPERATIONS, OPERATOR_ROUTES, PATH, QUERY,
+    TARGET, Exempt,
 )
 from hf_escrow.server import create_app
 from hf_escrow.server.mcp_tools import build_mcp
 
-IN_BODY = (BODY, AMOUNT, NUMBER, ITEMS, ACTING)
 # Our API and the seeds' routes; health, metrics, docs, the dashboard and /mcp are no operations.
 OURS = re.compile(r"^/(api/|escrow/|register$|claim$)")
 
