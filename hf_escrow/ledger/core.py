@@ -16,7 +16,7 @@ import threading
 import time
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 from sqlalchemy import Connection, exc, false, func, insert, literal, select, update
 
@@ -38,6 +38,7 @@ from .records import OPEN_STATUSES, escrow_dict, event_dict, receipt_dict, split
 from .queries import ESCROW, ESCROW_FOR_UPDATE, INSERT_EVENT, PAYOUT
 from .schema import agents, escrow_events, escrows, holds, spend_tokens, transactions
 from .storage import default_database_url, open_engine
+from .writer import Writer
 
 AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 WALLET = re.compile(r"^0x[0-9a-f]{40}$")
@@ -70,10 +71,12 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
         self.config = config or LedgerConfig.from_env()
         self.clock = clock
         # Holds, captures, voids and deducts of concurrent callers share transactions.
+        self._writer = Writer(self.engine)
         self._group = GroupCommitter(self._settle)
         self._run(lambda conn, now: journal.ensure_system_accounts(conn))
 
     def close(self) -> None:
+        self._writer.close()
         self.engine.dispose()
 
     def now_ms(self) -> int:
@@ -81,11 +84,15 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
 
     # ---- transactions -------------------------------------------------------------
 
-    def _run(self, fn: Callable[[Connection, int], Any]) -> Any:
-        """Run `fn` in one write transaction, retrying lock conflicts a bounded number of times."""
+    def _run(self, fn: Callable[[Connection, int], Any],
+             begin: Callable[[], ContextManager[Connection]] | None = None) -> Any:
+        """Run `fn` in one write transaction, retrying lock conflicts a bounded number of times.
+
+        `begin` opens the transaction (default: a pooled connection's)."""
+        begin = begin or self.engine.begin
         for attempt in range(MAX_ATTEMPTS):
             try:
-                with self.engine.begin() as conn:
+                with begin() as conn:
                     return fn(conn, self.now_ms())
             except exc.IntegrityError:
                 # A concurrent twin committed first (same idempotency key, same agent id):
@@ -105,7 +112,7 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
     def _mutate(self, agent_id: str, op: str, request: dict, key: str | None,
                 fn: Callable[[Connection, int], dict]) -> dict:
         key = idempotency.check_key(key)
-        digest = idempotency.request_hash(op, request)
+        digest = idempotency.request_hash(op, request) if key is not None else None  # hashed only to be kept
 
         def transaction(conn: Connection, now_ms: int) -> dict:
             if key is not None:
