@@ -1,10 +1,10 @@
-"""The connection settlement transactions run on, kept open between them.
+"""A connection kept open between transactions, for the ledger's hottest paths.
 
 Checking a connection out of SQLAlchemy's pool and back in (reset, pre-ping, events)
 costs more Python than a whole capture's statements do. The group committer runs one
-transaction at a time, so it keeps one connection for itself: `begin()` hands that one
-out while nobody else holds it, and a pooled one when it is busy (a caller's own batch
-running beside the group's). A connection that failed in any way is closed, never
+transaction at a time, so it keeps one connection for itself, and key lookups keep
+another (read-only): `begin()` hands the kept one out while nobody else holds it, and a
+pooled one when it is busy (a caller's own batch running beside the group's). A connection that failed in any way is closed, never
 reused; one idle longer than `max_idle_s` goes back to the pool, so that the next
 transaction gets a pre-pinged one (a database restarted meanwhile is noticed there).
 """
@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Engine
 MAX_IDLE_S = 1.0
 
 
-class Writer:
+class KeptConnection:
     def __init__(self, engine: Engine, *, max_idle_s: float = MAX_IDLE_S):
         self._engine = engine
         self._max_idle_s = max_idle_s
