@@ -73,7 +73,9 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
         self.clock = clock
         # Holds, captures, voids and deducts of concurrent callers share transactions.
         self._writer = KeptConnection(self.engine)
-        self._reader = KeptConnection(self.engine.execution_options(readonly=True))
+        # Key lookups: one statement each, so on PostgreSQL no BEGIN/COMMIT round trips around it.
+        self._reader = KeptConnection(self.engine.execution_options(
+            **({"readonly": True} if self.engine.dialect.name == "sqlite" else {"isolation_level": "AUTOCOMMIT"})))
         self._group = GroupCommitter(self._settle)
         self._run(lambda conn, now: journal.ensure_system_accounts(conn))
 
