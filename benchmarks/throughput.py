@@ -3,6 +3,8 @@ each beside the ceiling it is measured against, all in one run.
 
     python benchmarks/throughput.py [--captures 400] [--http-clients 16] [--pg-captures 200]
 
+On PostgreSQL it also drives `hf-escrow serve --workers 1/2/4` with the same HTTP clients.
+
 A capture is timed on a hold made beforehand (the work's price known at the end). The
 ceilings are measured in the same run: raw SQLite commits/s (one INSERT per commit, WAL,
 synchronous=FULL, same file system) and `pgbench -N` on a scratch database created for
@@ -36,6 +38,7 @@ from tests.liveserver import free_port, wait_http  # noqa: E402
 BATCH = 100
 PGBENCH_S = 5
 THREADS = 16
+SERVE_WORKERS = (1, 2, 4)
 
 
 def world(ledger: Ledger, tag: str, funds: str = "1000") -> tuple[str, str, dict]:
@@ -92,34 +95,58 @@ def threaded(capture, holds: list[str], threads: int) -> float:
     return len(holds) / (time.perf_counter() - start)
 
 
-def start_server(db: str) -> tuple[subprocess.Popen, str]:
+def start_server(db: str, workers: int = 1) -> tuple[subprocess.Popen, str]:
+    """`hf-escrow serve` (uvloop and httptools where installed, as it runs for real)."""
     port = free_port()
-    env = dict(os.environ, HF_ESCROW_DATABASE_URL=db)
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "hf_escrow.server.app:create_app", "--factory",
-                             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"], env=env)
+    proc = subprocess.Popen([sys.executable, "-c", "from hf_escrow.cli import app; app()", "serve", "--host",
+                             "127.0.0.1", "--port", str(port), "--database-url", db, "--workers", str(workers)],
+                            stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/healthz", 60)
     return proc, url
 
 
+def http_rate(url: str, ledger: Ledger, seller: str, key: str, token: str, captures: int, clients: int) -> float:
+    """Captures/s from `clients` keep-alive clients at once, after one warm-up capture each."""
+    conns = [hf_escrow.connect(url, api_key=key) for _ in range(clients)]
+    try:
+        threaded(lambda n, h: conns[n].capture(h, "0.0005", final=True), make_holds(ledger, seller, token, clients),
+                 clients)
+        return threaded(lambda n, h: conns[n].capture(h, "0.0005", final=True),
+                        make_holds(ledger, seller, token, captures), clients)
+    finally:
+        for conn in conns:
+            conn.close()
+
+
 def http_figures(db: str, ledger: Ledger, seller: str, key: str, token: str, captures: int, clients: int) -> dict:
     proc, url = start_server(db)
     try:
-        conns = [hf_escrow.connect(url, api_key=key) for _ in range(clients)]
-        warm = make_holds(ledger, seller, token, clients)
-        threaded(lambda n, h: conns[n].capture(h, "0.0005", final=True), warm, clients)
-        one = make_holds(ledger, seller, token, min(captures, 200))
+        client = hf_escrow.connect(url, api_key=key)
         latencies = []
-        for hold_id in one:
+        for hold_id in make_holds(ledger, seller, token, min(captures, 200)):
             t = time.perf_counter()
-            conns[0].capture(hold_id, "0.0005", final=True)
+            client.capture(hold_id, "0.0005", final=True)
             latencies.append((time.perf_counter() - t) * 1000)
-        many = make_holds(ledger, seller, token, captures)
-        rate = threaded(lambda n, h: conns[n].capture(h, "0.0005", final=True), many, clients)
-        return {"rate": rate, "p50_ms": median(latencies)}
+        client.close()
+        return {"rate": http_rate(url, ledger, seller, key, token, captures, clients), "p50_ms": median(latencies)}
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def pg_served(url: str, workers: int, captures: int, clients: int) -> float:
+    """Captures/s through `hf-escrow serve --workers N` on one PostgreSQL database."""
+    ledger = Ledger(url)
+    buyer, seller, keys = world(ledger, f"served{workers}", "10000")
+    token = ledger.create_escrow(buyer, seller, "9000", ttl_seconds=3600)["spend_token"]
+    proc, base = start_server(url, workers)
+    try:
+        return http_rate(base, ledger, seller, keys[seller], token, captures, clients)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        ledger.close()
 
 
 def _pg_worker(url: str, tag: str, count: int, barrier) -> float:
@@ -207,6 +234,7 @@ def main() -> None:
             Ledger(url).close()  # migrate once, before the processes race to
             one = pg_captures_per_s(url, 1, args.pg_captures)
             eight = pg_captures_per_s(url, 8, args.pg_captures // 2)
+            served = {n: pg_served(url, n, args.http_captures, args.http_clients) for n in SERVE_WORKERS}
             bench1, bench8 = pgbench_tps(url, 1), pgbench_tps(url, 8)
         finally:
             drop()
@@ -217,6 +245,9 @@ def main() -> None:
             ("PostgreSQL captures/s, 8 processes", f"{eight:.0f}", ""),
             ("  / pgbench -N -c 8", ratio(eight, bench8), "goal >= 0.5"),
         ]
+        rows += [(f"PostgreSQL HTTP captures/s, serve --workers {n}, {args.http_clients} clients", f"{rate:.0f}",
+                  f"{rate / served[1]:.2f} x 1 worker; {ratio(rate, bench8)} of pgbench -c 8")
+                 for n, rate in served.items()]
     show("hf-escrow billing throughput", rows)
 
 

@@ -407,6 +407,10 @@ def _json_arg(text: str | None, flag: str) -> Any:
 def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
           port: int = typer.Option(8787, help="TCP port."), database_url: Optional[str] = DbOpt,
           workers: int = typer.Option(1, help="Server processes sharing the ledger."),
+          pool_size: Optional[int] = typer.Option(
+              None, min=2, max=200, help="PostgreSQL connections each worker keeps (as many again in bursts; "
+                                         "default $HF_ESCROW_POOL_SIZE, else 5): keep 2 x workers x this under "
+                                         "the database's max_connections."),
           faucet: Optional[bool] = typer.Option(
               None, "--faucet/--no-faucet", show_default=False,
               help="Offer free test USDC (default: only when --host is loopback; HF_ESCROW_FAUCET=0 always "
@@ -417,14 +421,17 @@ def serve(host: str = typer.Option("127.0.0.1", help="Interface to listen on."),
     import os
     import uvicorn
     from .ops.metrics import prepare_workers
+    from .serving import fast_loop
     os.environ["HF_ESCROW_FAUCET"] = "1" if _faucet_on(faucet, host, os.environ.get("HF_ESCROW_FAUCET")) else "0"
     metrics_dir = prepare_workers(workers, log_json=log_json)
     if database_url:
         os.environ["HF_ESCROW_DATABASE_URL"] = database_url
+    if pool_size is not None:
+        os.environ["HF_ESCROW_POOL_SIZE"] = str(pool_size)
     console.print(f"hf-escrow serving on http://{host}:{port} (docs: /docs, MCP: /mcp)")
     try:
         uvicorn.run("hf_escrow.server.app:create_app", factory=True, host=host, port=port, workers=workers,
-                    log_level="warning")
+                    log_level="warning", **fast_loop())
     finally:
         if metrics_dir:
             import shutil

@@ -7,6 +7,7 @@ own code, the way Gradio's ``launch(prevent_thread_lock=True)`` does for a Space
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import threading
 import time
 from typing import Any, Iterator
@@ -47,4 +48,11 @@ def serve_in_thread(app: Any, *, host: str = "127.0.0.1", port: int = 0,
         thread.join(timeout=STOP_TIMEOUT_S)
 
 
-__all__ = ["serve_in_thread"]
+def fast_loop() -> dict:
+    """uvicorn's options for uvloop's event loop and httptools' parser (dependencies of the
+    server extra), or its pure-Python ones where a platform has neither (uvloop: not Windows)."""
+    have = {name: importlib.util.find_spec(name) is not None for name in ("uvloop", "httptools")}
+    return {"loop": "uvloop" if have["uvloop"] else "asyncio", "http": "httptools" if have["httptools"] else "h11"}
+
+
+__all__ = ["fast_loop", "serve_in_thread"]

@@ -358,3 +358,34 @@ def test_server_processes_are_gone_after_the_context(tmp_path):
         assert httpx.get(urls[0] + "/healthz", timeout=5).json() == {"ok": True}
     with pytest.raises(httpx.HTTPError):
         httpx.get(urls[0] + "/healthz", timeout=2)
+
+
+def _status(url: str, method: str, path: str, key: str, body: dict | None = None) -> int:
+    return httpx.request(method, url + path, json=body, timeout=30,
+                         headers={"Authorization": f"Bearer {key}"}).status_code
+
+
+def test_a_key_rotated_or_revoked_on_one_server_stops_on_the_other_at_once(cluster):
+    """Whatever a server keeps between requests, a credential changed through the other
+    process is refused by this one on the very next request: an agent's rotated key, a
+    budgeted key its owner revoked, and the spend tokens a buyer revoked."""
+    a, b = cluster.urls
+    names, keys = cluster.agents("buyer", "seller")
+    escrow = cluster.ledger.create_escrow(names["buyer"], names["seller"], "5", ttl_seconds=3600)
+    budgeted = cluster.ledger.create_key(names["buyer"], budget="2")
+    hold = {"spend_token": escrow["spend_token"], "amount_usdc": "0.01", "ttl_seconds": 60}
+    for _ in range(20):  # warm whatever server B might keep of these credentials
+        assert _status(b, "GET", "/api/me", keys["seller"]) == 200
+        assert _status(b, "GET", "/api/keys/me", budgeted["api_key"]) == 200
+    assert _status(b, "POST", "/api/holds", keys["seller"], hold) == 201
+
+    rotated = httpx.post(a + "/api/me/key", headers={"Authorization": f"Bearer {keys['seller']}"}, timeout=30)
+    assert rotated.status_code == 200
+    assert _status(b, "GET", "/api/me", keys["seller"]) == 401
+    assert _status(b, "GET", "/api/me", rotated.json()["api_key"]) == 200
+
+    assert _status(a, "DELETE", f"/api/keys/{budgeted['key_id']}", keys["buyer"]) == 200
+    assert _status(b, "GET", "/api/keys/me", budgeted["api_key"]) == 401
+
+    assert _status(a, "DELETE", f"/api/escrow/{escrow['id']}/tokens", keys["buyer"]) == 200
+    assert _status(b, "POST", "/api/holds", rotated.json()["api_key"], hold) == 403

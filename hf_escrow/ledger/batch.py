@@ -69,7 +69,7 @@ class Operation:
     agent_id: str
     request: dict             # as hashed for its idempotency key
     key: str | None
-    digest: str
+    digest: str | None  # the request's hash, for its idempotency key (None without one)
     target: str | None = None  # a hold's spend token or escrow id; an operation's hold or escrow id
     rounded_from: str | None = None
     result: dict | None = None

@@ -16,7 +16,7 @@ import threading
 import time
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager
 
 from sqlalchemy import Connection, exc, false, func, insert, literal, select, update
 
@@ -26,7 +26,7 @@ from .._exceptions import (
 )
 from ..money import format_usdc, parse_usdc, split_over_life, to_decimal, was_rounded
 from ..pricing import Pricing
-from . import idempotency, journal, rules
+from . import idempotency, journal, rules, sql
 from .config import LedgerConfig
 from .journal import Leg, agent_account, escrow_account
 from .group import GroupCommitter
@@ -38,6 +38,7 @@ from .records import OPEN_STATUSES, escrow_dict, event_dict, receipt_dict, split
 from .queries import ESCROW, ESCROW_FOR_UPDATE, INSERT_EVENT, PAYOUT
 from .schema import agents, escrow_events, escrows, holds, spend_tokens, transactions
 from .storage import default_database_url, open_engine
+from .kept import KeptConnection
 
 AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 WALLET = re.compile(r"^0x[0-9a-f]{40}$")
@@ -48,6 +49,7 @@ MAX_EVENTS = 500
 SWEEP_BATCH = 500
 _PG_RETRYABLE = ("40001", "40P01")  # serialization failure, deadlock detected
 SECRET_FIELDS = ("spend_token", "api_key")   # shown once: never stored with an idempotent result
+_AGENT_BY_KEY = sql.Sql("SELECT agent_id FROM agents WHERE api_key_hash = :h")
 
 
 
@@ -70,10 +72,16 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
         self.config = config or LedgerConfig.from_env()
         self.clock = clock
         # Holds, captures, voids and deducts of concurrent callers share transactions.
+        self._writer = KeptConnection(self.engine)
+        # Key lookups: one statement each, so on PostgreSQL no BEGIN/COMMIT round trips around it.
+        self._reader = KeptConnection(self.engine.execution_options(
+            **({"readonly": True} if self.engine.dialect.name == "sqlite" else {"isolation_level": "AUTOCOMMIT"})))
         self._group = GroupCommitter(self._settle)
         self._run(lambda conn, now: journal.ensure_system_accounts(conn))
 
     def close(self) -> None:
+        self._writer.close()
+        self._reader.close()
         self.engine.dispose()
 
     def now_ms(self) -> int:
@@ -81,11 +89,15 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
 
     # ---- transactions -------------------------------------------------------------
 
-    def _run(self, fn: Callable[[Connection, int], Any]) -> Any:
-        """Run `fn` in one write transaction, retrying lock conflicts a bounded number of times."""
+    def _run(self, fn: Callable[[Connection, int], Any],
+             begin: Callable[[], ContextManager[Connection]] | None = None) -> Any:
+        """Run `fn` in one write transaction, retrying lock conflicts a bounded number of times.
+
+        `begin` opens the transaction (default: a pooled connection's)."""
+        begin = begin or self.engine.begin
         for attempt in range(MAX_ATTEMPTS):
             try:
-                with self.engine.begin() as conn:
+                with begin() as conn:
                     return fn(conn, self.now_ms())
             except exc.IntegrityError:
                 # A concurrent twin committed first (same idempotency key, same agent id):
@@ -105,7 +117,7 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
     def _mutate(self, agent_id: str, op: str, request: dict, key: str | None,
                 fn: Callable[[Connection, int], dict]) -> dict:
         key = idempotency.check_key(key)
-        digest = idempotency.request_hash(op, request)
+        digest = idempotency.request_hash(op, request) if key is not None else None  # hashed only to be kept
 
         def transaction(conn: Connection, now_ms: int) -> dict:
             if key is not None:
@@ -170,8 +182,11 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
         """The agent id that owns `api_key`, or the identity ("@key_...") of a budgeted key."""
         if not api_key or not isinstance(api_key, str):
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>' (register to get one)")
-        agent_id = self._read(lambda conn, now: conn.scalar(
-            select(agents.c.agent_id).where(agents.c.api_key_hash == hash_key(api_key))))
+        # Read afresh on every call (one indexed statement on a kept connection, no cache):
+        # a key rotated or revoked by any process stops at once.
+        with self._reader.begin() as conn:
+            found = sql.first(sql.execute(conn, _AGENT_BY_KEY, {"h": hash_key(api_key)}))
+        agent_id = found[0] if found else None
         if agent_id is None:
             agent_id = self.authenticate_key(api_key)
         if agent_id is None:

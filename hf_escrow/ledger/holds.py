@@ -117,8 +117,8 @@ class HoldOperations:
     def _operation(self, kind: str, agent_id: str, request: dict, key: str | None, target: Any,
                    rounded_from: str | None = None) -> Operation:
         key = idempotency.check_key(key)
-        return Operation(kind, agent_id, request, key, idempotency.request_hash(kind, request), target=target,
-                         rounded_from=rounded_from)
+        digest = idempotency.request_hash(kind, request) if key is not None else None  # hashed only to be kept
+        return Operation(kind, agent_id, request, key, digest, target=target, rounded_from=rounded_from)
 
     def _settle_one(self, op: Operation) -> dict:
         """One operation, committed in one transaction with those of concurrent callers."""
@@ -141,7 +141,7 @@ class HoldOperations:
         return result
 
     def _settle(self, operations: list[Operation]) -> None:
-        self._run(lambda conn, now_ms: Batch(self, conn, now_ms).run(operations))
+        self._run(lambda conn, now_ms: Batch(self, conn, now_ms).run(operations), self._writer.begin)
 
     def _settle_expired(self, operations: list[Operation]) -> None:
         """What refused operations found past its TTL, settled each in a transaction of its own."""

@@ -10,16 +10,21 @@ PostgreSQL runs at READ COMMITTED; the ledger takes row locks where it needs the
 from __future__ import annotations
 
 import os
+import sqlite3
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, exc, text
+
+from .._exceptions import ValidationError
 
 _MIGRATIONS = Path(__file__).with_name("migrations")
 SQLITE_BUSY_TIMEOUT_MS = 60_000
+DEFAULT_POOL_SIZE = 5
+MAX_POOL_SIZE = 200
 # One arbitrary, fixed key: every process migrating the same PostgreSQL database waits here.
 _PG_MIGRATION_LOCK = 0x6866_6573_6372
 
@@ -64,14 +69,30 @@ def _sqlite_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn):
-        readonly = conn.get_execution_options().get("readonly", False)
-        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+        statement = "BEGIN" if conn.get_execution_options().get("readonly", False) else "BEGIN IMMEDIATE"
+        # On the driver itself: SQLAlchemy's execute path costs more than the BEGIN does.
+        try:
+            conn.connection.driver_connection.execute(statement)
+        except sqlite3.Error as error:  # raised as SQLAlchemy's, so "database is locked" is retried
+            raise exc.DBAPIError.instance(statement, None, error, sqlite3.Error) from error
 
     return engine
 
 
+def pool_size() -> int:
+    """Connections each process keeps to a database server (`$HF_ESCROW_POOL_SIZE`, default 5);
+    as many again open in a burst. A process's settlements use one (group commit) and its key
+    lookups another; the rest serve the other routes. `serve --workers N` opens up to
+    2 x N x this many in all: keep that under the server's max_connections."""
+    text = os.environ.get("HF_ESCROW_POOL_SIZE", str(DEFAULT_POOL_SIZE))
+    if not text.isdigit() or not 2 <= int(text) <= MAX_POOL_SIZE:
+        raise ValidationError(f"HF_ESCROW_POOL_SIZE must be a whole number from 2 to {MAX_POOL_SIZE}, not {text!r}")
+    return int(text)
+
+
 def _server_engine(url: str) -> Engine:
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    size = pool_size()
+    return create_engine(url, pool_pre_ping=True, pool_size=size, max_overflow=size)
 
 
 def _alembic_config(connection) -> Config:
