@@ -208,3 +208,45 @@ def test_deduct_many_reports_a_bad_item_alone_and_replays_by_key(ledger):
     with pytest.raises(EscrowError, match="deduct 1"):
         ledger.deduct_many("seller", [(a["id"], "0.1"), (a["id"], "nan")])
     assert_audit_clean(ledger)
+
+
+def test_a_caller_interrupted_while_waiting_withdraws_and_hands_on_the_lead(monkeypatch):
+    """Ctrl-C in a waiting caller must neither apply its operation later nor leave the
+    group without a leader: the next caller still commits."""
+    from hf_escrow.ledger import group
+
+    committed, in_commit, go = [], threading.Event(), threading.Event()
+
+    def commit(ops):
+        committed.append(list(ops))
+        if ops == ["first"]:
+            in_commit.set()
+            go.wait(10)
+
+    committer = group.GroupCommitter(commit)
+
+    class _Interrupted:
+        def acquire(self, *args):
+            raise KeyboardInterrupt
+
+    first = threading.Thread(target=committer.submit, args=("first",))
+    first.start()
+    assert in_commit.wait(10)
+    real_slot = group._Slot
+    monkeypatch.setattr(group, "_Slot", lambda op: _with_wake(real_slot(op), _Interrupted()))
+    with pytest.raises(KeyboardInterrupt):
+        committer.submit("interrupted")
+    monkeypatch.setattr(group, "_Slot", real_slot)
+    third = threading.Thread(target=committer.submit, args=("third",))
+    third.start()
+    _until(lambda: len(committer._waiting) == 1, "the third caller to queue")
+    go.set()
+    first.join(10)
+    third.join(10)
+    assert not first.is_alive() and not third.is_alive(), "the group lost its leader"
+    assert committed == [["first"], ["third"]]
+
+
+def _with_wake(slot, wake):
+    slot.wake = wake
+    return slot

@@ -60,11 +60,31 @@ class GroupCommitter:
             slot.leads = not self._leading
             self._leading = True
         if not slot.leads:
-            slot.wake.acquire()  # released once done, or once this caller is to lead
+            self._wait(slot)
         if not slot.done:
             self._lead()
         if slot.failure is not None:
             raise slot.failure
+
+    def _wait(self, slot: _Slot) -> None:
+        """Sleep until `slot` is done or is to lead. A caller interrupted here (KeyboardInterrupt
+        in the main thread) withdraws its operation if no commit has taken it yet, and hands
+        on the lead if it was given one, so that nobody waits for a leader who has gone."""
+        try:
+            slot.wake.acquire()  # released once done, or once this caller is to lead
+        except BaseException:
+            successor = None
+            with self._lock:
+                if slot in self._waiting:
+                    self._waiting.remove(slot)
+                    if slot.leads:
+                        successor = self._waiting[0] if self._waiting else None
+                        self._leading = successor is not None
+                        if successor is not None:
+                            successor.leads = True
+            if successor is not None:
+                successor.wake.release()
+            raise
 
     def _lead(self) -> None:
         """Commit one batch of what is waiting, then hand the lead on (or put it down)."""
