@@ -61,10 +61,7 @@ DEFAULT_MAX_TOKENS = 16  # vLLM's own SamplingParams default
 
 try:  # Real vLLM where it is installed, so its SamplingParams pass straight through.
     from vllm import SamplingParams  # type: ignore[import-not-found]
-    HAVE_VLLM = True
 except Exception:  # not installed (or broken): a small stand-in with the fields used here
-    HAVE_VLLM = False
-
     @dataclass
     class SamplingParams:  # type: ignore[no-redef]
         """The subset of vLLM's `SamplingParams` that `TransformersEngine` honours.
