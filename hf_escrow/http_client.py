@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
 import time
 import uuid
 from typing import Any
@@ -19,15 +18,15 @@ import httpx
 
 from ._exceptions import InvalidAmount, TransportError, ValidationError, error_for_status
 from ._models import Agent
+from .credentials import SPEND_TOKEN_PREFIX
 from .money import to_decimal
+from .retries import Backoff
 
 RETRY_STATUSES = (502, 503, 504)
-BACKOFF_S = 0.2
-MAX_BACKOFF_S = 3.0
+BACKOFF = Backoff(0.2, exponential=True, cap_s=3.0, jitter=True)   # tries: max_retries + 1
 _LOST = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 _MUTATIONS = {"claim_faucet", "create_escrow", "deduct", "release", "cancel", "submit_result", "verify",
               "mint_spend_token", "revoke_spend_tokens", "hold", "capture", "void", "capture_many", "create_key"}
-SPEND_TOKEN_PREFIX = "est_"
 
 
 def _amount(value: Any, *, required: bool = True) -> Any:
@@ -181,7 +180,7 @@ class _Base:
         return request, {"retry_on_connect_only": op in ("register", "rotate_key")}
 
     def _backoff(self, attempt: int) -> float:
-        return min(MAX_BACKOFF_S, BACKOFF_S * 2 ** attempt) * (0.5 + random.random() / 2)
+        return BACKOFF.delay_s(attempt)
 
     def _retryable(self, error: Exception | None, response: httpx.Response | None, connect_only: bool) -> bool:
         if error is not None:
