@@ -1,39 +1,39 @@
 """`connect()` and `connect_async()`: one escrow interface, embedded or over HTTP.
 
-One base class holds every method once; the sync `EscrowClient` and the async
-`AsyncEscrowClient` differ only in `_request`, which either returns the parsed result or
-a coroutine of it. A transport turns ``(operation, params)`` into the ledger's dict: the
-embedded one calls the ledger in-process, the HTTP one (`hf_escrow.http_client`) calls
-a server. Both clients therefore return the same objects and raise the same errors.
+The methods are written once, in `_ClientCore`, with no I/O: each names its operation in
+`hf_escrow.operations` and hands its arguments to `_call`. `EscrowClient._call` returns
+the parsed result; `AsyncEscrowClient` is generated from the core, one `async def` per
+method with the same signature, whose `_call` is awaited. A transport turns
+``(operation, params)`` into the ledger's dict: the embedded one calls the ledger
+in-process, the HTTP one (`hf_escrow.http_client`) calls a server; both are derived from
+the operation table, so both clients return the same objects and raise the same errors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import threading
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from ._exceptions import Unauthorized, ValidationError
+from ._exceptions import Unauthorized
 from ._models import Agent, BudgetedKey, CaptureResult, Escrow, Hold, Me, Receipt
 from .ledger import Ledger
-from .money import to_usdc
+from .operations import OPERATIONS, Operation
 
 Amount = str | int | Decimal | float
 
-MUTATIONS = ("claim_faucet", "create_escrow", "deduct", "release", "cancel", "submit_result", "verify",
-             "mint_spend_token", "revoke_spend_tokens", "hold", "capture", "void", "capture_many", "create_key",
-             "revoke_key")
 
-
-class _BaseClient:
-    """Every escrow operation, written once for both clients."""
+class _ClientCore:
+    """Every escrow operation, written once for both clients and free of I/O: each method
+    checks and shapes its arguments, then returns ``self._call(operation, locals())``."""
 
     agent: str | None
 
-    def _request(self, op: str, params: dict, parse: Callable[[Any], Any]) -> Any:
+    def _call(self, op: str, args: dict) -> Any:
         raise NotImplementedError
 
     def register(self, agent_id: str | None = None, referral_code: str | None = None) -> Agent:
@@ -45,16 +45,15 @@ class _BaseClient:
             'buyer-1'
         """
         agent_id = agent_id or self.agent
-        return self._request("register", {"agent_id": agent_id, "referral_code": referral_code}, self._adopt)
+        return self._call("register", locals())
 
     def claim_faucet(self, idempotency_key: str | None = None) -> Decimal:
         """Claim free test USDC; returns the amount credited."""
-        return self._request("claim_faucet", {"idempotency_key": idempotency_key},
-                             lambda d: to_usdc(d["amount_micro"]))
+        return self._call("claim_faucet", locals())
 
     def me(self) -> Me:
         """This agent's balance, referral code and number of open escrows."""
-        return self._request("me", {}, Me.from_dict)
+        return self._call("me", locals())
 
     def rotate_key(self) -> str:
         """A new API key for this agent, returned only this once; the old key stops working at
@@ -65,7 +64,7 @@ class _BaseClient:
             >>> new_key.startswith("hfe_")
             True
         """
-        return self._request("rotate_key", {}, lambda d: d["api_key"])
+        return self._call("rotate_key", locals())
 
     def create_escrow(self, seller: str, amount: Amount, ttl_seconds: float = 3600, description: str | None = None,
                       meta: dict | None = None, release_condition: dict | None = None,
@@ -78,16 +77,27 @@ class _BaseClient:
             >>> e.status, e.remaining
             ('active', Decimal('1.500000'))
         """
-        return self._request("create_escrow", dict(
-            seller=seller, amount=amount, ttl_seconds=ttl_seconds, description=description, meta=meta,
-            release_condition=release_condition, bonus_conditions=bonus_conditions, referral_code=referral_code,
-            pricing=_pricing_dict(pricing), idempotency_key=idempotency_key), Escrow.from_dict)
+        pricing = _pricing_dict(pricing)
+        return self._call("create_escrow", locals())
 
     def deduct(self, escrow_id: str, amount: Amount, reason: str | None = None, idempotency_key: str | None = None,
                *, usage: dict | None = None) -> Receipt:
         """As the seller: take `amount` out of the remainder for work delivered (fee applies)."""
-        return self._request("deduct", dict(escrow_id=escrow_id, amount=amount, reason=reason, usage=usage,
-                                            idempotency_key=idempotency_key), Receipt.from_dict)
+        return self._call("deduct", locals())
+
+    def deduct_many(self, items: list, idempotency_key: str | None = None) -> list[CaptureResult]:
+        """As the seller: many deducts in one transaction; a refused item moves nothing and is
+        reported alone, its neighbours go through.
+
+        Each item is ``(escrow_id, amount)``, ``(escrow_id, amount, reason)`` or a dict with
+        ``escrow_id``, ``amount`` and optional ``reason``, ``usage``, ``idempotency_key``.
+
+        Example:
+            >>> results = seller.deduct_many([(e1.id, "0.01"), (e2.id, "0.02", "batch 7")])
+            >>> [r.ok for r in results], results[0].receipt.gross
+            ([True, True], Decimal('0.010000'))
+        """
+        return self._call("deduct_many", locals())
 
     def release(self, escrow_id: str, amount: Amount | None = None, refund_remainder: bool = True,
                 usage: dict | None = None, meta: dict | None = None, idempotency_key: str | None = None, *,
@@ -104,15 +114,11 @@ class _BaseClient:
             >>> r.gross == r.net + r.fee
             True
         """
-        return self._request("release", dict(
-            escrow_id=escrow_id, amount=amount, refund_remainder=refund_remainder, usage=usage, meta=meta,
-            price_per_token=price_per_token, quality_score=quality_score, throughput_tps=throughput_tps,
-            hold_id=hold_id, idempotency_key=idempotency_key), Receipt.from_dict)
+        return self._call("release", locals())
 
     def cancel(self, escrow_id: str, reason: str | None = None, idempotency_key: str | None = None) -> Receipt:
         """As buyer or seller: refund the whole remainder to the buyer and close the escrow."""
-        return self._request("cancel", dict(escrow_id=escrow_id, reason=reason, idempotency_key=idempotency_key),
-                             Receipt.from_dict)
+        return self._call("cancel", locals())
 
     def submit_result(self, escrow_id: str, metric: str, score: float, artifact: dict | None = None,
                       idempotency_key: str | None = None, *, milestone: int | None = None) -> Receipt:
@@ -120,30 +126,24 @@ class _BaseClient:
 
         On a milestone escrow: the result for `milestone` (1 = the first; default: the next due).
         """
-        params = dict(escrow_id=escrow_id, metric=metric, score=score, artifact=artifact,
-                      idempotency_key=idempotency_key)
-        if milestone is not None:
-            params["milestone"] = milestone
-        return self._request("submit_result", params, Receipt.from_dict)
+        return self._call("submit_result", locals())
 
     def verify(self, escrow_id: str, score: float, idempotency_key: str | None = None) -> Receipt:
         """As the named verifier: your own score; pass releases, fail reopens until the TTL."""
-        return self._request("verify", dict(escrow_id=escrow_id, score=score, idempotency_key=idempotency_key),
-                             Receipt.from_dict)
+        return self._call("verify", locals())
 
     def get(self, escrow_id: str) -> Escrow:
         """One of your escrows, with its events."""
-        return self._request("get", {"escrow_id": escrow_id}, Escrow.from_dict)
+        return self._call("get", locals())
 
     def history(self, status: str | None = None, limit: int = 100, *, model: str | None = None,
                 role: str | None = None) -> list[Escrow]:
         """Your escrows, newest first."""
-        return self._request("history", dict(status=status, limit=limit, model=model, role=role),
-                             lambda rows: [Escrow.from_dict(r) for r in rows])
+        return self._call("history", locals())
 
     def analytics(self) -> dict:
         """Spend and earnings per model (USDC), tokens in/out, escrow counts, referral earned."""
-        return self._request("analytics", {}, _analytics)
+        return self._call("analytics", locals())
 
     # ---- holds and spend tokens ------------------------------------------------------
 
@@ -155,14 +155,14 @@ class _BaseClient:
             >>> token.startswith("est_")
             True
         """
-        return self._request("mint_spend_token", {"escrow_id": escrow_id}, lambda d: d["spend_token"])
+        return self._call("mint_spend_token", locals())
 
     def revoke_spend_tokens(self, escrow_id: str) -> int:
         """As the buyer: revoke every spend token of the escrow at once; returns how many.
 
         Open holds stay capturable; only new holds by token are refused.
         """
-        return self._request("revoke_spend_tokens", {"escrow_id": escrow_id}, lambda d: int(d["revoked"]))
+        return self._call("revoke_spend_tokens", locals())
 
     def hold(self, target: str, amount: Amount, ttl_seconds: float = 60, idempotency_key: str | None = None) -> Hold:
         """Reserve `amount` of an escrow's remainder for one piece of work, for at most `ttl_seconds`.
@@ -175,8 +175,7 @@ class _BaseClient:
             >>> h.status, h.open
             ('open', Decimal('0.050000'))
         """
-        return self._request("hold", dict(target=target, amount=amount, ttl_seconds=ttl_seconds,
-                                          idempotency_key=idempotency_key), Hold.from_dict)
+        return self._call("hold", locals())
 
     def capture(self, hold_id: str, amount: Amount, final: bool = False, usage: dict | None = None,
                 idempotency_key: str | None = None) -> Receipt:
@@ -189,12 +188,11 @@ class _BaseClient:
             >>> r.gross, r.hold.status
             (Decimal('0.012300'), 'captured')
         """
-        return self._request("capture", dict(hold_id=hold_id, amount=amount, final=final, usage=usage,
-                                             idempotency_key=idempotency_key), Receipt.from_dict)
+        return self._call("capture", locals())
 
     def void(self, hold_id: str, idempotency_key: str | None = None) -> Receipt:
         """As the hold's maker: free the whole open part of the hold back to the escrow."""
-        return self._request("void", {"hold_id": hold_id, "idempotency_key": idempotency_key}, Receipt.from_dict)
+        return self._call("void", locals())
 
     def capture_many(self, items: list, idempotency_key: str | None = None) -> list[CaptureResult]:
         """Many captures in one transaction; a refused item moves nothing and is reported alone.
@@ -207,19 +205,15 @@ class _BaseClient:
             >>> [r.ok for r in results]
             [True, True]
         """
-        if not isinstance(items, (list, tuple)):
-            raise ValidationError(f"capture_many takes a list of captures, got {type(items).__name__}")
-        return self._request("capture_many", {"items": [_capture_item(i, item) for i, item in enumerate(items)],
-                                              "idempotency_key": idempotency_key},
-                             lambda d: [CaptureResult.from_dict(r) for r in d["results"]])
+        return self._call("capture_many", locals())
 
     def get_hold(self, hold_id: str) -> Hold:
         """One hold, for its maker or a party of its escrow."""
-        return self._request("get_hold", {"hold_id": hold_id}, Hold.from_dict)
+        return self._call("get_hold", locals())
 
     def holds(self, escrow_id: str) -> list[Hold]:
         """The escrow's open holds, for either party."""
-        return self._request("holds", {"escrow_id": escrow_id}, lambda rows: [Hold.from_dict(r) for r in rows])
+        return self._call("holds", locals())
 
     # ---- budgeted keys -------------------------------------------------------------
 
@@ -238,47 +232,41 @@ class _BaseClient:
             >>> k = buyer.create_key(budget="1.00", sellers=["seller-1"], max_escrow="0.25", expires_in=3600)
             >>> agent = hf_escrow.connect("http://127.0.0.1:8787", api_key=k.api_key)
         """
-        return self._request("create_key", dict(budget=budget, sellers=sellers, max_escrow=max_escrow,
-                                                expires_in=expires_in, label=label,
-                                                idempotency_key=idempotency_key), BudgetedKey.from_dict)
+        return self._call("create_key", locals())
 
     def revoke_key(self, key_id: str, cancel_escrows: bool = False) -> BudgetedKey:
         """Stop one of this agent's budgeted keys at once; with `cancel_escrows`, also cancel
         the active escrows it opened (their remainder comes back to this agent)."""
-        return self._request("revoke_key", {"key_id": key_id, "cancel_escrows": cancel_escrows},
-                             BudgetedKey.from_dict)
+        return self._call("revoke_key", locals())
 
     def keys(self, limit: int = 100) -> list[BudgetedKey]:
         """This agent's budgeted keys, newest first: each mandate, what it locked, paid and got back."""
-        return self._request("keys", {"limit": limit}, lambda rows: [BudgetedKey.from_dict(r) for r in rows])
+        return self._call("keys", locals())
 
     def mandate(self, key_id: str | None = None) -> BudgetedKey:
         """As a budgeted key: its own mandate and what is left; as an owner: the key `key_id`."""
-        return self._request("mandate", {"key_id": key_id}, BudgetedKey.from_dict)
+        return self._call("mandate", locals())
 
-    def _adopt(self, data: dict) -> Agent:
-        agent = Agent.from_dict(data)
+    # ---- what both twins' `_call` share ----------------------------------------------
+
+    def _params(self, op: str, args: dict) -> tuple[Operation, dict]:
+        """The operation's row and its params: a method's arguments, batch items completed."""
+        spec = OPERATIONS[op]
+        params = {name: args[name] for name in spec.arguments}
+        if spec.item:
+            params["items"] = spec.batch(params["items"])
+        return spec, params
+
+    def _parse(self, spec: Operation, answer: Any) -> Any:
+        result = spec.parse(answer)
+        if isinstance(result, Agent):
+            self._adopt(result)
+        return result
+
+    def _adopt(self, agent: Agent) -> None:
         if self.agent is None:
             self.agent = agent.agent_id
         self._transport.adopt(agent)
-        return agent
-
-
-_ITEM_KEYS = ("hold_id", "amount", "final", "usage", "idempotency_key")
-
-
-def _capture_item(index: int, item: Any) -> dict:
-    """One capture_many item as both transports send it: a dict with every key."""
-    if isinstance(item, (tuple, list)) and 2 <= len(item) <= 3:
-        item = dict(zip(("hold_id", "amount", "final"), item))
-    if not isinstance(item, dict) or "hold_id" not in item or "amount" not in item:
-        raise ValidationError(f"capture {index}: give (hold_id, amount[, final]) or a dict with hold_id and "
-                              f"amount, got {item!r:.100}")
-    unknown = set(item) - set(_ITEM_KEYS)
-    if unknown:
-        raise ValidationError(f"capture {index}: unknown keys {sorted(unknown)}; known: {list(_ITEM_KEYS)}")
-    return {"hold_id": item["hold_id"], "amount": item["amount"], "final": item.get("final", False),
-            "usage": item.get("usage"), "idempotency_key": item.get("idempotency_key")}
 
 
 def _pricing_dict(pricing: Any) -> dict | None:
@@ -287,23 +275,16 @@ def _pricing_dict(pricing: Any) -> dict | None:
     return sheet.to_dict() if sheet else None
 
 
-def _analytics(data: dict) -> dict:
-    def convert(rows: list[dict]) -> list[dict]:
-        return [{k.removesuffix("_micro"): to_usdc(v) if k.endswith("_micro") else v for k, v in row.items()}
-                for row in rows]
-    return {"agent_id": data["agent_id"], "spend": convert(data["spend"]), "earnings": convert(data["earnings"]),
-            "referral_earned": to_usdc(data["referral_earned_micro"])}
-
-
-class EscrowClient(_BaseClient):
+class EscrowClient(_ClientCore):
     """The synchronous client. Get one from `hf_escrow.connect()`."""
 
     def __init__(self, transport: Any, agent: str | None = None):
         self._transport = transport
         self.agent = agent
 
-    def _request(self, op: str, params: dict, parse: Callable[[Any], Any]) -> Any:
-        return parse(self._transport.handle(self, op, params))
+    def _call(self, op: str, args: dict) -> Any:
+        spec, params = self._params(op, args)
+        return self._parse(spec, self._transport.handle(self, op, params))
 
     def close(self) -> None:
         self._transport.close()
@@ -315,15 +296,16 @@ class EscrowClient(_BaseClient):
         self.close()
 
 
-class AsyncEscrowClient(_BaseClient):
+class AsyncEscrowClient(_ClientCore):
     """The asynchronous twin of `EscrowClient`: the same methods, awaited."""
 
     def __init__(self, transport: Any, agent: str | None = None):
         self._transport = transport
         self.agent = agent
 
-    async def _request(self, op: str, params: dict, parse: Callable[[Any], Any]) -> Any:
-        return parse(await self._transport.handle(self, op, params))
+    async def _call(self, op: str, args: dict) -> Any:
+        spec, params = self._params(op, args)
+        return self._parse(spec, await self._transport.handle(self, op, params))
 
     async def aclose(self) -> None:
         await self._transport.aclose()
@@ -335,14 +317,22 @@ class AsyncEscrowClient(_BaseClient):
         await self.aclose()
 
 
-# The ledger method of each remaining operation (same name) and its positional parameters.
-_POSITIONAL = {
-    "deduct": ("escrow_id",), "release": ("escrow_id",), "cancel": ("escrow_id",),
-    "submit_result": ("escrow_id",), "verify": ("escrow_id",),
-    "mint_spend_token": ("escrow_id",), "revoke_spend_tokens": ("escrow_id",), "holds": ("escrow_id",),
-    "hold": ("target", "amount"), "capture": ("hold_id", "amount"), "void": ("hold_id",),
-    "get_hold": ("hold_id",), "capture_many": ("items",), "revoke_key": ("key_id",),
-}
+def _async_twin(name: str, method: Any) -> Any:
+    """The `async def` of a core method: the same signature, docstring and hints (an async
+    method's return hint is what awaiting it gives); the core's body runs first, so a bad
+    argument raises when awaited, as every error of an async call does."""
+    async def twin(self: AsyncEscrowClient, *args: Any, **kwargs: Any) -> Any:
+        return await method(self, *args, **kwargs)
+    twin.__name__, twin.__qualname__ = name, f"AsyncEscrowClient.{name}"
+    twin.__doc__, twin.__module__ = method.__doc__, method.__module__
+    twin.__annotations__ = dict(method.__annotations__)
+    twin.__signature__ = inspect.signature(method)
+    return twin
+
+
+for _name, _method in vars(_ClientCore).items():
+    if not _name.startswith("_") and inspect.isfunction(_method):
+        setattr(AsyncEscrowClient, _name, _async_twin(_name, _method))
 
 
 class EmbeddedTransport:
@@ -351,35 +341,19 @@ class EmbeddedTransport:
     def __init__(self, ledger: Ledger):
         self.ledger = ledger
 
-    def handle(self, client: _BaseClient, op: str, params: dict) -> Any:
-        if op == "register":
+    def handle(self, client: _ClientCore, op: str, params: dict) -> Any:
+        spec = OPERATIONS[op]
+        agent = ()
+        if not spec.acts:  # register: nobody acts yet, the new agent is named
             if not params["agent_id"]:
                 raise Unauthorized("name the agent: connect(agent=...) or register(agent_id)")
-            return self.ledger.register(params["agent_id"], params["referral_code"])
-        if client.agent is None:
+        elif client.agent is None:
             raise Unauthorized("this client acts for no agent: connect(agent=\"name\") or register one first")
-        if op == "me":
-            return self.ledger.me(client.agent)
-        if op == "rotate_key":
-            return {"agent_id": client.agent, "api_key": self.ledger.rotate_key(client.agent)}
-        if op == "analytics":
-            return self.ledger.analytics(client.agent)
-        if op == "get":
-            return self.ledger.get(client.agent, params["escrow_id"])
-        if op == "history":
-            return self.ledger.history(client.agent, **params)
-        if op == "create_escrow":
-            params = dict(params)
-            return self.ledger.create_escrow(client.agent, params.pop("seller"), params.pop("amount"), **params)
-        if op == "claim_faucet":
-            return self.ledger.claim_faucet(client.agent, **params)
-        if op in ("create_key", "keys"):
-            return getattr(self.ledger, op)(client.agent, **params)
-        if op == "mandate":
-            return self.ledger.key(client.agent, params["key_id"])
-        positional = _POSITIONAL[op]
-        rest = {k: v for k, v in params.items() if k not in positional}
-        return getattr(self.ledger, op)(client.agent, *(params[name] for name in positional), **rest)
+        else:
+            agent = (client.agent,)
+        rest = {k: v for k, v in params.items() if k not in spec.positional}
+        result = getattr(self.ledger, spec.ledger_method)(*agent, *(params[name] for name in spec.positional), **rest)
+        return {"agent_id": client.agent, spec.bare: result} if spec.bare else result
 
     def adopt(self, agent: Agent) -> None:
         """Embedded, identity is the client's `agent`; there is no key to take up."""
@@ -394,7 +368,7 @@ class AsyncEmbeddedTransport:
     def __init__(self, ledger: Ledger):
         self._sync = EmbeddedTransport(ledger)
 
-    async def handle(self, client: _BaseClient, op: str, params: dict) -> Any:
+    async def handle(self, client: _ClientCore, op: str, params: dict) -> Any:
         return await asyncio.to_thread(self._sync.handle, client, op, params)
 
     def adopt(self, agent: Agent) -> None:

@@ -1,8 +1,9 @@
 """HTTP transports for `connect(url)` / `connect_async(url)`, on httpx.
 
-Each call becomes one request to the server's `/api` routes. Every mutation carries an
-`Idempotency-Key` (the caller's, or a fresh one per call); retries after connection
-errors, timeouts and 5xx answers resend the same key, so a retry never moves money twice.
+Each call becomes one request to the server's `/api` routes, built as its row in
+`hf_escrow.operations` says. Every keyed operation carries an `Idempotency-Key` (the
+caller's, or a fresh one per call); retries after connection errors, timeouts and 5xx
+answers resend the same key, so a retry never moves money twice.
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ from ._exceptions import InvalidAmount, TransportError, ValidationError, error_f
 from ._models import Agent
 from .credentials import SPEND_TOKEN_PREFIX
 from .money import to_decimal
+from .operations import ACTING, AMOUNT, FLAG, IN_BODY, ITEMS, NUMBER, OPERATIONS, PATH, QUERY, TARGET, Field, Operation
 from .retries import Backoff
 
 RETRY_STATUSES = (502, 503, 504)
 BACKOFF = Backoff(0.2, exponential=True, cap_s=3.0, jitter=True)   # tries: max_retries + 1
 _LOST = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
-_MUTATIONS = {"claim_faucet", "create_escrow", "deduct", "release", "cancel", "submit_result", "verify",
-              "mint_spend_token", "revoke_spend_tokens", "hold", "capture", "void", "capture_many", "create_key"}
 
 
 def _amount(value: Any, *, required: bool = True) -> Any:
@@ -39,49 +39,51 @@ def _amount(value: Any, *, required: bool = True) -> Any:
 
 
 def build_request(op: str, params: dict, agent: str | None) -> tuple[str, str, dict | None, dict | None]:
-    """(method, path, json body, query) for one client operation."""
-    p = dict(params)
-    escrow_id = p.pop("escrow_id", None)
-    p.pop("idempotency_key", None)
-    if op == "register":
-        return "POST", "/register", {"agent_id": p["agent_id"], "referral_code": p["referral_code"]}, None
-    if op == "claim_faucet":
-        return "POST", "/claim", {"agent_id": agent}, None
-    if op == "me":
-        return "GET", "/api/me", None, None
-    if op == "rotate_key":
-        return "POST", "/api/me/key", None, None
-    if op == "analytics":
-        return "GET", "/api/analytics", None, None
-    if op == "history":
-        return "GET", "/api/escrow", None, {k: v for k, v in p.items() if v is not None}
-    if op == "get":
-        return "GET", f"/api/escrow/{escrow_id}", None, None
-    if op == "create_escrow":
-        body = dict(p, seller_id=p.pop("seller"), amount_usdc=_amount(p.pop("amount")))
-        return "POST", "/api/escrow", body, None
-    if op in ("deduct", "release"):
-        body = dict(p, amount_usdc=_amount(p.pop("amount"), required=op == "deduct"))
-        if "price_per_token" in body:
-            body["price_per_token"] = _amount(body["price_per_token"], required=False)
-        return "POST", f"/api/escrow/{escrow_id}/{op}", body, None
-    if op in _HOLD_OPS:
-        return _hold_request(op, p, escrow_id)
-    if op in _KEY_OPS:
-        return _key_request(op, p)
-    path = {"cancel": "cancel", "submit_result": "submit-result", "verify": "verify"}[op]
-    return "POST", f"/api/escrow/{escrow_id}/{path}", p, None
+    """(method, path, json body, query) for one client operation, as its row in
+    `hf_escrow.operations` says each field travels."""
+    spec = OPERATIONS[op]
+    path, body, query = spec.path, {}, {}
+    for field in spec.fields:
+        value = agent if field.how == ACTING else params[field.name]
+        if field.how in (PATH, TARGET):
+            if field.how == TARGET and isinstance(value, str) and value.startswith(SPEND_TOKEN_PREFIX):
+                # The token travels in the body, never in a URL that proxies and access logs keep.
+                path, body["spend_token"] = spec.token_path, value
+                continue
+            segment = field.none_segment if value is None and field.none_segment else \
+                _segment(value, "hold target" if field.how == TARGET else field.name, strict=field.strict)
+            path = path.replace("{" + field.name + "}", segment)
+        elif field.how == QUERY:
+            if value is not None or field.required:
+                query[field.sent_as] = value
+        elif field.how == FLAG:
+            if not isinstance(value, bool):
+                raise ValidationError(f"{field.name} must be true or false")
+            query[field.sent_as] = "true" if value else "false"
+        else:
+            body[field.sent_as] = _wire_value(field, value, spec)
+    return spec.method, path, body if any(f.how in IN_BODY for f in spec.fields) else None, query or None
 
 
-_HOLD_OPS = {"mint_spend_token", "revoke_spend_tokens", "hold", "capture", "void", "capture_many", "get_hold",
-             "holds"}
+def _wire_value(field: Field, value: Any, spec: Operation) -> Any:
+    if field.how == AMOUNT:
+        return _amount(value, required=field.required)
+    if field.how == NUMBER:
+        return _number(value)
+    if field.how == ITEMS:
+        return [{f.sent_as: _item_value(spec.item_noun, index, f, item[f.name]) for f in spec.item}
+                for index, item in enumerate(value)]
+    return value
 
 
-def _segment(value: Any, what: str) -> str:
+def _segment(value: Any, what: str, *, strict: bool = True) -> str:
     """An id as it travels in a path: quoted, so that '?' or '#' in it stay part of it (the
-    server's routes take '/' too), and the ledger refuses it as it does embedded."""
+    server's routes take '/' too), and the ledger refuses it as it does embedded. Strict: a
+    string or a ValidationError; else any value as its text (an unknown id to the ledger)."""
     if not isinstance(value, str):
-        raise ValidationError(f"{what} must be a string, got {type(value).__name__}")
+        if strict:
+            raise ValidationError(f"{what} must be a string, got {type(value).__name__}")
+        value = str(value)
     return quote(value, safe="")
 
 
@@ -93,60 +95,12 @@ def _number(value: Any) -> Any:
     return str(value)
 
 
-def _item_amount(index: int, value: Any) -> Any:
-    """A batch item's amount, refused (the whole batch, as the ledger does) with its index."""
+def _item_value(noun: str, index: int, field: Field, value: Any) -> Any:
+    """A batch item's field; a bad amount refuses the whole batch (as the ledger does), with its index."""
     try:
-        return _amount(value)
+        return _wire_value(field, value, None)
     except InvalidAmount as error:
-        raise InvalidAmount(f"capture {index}: {error.message}") from None
-
-
-def _hold_request(op: str, p: dict, escrow_id: Any) -> tuple[str, str, dict | None, dict | None]:
-    """Requests of the holds and spend-token routes (see `hf_escrow.server.app`)."""
-    if op in ("mint_spend_token", "revoke_spend_tokens"):
-        return ("POST" if op == "mint_spend_token" else "DELETE"), \
-            f"/api/escrow/{_segment(escrow_id, 'escrow_id')}/tokens", None, None
-    if op == "holds":
-        return "GET", f"/api/escrow/{_segment(escrow_id, 'escrow_id')}/holds", None, None
-    if op == "hold":
-        target = p["target"]
-        body = {"amount_usdc": _amount(p["amount"]), "ttl_seconds": _number(p["ttl_seconds"])}
-        if isinstance(target, str) and target.startswith(SPEND_TOKEN_PREFIX):
-            # The token travels in the body, never in a URL that proxies and access logs keep.
-            return "POST", "/api/holds", dict(body, spend_token=target), None
-        return "POST", f"/api/escrow/{_segment(target, 'hold target')}/holds", body, None
-    if op == "capture_many":
-        items = [{"hold_id": item["hold_id"], "amount_usdc": _item_amount(index, item["amount"]),
-                  "final": item["final"], "usage": item["usage"], "idempotency_key": item["idempotency_key"]}
-                 for index, item in enumerate(p["items"])]
-        return "POST", "/api/holds/capture", {"items": items}, None
-    hold_id = _segment(p["hold_id"], "hold_id")
-    if op == "get_hold":
-        return "GET", f"/api/holds/{hold_id}", None, None
-    if op == "capture":
-        body = {"amount_usdc": _amount(p["amount"]), "final": p["final"], "usage": p["usage"]}
-        return "POST", f"/api/holds/{hold_id}/capture", body, None
-    return "POST", f"/api/holds/{hold_id}/void", None, None
-
-
-_KEY_OPS = {"create_key", "revoke_key", "keys", "mandate"}
-
-
-def _key_request(op: str, p: dict) -> tuple[str, str, dict | None, dict | None]:
-    """Requests of the budgeted-key routes (see `hf_escrow.server.app`)."""
-    if op == "create_key":
-        body = {"budget_usdc": _amount(p["budget"]), "max_escrow_usdc": _amount(p["max_escrow"], required=False),
-                "sellers": p["sellers"], "expires_in": _number(p["expires_in"]), "label": p["label"]}
-        return "POST", "/api/keys", body, None
-    if op == "keys":
-        return "GET", "/api/keys", None, {"limit": p["limit"]}
-    if op == "mandate":
-        key_id = p["key_id"]
-        return "GET", "/api/keys/" + ("me" if key_id is None else _segment(key_id, "key_id")), None, None
-    if not isinstance(p["cancel_escrows"], bool):
-        raise ValidationError("cancel_escrows must be true or false")
-    return "DELETE", f"/api/keys/{_segment(p['key_id'], 'key_id')}", None, \
-        {"cancel_escrows": "true" if p["cancel_escrows"] else "false"}
+        raise InvalidAmount(f"{noun} {index}: {error.message}") from None
 
 
 def _drop_usdc(data: Any) -> Any:
@@ -173,11 +127,11 @@ class _Base:
     def _prepare(self, op: str, params: dict, agent: str | None) -> tuple[dict, dict]:
         method, path, body, query = build_request(op, params, agent or self.agent_id)
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        if op in _MUTATIONS:
+        spec = OPERATIONS[op]
+        if spec.keyed:
             headers["Idempotency-Key"] = params.get("idempotency_key") or f"hfe-{uuid.uuid4()}"
         request = {"method": method, "url": self.base_url + path, "json": body, "params": query, "headers": headers}
-        # A fresh key each time: neither is resent once it may have reached the server.
-        return request, {"retry_on_connect_only": op in ("register", "rotate_key")}
+        return request, {"retry_on_connect_only": not spec.resend}
 
     def _backoff(self, attempt: int) -> float:
         return BACKOFF.delay_s(attempt)

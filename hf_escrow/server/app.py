@@ -122,6 +122,14 @@ def _hf_routes(ledger: Ledger, Agent) -> APIRouter:
     def get(escrow_id: str, agent_id: Agent) -> dict:
         return escrow_view(ledger.get(agent_id, escrow_id))
 
+    # One request, one ledger transaction: a refused item moves nothing, its neighbours go through.
+    @router.post("/escrow/deduct")
+    def deduct_many(body: bodies.DeductMany, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
+        """As the seller: many deducts in one transaction; each item answers alone (`ok`, or its error and status)."""
+        items = [{"escrow_id": item.escrow_id, "amount": item.amount_usdc, "reason": item.reason,
+                  "usage": _usage(item.usage), "idempotency_key": item.idempotency_key} for item in body.items]
+        return _batch_view(ledger.deduct_many(agent_id, items, idempotency_key=idempotency_key))
+
     @router.post("/escrow/{escrow_id}/deduct")
     def deduct(escrow_id: str, body: bodies.Deduct, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
         """As the seller: take `amount_usdc` for work delivered."""
@@ -218,9 +226,7 @@ def _hold_routes(ledger: Ledger, Agent) -> APIRouter:
         """Many captures in one transaction; each item answers alone (`ok`, or its error and status)."""
         items = [{"hold_id": item.hold_id, "amount": item.amount_usdc, "final": item.final,
                   "usage": _usage(item.usage), "idempotency_key": item.idempotency_key} for item in body.items]
-        result = ledger.capture_many(agent_id, items, idempotency_key=idempotency_key)
-        return {"results": [dict(r, receipt=receipt_view(r["receipt"])) if r.get("ok") else r
-                            for r in result["results"]]}
+        return _batch_view(ledger.capture_many(agent_id, items, idempotency_key=idempotency_key))
 
     @router.get("/holds/{hold_id:path}")
     def get_hold(hold_id: str, agent_id: Agent) -> dict:
@@ -429,6 +435,11 @@ def _sizing_price(amount_micro: int, prompt_tokens: int, max_completion_tokens: 
         raise ValidationError("give price_per_token: the escrow's metadata has no prompt_tokens or "
                               "max_completion_tokens to derive it from")
     return to_usdc(amount_micro) / (prompt_tokens + max_completion_tokens)
+
+
+def _batch_view(result: dict) -> dict:
+    """A batch's answer: each item's receipt as a single call's, or its error alone."""
+    return {"results": [dict(r, receipt=receipt_view(r["receipt"])) if r.get("ok") else r for r in result["results"]]}
 
 
 def _usage(usage: bodies.Usage | None) -> dict | None:

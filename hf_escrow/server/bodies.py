@@ -42,6 +42,24 @@ class Deduct(_Body):
     usage: Optional[Usage] = None
 
 
+class _Item(_Body):
+    """What every batch item has besides its call's own body."""
+
+    idempotency_key: Optional[StrictStr] = Field(None, description="Retry-safe key for this item alone.")
+
+
+def _items(noun: str) -> Any:
+    return Field(max_length=MAX_CAPTURE_ITEMS, description=f"At most {MAX_CAPTURE_ITEMS} {noun}s, in one transaction.")
+
+
+class DeductItem(Deduct, _Item):
+    escrow_id: StrictStr
+
+
+class DeductMany(_Body):
+    items: list[DeductItem] = _items("deduct")
+
+
 class Release(_Body):
     amount_usdc: Optional[Amount] = Field(None, description=AMOUNT_DOC + "; default: usage x price, else all")
     refund_remainder: StrictBool = True
@@ -110,14 +128,12 @@ class Capture(_Body):
     usage: Optional[Usage] = None
 
 
-class CaptureItem(Capture):
+class CaptureItem(Capture, _Item):
     hold_id: StrictStr
-    idempotency_key: Optional[StrictStr] = Field(None, description="Retry-safe key for this item alone.")
 
 
 class CaptureMany(_Body):
-    items: list[CaptureItem] = Field(max_length=MAX_CAPTURE_ITEMS,
-                                     description=f"At most {MAX_CAPTURE_ITEMS} captures, in one transaction.")
+    items: list[CaptureItem] = _items("capture")
 
 
 class Register(_Body):
