@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from ._exceptions import EscrowError, PaymentRequired, ValidationError
+from .credentials import API_KEY_PREFIX, MAX_TOKEN_CHARS, SPEND_TOKEN_PREFIX, bearer
 from .money import format_usdc
 
 SCHEME = "hf-escrow"
@@ -228,11 +229,6 @@ def _whole(value: Any) -> bool:
 
 # ---- the spend token a request carries ----------------------------------------------
 
-SPEND_TOKEN_PREFIX = "est_"
-API_KEY_PREFIX = "hfe_"
-MAX_TOKEN_CHARS = 80
-
-
 def spend_token_from(headers: Mapping[str, str] | None) -> str | None:
     """The spend token a request carries in ``X-Escrow-Token`` (headers matched case-blind).
 
@@ -241,8 +237,7 @@ def spend_token_from(headers: Mapping[str, str] | None) -> str | None:
     """
     lowered = {str(k).lower(): str(v) for k, v in (headers or {}).items()}
     token = lowered.get(TOKEN_HEADER.lower(), "").strip()
-    auth = lowered.get("authorization", "")
-    if not token and auth.lower().startswith("bearer ") and auth[7:].strip().startswith(API_KEY_PREFIX):
+    if not token and (bearer(lowered.get("authorization")) or "").startswith(API_KEY_PREFIX):
         raise _key_sent()
     return token or None
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
 import time
 import uuid
 from typing import Any
@@ -20,14 +19,14 @@ import httpx
 
 from ._exceptions import InvalidAmount, TransportError, ValidationError, error_for_status
 from ._models import Agent
+from .credentials import SPEND_TOKEN_PREFIX
 from .money import to_decimal
 from .operations import ACTING, AMOUNT, FLAG, IN_BODY, ITEMS, NUMBER, OPERATIONS, PATH, QUERY, TARGET, Field, Operation
+from .retries import Backoff
 
 RETRY_STATUSES = (502, 503, 504)
-BACKOFF_S = 0.2
-MAX_BACKOFF_S = 3.0
+BACKOFF = Backoff(0.2, exponential=True, cap_s=3.0, jitter=True)   # tries: max_retries + 1
 _LOST = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
-SPEND_TOKEN_PREFIX = "est_"
 
 
 def _amount(value: Any, *, required: bool = True) -> Any:
@@ -135,7 +134,7 @@ class _Base:
         return request, {"retry_on_connect_only": not spec.resend}
 
     def _backoff(self, attempt: int) -> float:
-        return min(MAX_BACKOFF_S, BACKOFF_S * 2 ** attempt) * (0.5 + random.random() / 2)
+        return BACKOFF.delay_s(attempt)
 
     def _retryable(self, error: Exception | None, response: httpx.Response | None, connect_only: bool) -> bool:
         if error is not None:

@@ -90,6 +90,21 @@ def _isolated_home(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A random 1-layer chat model, built once for the session."""
+    from .models import build_tiny_chat_model
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+
+
+@pytest.fixture(scope="session")
+def tiny_url(tiny_dir: Path):
+    """One `transformers serve` of the tiny model for the whole session."""
+    from hf_escrow.localmodel import served_model
+    with served_model(tiny_dir, timeout_s=120) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def gemma_dir() -> Path:
     """The real gemma-3-270m, converted once into a cache kept across runs."""
     from hf_escrow.localmodel import prepare_model

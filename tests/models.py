@@ -107,3 +107,44 @@ def unit_app(encoder_dir: str):
         return JSONResponse({"error": "model crashed"}, status_code=500)
 
     return app
+
+
+def tgi_app(model_dir):
+    """Text Generation Inference's `/generate` API (POST / with details and SSE streams) over a real local
+    model, greedy, so a prompt always gives the same tokens: the server huggingface_hub's
+    `text_generation` speaks to."""
+    import json
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    app = FastAPI()
+
+    def generate(prompt: str, max_new_tokens: int) -> list[dict]:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1]:]
+        return [{"id": int(t), "text": tokenizer.decode([int(t)]), "logprob": 0.0, "special": False} for t in out]
+
+    @app.post("/")
+    async def text_generation(request: Request):
+        body = await request.json()
+        tokens = generate(body["inputs"], int(body["parameters"]["max_new_tokens"]))
+        text = "".join(t["text"] for t in tokens)
+        details = {"finish_reason": "length", "generated_tokens": len(tokens), "seed": None}
+        if not body.get("stream"):
+            return JSONResponse([{"generated_text": text, "details": {**details, "prefill": [], "tokens": tokens}}])
+
+        def events():
+            for i, token in enumerate(tokens):
+                last = i == len(tokens) - 1
+                yield "data:" + json.dumps({"index": i, "token": token, "top_tokens": None,
+                                            "generated_text": text if last else None,
+                                            "details": details if last else None}) + "\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app

@@ -9,7 +9,6 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 
@@ -22,21 +21,10 @@ from hf_escrow.money import split_payout, to_usdc
 from . import race_workers
 from .helpers import assert_audit_clean, parties
 from .liveserver import free_port, serve_app
-from .models import build_tiny_chat_model, unit_app
+from .models import unit_app
 
 PRICES = {"input_per_1k": "0.0005", "output_per_1k": "0.0015"}
 MSGS = [{"role": "user", "content": "hello world, say hi in french"}]
-
-
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
-
-
-@pytest.fixture(scope="session")
-def tiny_url(tiny_dir):
-    with served_model(tiny_dir, timeout_s=120) as url:
-        yield url
 
 
 @pytest.fixture(scope="session")

@@ -52,12 +52,13 @@ from .._exceptions import (
 )
 from ..money import parse_usdc, to_usdc
 from ..challenge import TOKEN_HEADER, check_token
+from ..retries import Backoff
 from ..shardformats import shard_format
 
 logger = logging.getLogger(__name__)
 
 PAY_TIMEOUT_S = 30.0
-PAY_ATTEMPTS = 3          # connection failures retried; HTTP errors are answers, not retried
+PAY_BACKOFF = Backoff(0.2, tries=3)   # connection failures retried; HTTP errors are answers, not retried
 
 __all__ = ["load_paid_dataset", "paid_shards", "PaidShards", "shard_catalog"]
 
@@ -177,14 +178,14 @@ class ShardPayer:
         client = self._http()
         started = time.perf_counter()
         answer = None
-        for attempt in range(PAY_ATTEMPTS):
+        for attempt in range(PAY_BACKOFF.tries):
             try:
                 answer = client.post(url, headers=self.headers)
                 break
             except httpx.TransportError as error:
-                if attempt == PAY_ATTEMPTS - 1:
+                if PAY_BACKOFF.last(attempt):
                     raise TransportError(f"cannot reach the shard server to pay for {url}: {error}") from None
-                time.sleep(0.2 * (attempt + 1))
+                time.sleep(PAY_BACKOFF.delay_s(attempt))
         self.latencies_ms.append((time.perf_counter() - started) * 1000)
         body = _json(answer)
         if answer.status_code >= 400:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
 
 from .._exceptions import InsufficientFunds, ValidationError
 from ..money import STREAK_BONUS_PCT, format_usdc, percent_of

@@ -44,7 +44,6 @@ NEGATIONS = ("not", "never", "hardly", "far from", "anything but", "not at all",
 OPENERS = ("", "honestly, ", "to be fair, ", "overall ", "i think ", "frankly, ", "in my view ", "sadly, ",
            "luckily, ", "as expected ")
 CLOSERS = ("", ".", "!", " this time.", " for the price.", " if you ask me.", " again.")
-LABELS = ("negative", "positive")
 VERDICTS = ("bad", "good")
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from .._exceptions import EscrowError, Forbidden, InsufficientFunds, NotFound, StateConflict
+from ..credentials import MAX_TOKEN_CHARS, SPEND_TOKEN_PREFIX
 from ..money import format_usdc, split_over_life
 from . import idempotency, rules, sql
 from .journal import MAX_ENTRIES_PER_TX, MINT, PLATFORM, agent_account, escrow_account
@@ -32,7 +33,6 @@ from .records import OPEN_STATUSES, LedgerCorrupted, escrow_dict, hold_dict, rec
 ESCROW_JSON = ("meta", "release_condition", "bonus_conditions", "pricing", "result")
 MAX_OPERATIONS = 1_000
 HOLD_ID_CHARS = 40
-MAX_TOKEN_CHARS = 80
 
 _SELECT_ESCROWS = ("SELECT e.*, a.balance_micro AS balance_micro FROM escrows e "
                    "JOIN accounts a ON a.account_id = 'escrow:' || e.escrow_id WHERE ")
@@ -481,7 +481,7 @@ def _remaining(row: SimpleNamespace) -> int:
 
 
 def _is_token(target: Any) -> bool:
-    return isinstance(target, str) and target.startswith("est_")
+    return isinstance(target, str) and target.startswith(SPEND_TOKEN_PREFIX)
 
 
 def refused(error: EscrowError) -> dict:

@@ -24,14 +24,16 @@ from .._exceptions import (
     Forbidden, InsufficientFunds, NotFound, OutsideMandate, RateLimited, StateConflict, Unauthorized,
     ValidationError,
 )
+from ..credentials import new_api_key, new_spend_token
 from ..money import format_usdc, parse_usdc, split_over_life, to_decimal, was_rounded
 from ..pricing import Pricing
+from ..retries import Backoff
 from . import idempotency, journal, rules, sql
 from .config import LedgerConfig
 from .journal import Leg, agent_account, escrow_account
 from .group import GroupCommitter
 from .batch import Operation
-from .holds import MAX_BATCH_ITEMS, SPEND_TOKEN_PREFIX, HoldOperations, check_hold_id
+from .holds import MAX_BATCH_ITEMS, HoldOperations, check_hold_id
 from .keys import KEY_PREFIX, KeyOperations, is_key_identity
 from .milestones import MilestoneOperations, check_number
 from .records import OPEN_STATUSES, escrow_dict, event_dict, receipt_dict, split_data
@@ -43,7 +45,8 @@ from .kept import KeptConnection
 AGENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 WALLET = re.compile(r"^0x[0-9a-f]{40}$")
 MAX_MODEL_CHARS = 200
-MAX_ATTEMPTS = 8
+LOCK_BACKOFF = Backoff(0.005, tries=8)   # lock conflicts: 5, 10, ... 35 ms between tries
+MAX_ATTEMPTS = LOCK_BACKOFF.tries
 MAX_HISTORY = 1_000
 MAX_EVENTS = 500
 SWEEP_BATCH = 500
@@ -107,7 +110,7 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
             except exc.OperationalError as error:
                 if not _retryable(error) or attempt == MAX_ATTEMPTS - 1:
                     raise
-                time.sleep(0.005 * (attempt + 1))
+                time.sleep(LOCK_BACKOFF.delay_s(attempt))
         raise AssertionError("unreachable")
 
     def _read(self, fn: Callable[[Connection, int], Any]) -> Any:
@@ -154,7 +157,7 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
                                   f"starting with a letter or digit; got {agent_id!r}")
         if WALLET.fullmatch(agent_id.lower()):
             raise ValidationError(f"agent_id {agent_id!r} looks like a wallet address; pick a name")
-        api_key = "hfe_" + secrets.token_urlsafe(32)
+        api_key = new_api_key()
 
         def fn(conn: Connection, now_ms: int) -> dict:
             if conn.scalar(select(agents.c.agent_id).where(agents.c.agent_id == agent_id)):
@@ -192,10 +195,6 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
         if agent_id is None:
             raise Unauthorized("unknown API key; check HF_ESCROW_API_KEY or register a new agent")
         return agent_id
-
-    def resolve_agent(self, name: str) -> str:
-        """An agent id from an agent id or a wallet address (the vLLM guide's recipient_wallet)."""
-        return self._read(lambda conn, now: self._resolve(conn, name, "agent"))
 
     def me(self, agent_id: str) -> dict:
         def fn(conn: Connection, now_ms: int) -> dict:
@@ -728,7 +727,7 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
         return int(conn.execute(ESCROW, {"eid": escrow_id}).first().remaining_micro)
 
     def _new_spend_token(self, conn: Connection, escrow_id: str, now_ms: int) -> str:
-        token = SPEND_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        token = new_spend_token()
         conn.execute(insert(spend_tokens).values(token_hash=hash_key(token), escrow_id=escrow_id,
                                                  created_at_ms=now_ms))
         return token
@@ -788,7 +787,7 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
 
     def rotate_key(self, agent_id: str) -> str:
         """A new API key for `agent_id` (shown only this once); the old key stops at once."""
-        api_key = "hfe_" + secrets.token_urlsafe(32)
+        api_key = new_api_key()
 
         def fn(conn: Connection, now_ms: int) -> str:
             self._agent(conn, agent_id)

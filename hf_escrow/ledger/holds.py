@@ -24,17 +24,15 @@ from typing import Any
 from sqlalchemy import Connection, select, update
 
 from .._exceptions import Forbidden, NotFound, StateConflict, ValidationError
+from ..credentials import SPEND_TOKEN_PREFIX
 from ..money import parse_usdc
 from . import idempotency, rules
-from .batch import Batch, Operation, refused
+from .batch import HOLD_ID_CHARS, Batch, Operation, refused
 from .queries import ESCROW, ESCROW_FOR_UPDATE, HELD, HOLD, HOLD_BY_ID, HOLD_ESCROW_ID, HOLD_ROW_FOR_UPDATE
 from .records import OPEN_STATUSES, hold_dict
 from .schema import holds, spend_tokens
 
 MAX_BATCH_ITEMS = 1_000
-MAX_TOKEN_CHARS = 80
-HOLD_ID_CHARS = 40
-SPEND_TOKEN_PREFIX = "est_"
 DEFAULT_HOLD_TTL_S = 60.0
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, or_, select, update
 
 from .._exceptions import BudgetExceeded, KeyInactive, NotFound, OutsideMandate, StateConflict, ValidationError
+from ..credentials import new_api_key
 from ..money import format_usdc, parse_usdc
 from . import rules
 from .records import OPEN_STATUSES
@@ -68,7 +69,7 @@ class KeyOperations:
         seller_names = _check_sellers(sellers)
         request = {"budget_micro": budget_micro, "max_escrow_micro": max_escrow_micro, "sellers": seller_names,
                    "expires_ms": expires_ms, "label": rules.check_text(label, "label", MAX_LABEL_CHARS)}
-        api_key = "hfe_" + secrets.token_urlsafe(32)
+        api_key = new_api_key()
 
         def fn(conn: Connection, now_ms: int) -> dict:
             self._agent(conn, owner)  # a key cannot mint keys: it is no agent

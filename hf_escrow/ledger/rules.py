@@ -9,7 +9,8 @@ from decimal import Decimal
 from typing import Any
 
 from .._exceptions import StateConflict, ValidationError
-from ..money import BPS as MAX_BPS, milestone_amounts, percent_of, round_micro, to_decimal
+from ..money import BPS as MAX_BPS, milestone_amounts, percent_of, to_decimal
+from ..pricing import MAX_TOKENS_PER_CALL
 
 QUALITY_BONUS_ABOVE = 0.9
 MAX_BONUS_PCT = Decimal(100)
@@ -314,9 +315,6 @@ def capped(bonus: Bonus, available_micro: int) -> Bonus:
     return Bonus(*parts)
 
 
-MAX_TOKENS_PER_OPERATION = 10_000_000
-
-
 def usage_tokens(usage: Any) -> tuple[int, int]:
     """(prompt_tokens, completion_tokens) of a usage object; (0, 0) without one."""
     if usage is None:
@@ -326,7 +324,7 @@ def usage_tokens(usage: Any) -> tuple[int, int]:
     counts = []
     for name in ("prompt_tokens", "completion_tokens"):
         value = usage.get(name, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS_PER_OPERATION:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS_PER_CALL:
             raise ValidationError(f"usage.{name} must be a whole number of tokens, got {value!r}")
         counts.append(value)
     return counts[0], counts[1]

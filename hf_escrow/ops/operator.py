@@ -12,15 +12,9 @@ import os
 from typing import Callable
 
 from .._exceptions import Forbidden, Unauthorized, ValidationError
+from ..credentials import bearer
 
 MIN_ADMIN_KEY_CHARS = 16
-
-
-def bearer(authorization: str | None) -> str | None:
-    """The key of an `Authorization: Bearer <key>` header, else None."""
-    if authorization and authorization.lower().startswith("bearer "):
-        return authorization[7:].strip()
-    return None
 
 
 def admin_key(given: str | None = None) -> str | None:

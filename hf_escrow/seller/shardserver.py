@@ -56,17 +56,12 @@ from .._exceptions import EscrowError, InsufficientFunds, NotFound, ValidationEr
 from ..money import format_usdc, parse_usdc, usdc_number
 from ..challenge import TOKEN_HEADER, check_token, spend_token_from
 from ..shardformats import MEDIA_TYPES, shard_format
-from .till import Till, once_capture_key, once_hold_key
+from .till import Till, once_hold_key
 
 SHARD_HOLD_TTL_S = 60        # a shard's hold is captured at once; one value, so every process's hold key matches
 MAX_CACHED = 100_000         # cache entries kept before the caches start over
 MAX_LISTED = 100_000         # files listed at most (the walk is bounded)
 SHARD_SCOPE = "shard"        # names the shard payments' idempotency keys
-
-
-def shard_key(escrow_id: str, path: str) -> str:
-    """The idempotency key of one shard's payment by one escrow: the same in every process."""
-    return once_capture_key(SHARD_SCOPE, escrow_id, path)
 
 
 def _visible(part: str) -> bool:

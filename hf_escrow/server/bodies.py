@@ -7,6 +7,8 @@ from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
+from ..pricing import MAX_TOKENS_PER_CALL
+
 Amount = Union[StrictStr, StrictInt, StrictFloat]
 Score = Union[StrictFloat, StrictInt]
 AMOUNT_DOC = "USDC, as a number or a decimal string; more than 6 decimals are rounded half-even"
@@ -18,8 +20,8 @@ class _Body(BaseModel):
 
 
 class Usage(_Body):
-    prompt_tokens: StrictInt = Field(0, ge=0, le=10_000_000)
-    completion_tokens: StrictInt = Field(0, ge=0, le=10_000_000)
+    prompt_tokens: StrictInt = Field(0, ge=0, le=MAX_TOKENS_PER_CALL)
+    completion_tokens: StrictInt = Field(0, ge=0, le=MAX_TOKENS_PER_CALL)
 
 
 class CreateEscrow(_Body):
@@ -99,7 +101,7 @@ class VllmCreate(_Body):
 
 class VllmRelease(_Body):
     escrow_id: StrictStr
-    actual_completion_tokens: Optional[StrictInt] = Field(None, ge=0, le=10_000_000)
+    actual_completion_tokens: Optional[StrictInt] = Field(None, ge=0, le=MAX_TOKENS_PER_CALL)
     price_per_token: Optional[Amount] = None
     quality_score: Optional[Score] = None
     throughput_tps: Optional[Score] = None

@@ -18,14 +18,16 @@ from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import Field
 
 from .._exceptions import EscrowError, Unauthorized, ValidationError
+from ..credentials import bearer
 from ..ledger import Ledger
 from .bodies import Amount, Score
 from .faucet import Faucet, FaucetSettings
 from ..limits import client_key
+from ..pricing import MAX_TOKENS_PER_CALL
 from .wire import escrow_view, receipt_view, with_usdc
 
 # Strict, as the REST bodies: a JSON `true` is never an amount, a number or a token count.
-Tokens = Annotated[int, Field(strict=True, ge=0, le=10_000_000)]
+Tokens = Annotated[int, Field(strict=True, ge=0, le=MAX_TOKENS_PER_CALL)]
 Flag = Annotated[bool, Field(strict=True)]
 
 
@@ -44,9 +46,9 @@ def build_mcp(ledger: Ledger, *, stdio_agent: str | None = None, faucet: Faucet 
 
     def caller(ctx: Context | None) -> str:
         headers = ctx.headers if ctx is not None else None
-        auth = headers.get("authorization") if headers else None
-        if auth and auth.lower().startswith("bearer "):
-            return ledger.authenticate(auth[7:].strip())
+        key = bearer(headers.get("authorization")) if headers else None
+        if key is not None:
+            return ledger.authenticate(key)
         if headers is None:
             if stdio_agent:
                 return stdio_agent
