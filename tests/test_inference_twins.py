@@ -9,6 +9,8 @@ import asyncio
 import inspect
 
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 import hf_escrow
 from hf_escrow import (AsyncPaidInferenceClient, EscrowError, InsufficientFunds, NotFound, PaidInferenceClient, Pricing,
@@ -196,3 +198,45 @@ def test_both_twins_bill_text_generation_and_chat_completion_the_same(tiny_url, 
                                                 for u in usage)
         assert text_escrow["status"] == chat_escrow["status"] == "released"
         assert text_escrow["held_micro"] == chat_escrow["held_micro"] == 0
+
+
+def _picky_tgi():
+    """A TGI server that, like a real one, refuses a generation parameter its model does not take
+    with the 400 huggingface_hub answers by calling `text_generation` again without it."""
+    app = FastAPI()
+    app.state.calls = 0
+
+    @app.post("/")
+    async def generate(request: Request):
+        app.state.calls += 1
+        parameters = (await request.json())["parameters"]
+        if parameters.get("watermark"):
+            return JSONResponse({"error": "The following `model_kwargs` are not used by the model: ['watermark']",
+                                 "error_type": "validation"}, status_code=400)
+        tokens = [{"id": i, "text": t, "logprob": 0.0, "special": False} for i, t in enumerate(["a", "b", "c"])]
+        return JSONResponse([{"generated_text": "abc", "details": {"finish_reason": "length", "generated_tokens": 3,
+                                                                   "seed": None, "prefill": [], "tokens": tokens}}])
+    return app
+
+
+def test_a_text_generation_retried_by_huggingface_hub_is_billed_once(ledger_url):
+    """huggingface_hub re-enters `self.text_generation` after some 400s; the paid client's re-entry
+    must reach the model, not open a second bill for the same work."""
+    ledger, url = ledger_url
+    app = _picky_tgi()
+    sheet = Pricing.coerce(PRICES)
+    prompt_tokens = len(PROMPT.encode()) + PER_MESSAGE_OVERHEAD_TOKENS
+    with serve_app(app) as tgi:
+        async def twin():
+            async with hf_escrow.paid_inference(tgi, escrow=hf_escrow.connect_async(agent="buyer", database_url=url),
+                                                seller="seller", budget="0.1", pricing=PRICES) as client:
+                return await client.text_generation(PROMPT, max_new_tokens=3, watermark=True), client
+        with hf_escrow.paid_inference(tgi, escrow=hf_escrow.connect(agent="buyer", database_url=url),
+                                      seller="seller", budget="0.1", pricing=PRICES) as client:
+            results = [(client.text_generation(PROMPT, max_new_tokens=3, watermark=True), client)]
+        results.append(asyncio.run(twin()))
+    assert app.state.calls >= 3                      # the 400 happened, and the retry reached the server
+    for text, client in results:
+        assert text == "abc"
+        assert [(r.tokens_in, r.tokens_out) for r in client.receipts] == [(prompt_tokens, 3)]
+        assert ledger.get("buyer", client.escrow_id)["paid_micro"] == sheet.tokens_micro(prompt_tokens, 3)

@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import logging
@@ -51,6 +52,11 @@ DEFAULT_MAX_TOKENS = 256
 # A call's hold outlives a slow generation or a stream read slowly; the ledger caps it at
 # its hold_max_ttl_s (900 s by default), and a crashed buyer's hold frees itself then.
 DEFAULT_HOLD_TTL_S = 900.0
+# Set while the base client performs a model call: huggingface_hub re-enters `self.text_generation`
+# after some 400s (a parameter the model does not take), and that re-entry is the same piece of
+# work the outer call already holds for, so it goes straight to the base method, unbilled.
+_IN_BASE_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_escrow_in_base_call", default=False)
+
 PAID_METHODS = ("chat_completion", "text_generation", "feature_extraction", "text_to_image", "finish")
 _NOT_TASKS = {"close", "get_endpoint_info", "health_check"}
 PER_CALL_TASKS = sorted(
@@ -207,6 +213,10 @@ class _PaidCore:
             stream=stream, details=True, max_new_tokens=max_new_tokens, **kwargs))))
         if stream:
             return self._metered(plan, result, _TextTally(details))
+        if isinstance(result, str):   # huggingface_hub drops `details` once it finds the server is not TGI
+            tokens_out, how = self._counter.text_tokens(result, fallback=min(max_new_tokens, len(result.encode())))
+            yield from self._settle(plan, plan.prompt_tokens, tokens_out, 0, how if how == "tokenizer" else "bytes")
+            return result
         yield from self._settle(plan, plan.prompt_tokens, result.details.generated_tokens, 0, "usage")
         return result if details else result.generated_text
 
@@ -398,7 +408,11 @@ class PaidInferenceClient(_PaidCore, InferenceClient):
         if step.on == "escrow":
             return getattr(self.escrow, step.name)(*step.args, **step.kwargs)
         if step.on == "model":
-            return getattr(InferenceClient, step.name)(self, *step.args, **step.kwargs)
+            entered = _IN_BASE_CALL.set(True)
+            try:
+                return getattr(InferenceClient, step.name)(self, *step.args, **step.kwargs)
+            finally:
+                _IN_BASE_CALL.reset(entered)
         return httpx.get(step.name, headers=self.headers, timeout=30).json()
 
     def _metered(self, plan: _Plan, stream: Any, tally: _ChatTally):
@@ -453,7 +467,11 @@ class AsyncPaidInferenceClient(_PaidCore, AsyncInferenceClient):
             value = getattr(self.escrow, step.name)(*step.args, **step.kwargs)
             return await value if inspect.isawaitable(value) else value
         if step.on == "model":
-            return await getattr(AsyncInferenceClient, step.name)(self, *step.args, **step.kwargs)
+            entered = _IN_BASE_CALL.set(True)
+            try:
+                return await getattr(AsyncInferenceClient, step.name)(self, *step.args, **step.kwargs)
+            finally:
+                _IN_BASE_CALL.reset(entered)
         async with httpx.AsyncClient(timeout=30) as http:
             return (await http.get(step.name, headers=self.headers)).json()
 
@@ -465,18 +483,22 @@ class AsyncPaidInferenceClient(_PaidCore, AsyncInferenceClient):
             await self._drive(self._settle_stream(plan, tally))
 
 
-def _driven(core: Callable[..., Steps], like: Callable) -> Callable:
-    """A sync paid method: the core's steps for the call, performed now."""
+def _driven(core: Callable[..., Steps], like: Callable, base: Callable | None) -> Callable:
+    """A sync paid method: the core's steps for the call, performed now (`base` when re-entered)."""
     @functools.wraps(like)
     def method(self: PaidInferenceClient, *args: Any, **kwargs: Any) -> Any:
+        if base is not None and _IN_BASE_CALL.get():
+            return base(self, *args, **kwargs)
         return self._drive(core(self, *args, **kwargs))
     return method
 
 
-def _awaited(core: Callable[..., Steps], like: Callable) -> Callable:
+def _awaited(core: Callable[..., Steps], like: Callable, base: Callable | None) -> Callable:
     """Its async twin: the same steps, awaited."""
     @functools.wraps(like)
     async def method(self: AsyncPaidInferenceClient, *args: Any, **kwargs: Any) -> Any:
+        if base is not None and _IN_BASE_CALL.get():
+            return await base(self, *args, **kwargs)
         return await self._drive(core(self, *args, **kwargs))
     return method
 
@@ -490,8 +512,9 @@ def _per_call(task: str) -> Callable[..., Steps]:
 def _install(shell: type, wrap: Callable, base: type) -> None:
     """Give a shell every paid method: the paid calls with the core's signatures, and every other task
     of `base` (billed per call) with base's signature."""
-    methods = {name: wrap(getattr(_PaidCore, "_" + name), getattr(_PaidCore, "_" + name)) for name in PAID_METHODS}
-    methods.update({name: wrap(_per_call(name), getattr(base, name)) for name in PER_CALL_TASKS})
+    methods = {name: wrap(getattr(_PaidCore, "_" + name), getattr(_PaidCore, "_" + name), getattr(base, name, None))
+               for name in PAID_METHODS}
+    methods.update({name: wrap(_per_call(name), getattr(base, name), getattr(base, name)) for name in PER_CALL_TASKS})
     for name, method in methods.items():
         method.__name__, method.__qualname__ = name, f"{shell.__name__}.{name}"
         setattr(shell, name, method)

@@ -32,7 +32,7 @@ class CallReceipt:
     net: Decimal
     latency_ms: float
     billing_ms: float
-    counted_by: str      # "usage" (server), "tokenizer", "chunks", or "units"
+    counted_by: str      # "usage" (server), "tokenizer", "chunks", "bytes" (an upper bound) or "units"
     pricing: dict = field(default_factory=dict)
     bonus: Decimal = Decimal("0.000000")   # the part of `gross` the ledger added as bonus (e.g. a streak)
 
