@@ -53,6 +53,7 @@ DEFAULT_IDLE_S = 5.0
 DEFAULT_WAIT_S = 10.0
 MAX_LEASES = 10_000          # escrows leased at once by one process
 MAX_BATCH = 1_000            # the ledger's capture_many limit
+MIN_ROUND_GAP_S = 0.01       # the least time between two flushes
 MAX_CLOSE_ROUNDS = 50        # flushes `close` tries before it gives up on an unreachable ledger
 
 __all__ = ["Leases", "Charge"]
@@ -171,8 +172,8 @@ class Leases:
         for name, value in (("lease_calls", lease_calls), ("flush_calls", flush_calls), ("max_leases", max_leases)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValidationError(f"{name} must be a whole number, at least 1")
-        if not isinstance(flush_ms, (int, float)) or not 0 < flush_ms <= 60_000:
-            raise ValidationError("flush_ms must be between 0 and 60000 milliseconds")
+        if not isinstance(flush_ms, (int, float)) or not 0 < flush_ms <= 3_600_000:
+            raise ValidationError("flush_ms must be more than 0 and at most an hour (3600000)")
         self.till = till
         self.seller = till.seller
         self.lease_calls, self.flush_s, self.flush_calls = lease_calls, flush_ms / 1000, flush_calls
@@ -358,7 +359,7 @@ class Leases:
                     self._wake.wait(self.flush_s)
                 # A due flush goes at once, but rounds stay this far apart: a call waiting
                 # for room must not spin the ledger with renewals.
-                gap = last + self.flush_s / 8 - time.monotonic()
+                gap = last + min(self.flush_s / 8, MIN_ROUND_GAP_S) - time.monotonic()
                 if gap > 0:
                     self._wake.wait(gap)
                 if self._closed:
