@@ -136,11 +136,20 @@ class Charge:
     def escrow_open(self) -> bool:
         return self._lease.refusal is None
 
-    def finish(self, amount_micro: int) -> int:
-        """The call was delivered: owe `amount_micro` (at most its worst case). Returns what it owes."""
+    # What a face reads of a `Tab`, so one bill serves both.
+    held_micro = property(lambda self: self.worst_micro)
+    captured_micro = property(lambda self: self.cost_micro)
+    closed = property(lambda self: self.ended)
+
+    def finish(self, amount_micro: int = 0) -> None:
+        """The call was delivered: owe `amount_micro` (capped at its worst case), paid at the next flush.
+
+        Returns None (a `Tab` returns the capture's receipt; here nothing is captured yet):
+        `cost_micro` is what it owes, 0 if its lease lost its hold.
+        """
         if not isinstance(amount_micro, int) or isinstance(amount_micro, bool) or amount_micro < 0:
             raise ValidationError("a charge is a whole, non-negative number of micro-USDC")
-        return self._leases._end(self, min(amount_micro, self.worst_micro))
+        self._leases._end(self, min(amount_micro, self.worst_micro))
 
     def void(self) -> None:
         """The call failed: it costs nothing. Safe after finish and twice."""
@@ -199,7 +208,7 @@ class Leases:
 
         Raises what `Till.open` raises: PaymentRequired, Forbidden, StateConflict,
         InsufficientFunds (402s, nothing reserved); RateLimited when no room came within
-        `wait_s`. With `wait=False`, raises `_MustWait` instead of blocking.
+        `wait_s`. With `wait=False`, raises `_MustWait` instead of blocking or calling the ledger.
         """
         token = check_token(token)
         if not isinstance(worst_micro, int) or isinstance(worst_micro, bool) or worst_micro <= 0:
@@ -220,6 +229,8 @@ class Leases:
                     raise lease.refusal
                 lease.largest = max(lease.largest, worst_micro)
                 if lease.current is None and not lease.opening and not lease.ending:
+                    if not wait:
+                        raise _MustWait()   # a ledger call: not in an event loop
                     self._open(lease, worst_micro, what)
                     continue
                 if lease.free >= worst_micro and lease.unpaid_calls + lease.in_flight < self.max_unpaid:
@@ -289,10 +300,10 @@ class Leases:
         except (Forbidden, StateConflict) as error:
             raise _refused(error)
 
-    def _end(self, charge: Charge, cost: int) -> int:
+    def _end(self, charge: Charge, cost: int) -> None:
         with self._lock:
             if charge.ended:
-                return charge.cost_micro
+                return
             lease = charge._lease
             charge.ended, charge.cost_micro = True, cost
             lease.reserved -= charge.worst_micro
@@ -304,7 +315,7 @@ class Leases:
                     log.error("lease of escrow %s lost its hold: a delivered call of %d micro-USDC goes unpaid",
                               lease.escrow_id, cost)
                     charge.cost_micro = 0
-                    return 0
+                    return
                 if segment.open < cost:
                     raise _corrupted(f"lease of escrow {lease.escrow_id} cannot owe {cost} micro-USDC")
                 segment.owed += cost
@@ -314,7 +325,6 @@ class Leases:
                     self._wake.notify()
             if not lease.in_flight and (lease.refusal is not None or lease.ending):
                 self._wake.notify()
-            return cost
 
     # ---- flushing ---------------------------------------------------------------------
 
