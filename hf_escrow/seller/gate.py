@@ -54,6 +54,16 @@ holds, and a cancel or a revoke stops the next call at once.
   spent waiting for a GPU is not billed either. `spaces` is imported only when it is
   installed (off ZeroGPU the handler runs as it is). Receipts show the seconds and the rate.
 
+The batched path: ``Gate(seller, lease_calls=N, flush_ms=...)`` (or ``paid(..., batch=True)``)
+admits ``per="call"`` handlers (not generators) on a lease of the till
+(`hf_escrow.seller.lease`): one hold covers many calls of an escrow, each call reserves
+its price out of it in memory, and what the calls cost is captured by the lease's flush
+(one `capture_many` every `flush_ms`, and at `Gate.close`). A call then waits on no
+ledger round trip, and its result is handed out before it is captured: a seller process
+that dies loses at most one flush interval of calls, never charging more than was
+delivered. A revoke or a cancel stops new calls within one flush. Its receipts say
+``settled: false``: fee, net and remaining are known only after the flush.
+
 ``with_receipt=True`` appends a receipt output (`GateReceipt.to_dict`); a stream's chunks
 carry ``{"status": "pending", ...}`` and one last output repeats the final chunk with the
 receipt. Holds last `Gate(hold_ttl_s=...)` (default 120 s, the ledger caps it): a call or a
@@ -85,6 +95,7 @@ from .._exceptions import EscrowError, Forbidden, InsufficientFunds, StateConfli
 from ..money import NS_PER_SECOND, format_usdc, parse_usdc, seconds_cost_micro, to_decimal, to_usdc
 from ..pricing import Pricing
 from ..challenge import TOKEN_HEADER, spend_token_from
+from .lease import DEFAULT_FLUSH_MS, DEFAULT_LEASE_CALLS, Charge, Leases, check_flush_ms
 from .till import DEFAULT_HOLD_TTL_S, Tab, Till
 
 __all__ = ["paid", "Gate", "GateReceipt", "seller_from_env", "trial_escrow", "payment_fields", "PaymentFields"]
@@ -113,20 +124,22 @@ class GateReceipt:
     billing: str             # "call", "chunk" or "second"
     units: int               # 1 for a call; the chunks delivered by a stream billed per chunk or second
     charged: Decimal         # gross paid out of the escrow for this call
-    fee: Decimal             # the platform's share of `charged`
-    seller_net: Decimal      # what the seller received
-    remaining: Decimal       # what the escrow could still spend after the last capture
+    fee: Decimal | None      # the platform's share of `charged` (None until a batched call's flush)
+    seller_net: Decimal | None   # what the seller received (idem)
+    remaining: Decimal | None    # what the escrow could still spend after the last capture (idem)
     gate_ms: float           # time the gate added to the call (hold and captures)
     at: datetime
     seconds: Decimal | None = None   # per="second": the handler's measured run time (ns precision)
     rate: Decimal | None = None      # per="second": USDC per second
+    settled: bool = True             # False: a batched call, captured by its lease's next flush
 
     def to_dict(self) -> dict:
         """A JSON-able view (amounts as exact decimal strings), as shown in a UI."""
         shown = {"receipt_id": self.receipt_id, "escrow_id": self.escrow_id, "buyer": self.buyer,
                  "seller": self.seller, "billing": self.billing, "units": self.units,
-                 "charged_usdc": str(self.charged), "fee_usdc": str(self.fee), "seller_net_usdc": str(self.seller_net),
-                 "remaining_usdc": str(self.remaining), "gate_ms": round(self.gate_ms, 3), "at": self.at.isoformat()}
+                 "charged_usdc": str(self.charged), "fee_usdc": _text(self.fee),
+                 "seller_net_usdc": _text(self.seller_net), "remaining_usdc": _text(self.remaining),
+                 "gate_ms": round(self.gate_ms, 3), "at": self.at.isoformat(), "settled": self.settled}
         if self.billing == "second":
             shown.update(seconds=str(self.seconds), rate_usdc_per_s=str(self.rate))
         return shown
@@ -142,6 +155,9 @@ class Gate:
         hold_ttl_s: how long a call's hold lives; a call or stream must end within it.
         escrow_url: the escrow server its challenges name, when buyers reach it under
             another URL than the seller's client.
+        lease_calls: put per-call handlers on the batched path (module docstring): a
+            lease hold covers this many calls; None keeps one hold per call.
+        flush_ms: the batched path's flush interval: the most delivered work at risk.
 
     Refusals carry the challenge of `hf_escrow.challenge` (in Gradio: a ``gr.Error``
     whose message ends with it); `discovery_routes` serves ``/.well-known/hf-escrow``.
@@ -152,7 +168,11 @@ class Gate:
         ... def embed(text): ...
     """
 
-    def __init__(self, seller: Any = None, *, hold_ttl_s: float = DEFAULT_HOLD_TTL_S, escrow_url: str | None = None):
+    def __init__(self, seller: Any = None, *, hold_ttl_s: float = DEFAULT_HOLD_TTL_S, escrow_url: str | None = None,
+                 lease_calls: int | None = None, flush_ms: float = DEFAULT_FLUSH_MS):
+        if lease_calls is not None and (not isinstance(lease_calls, int) or isinstance(lease_calls, bool)
+                                        or lease_calls < 1):
+            raise ValidationError("lease_calls must be a whole number of calls, at least 1 (or None)")
         if seller is not None and not isinstance(seller, str) and not callable(getattr(seller, "hold", None)):
             raise ValidationError("seller must be an EscrowClient (hf_escrow.connect(...)) or a seller agent id")
         from ..client import AsyncEscrowClient
@@ -167,6 +187,8 @@ class Gate:
         self._connect_lock = threading.Lock()
         self.receipts: deque[GateReceipt] = deque(maxlen=MAX_RECEIPTS)
         self._sheets: dict[str, tuple[dict, int]] = {}   # gated function -> (price sheet, smallest escrow)
+        self.lease_calls, self.flush_ms = lease_calls, check_flush_ms(flush_ms)
+        self._leases: Leases | None = None
 
     @property
     def client(self) -> Any:
@@ -181,6 +203,24 @@ class Gate:
                 if self._till is None:
                     self._till = Till(self._client or seller_from_env(self._seller), hold_ttl_s=self.hold_ttl_s)
         return self._till
+
+    @property
+    def leases(self) -> Leases:
+        """The batched path's leases (started on first use)."""
+        if self._leases is None:
+            till = self.till
+            with self._connect_lock:
+                if self._leases is None:
+                    self._leases = till.leases(lease_calls=self.lease_calls or DEFAULT_LEASE_CALLS,
+                                               flush_ms=self.flush_ms)
+        return self._leases
+
+    def close(self) -> None:
+        """Pay what the batched path owes and free its lease holds (at shutdown; waits for calls in flight)."""
+        with self._connect_lock:
+            leases, self._leases = self._leases, None
+        if leases is not None:
+            leases.close()
 
     @property
     def seller_id(self) -> str:
@@ -238,10 +278,12 @@ class Gate:
     def paid(self, price: Any, *, per: str = "call", fields: bool = False, token_field: str = "spend_token",
              with_receipt: bool = False, notify: bool = True, max_chunks: int = DEFAULT_MAX_CHUNKS,
              capture_every: int = MAX_CAPTURE_EVERY, pricing: Any = None, max_seconds: Any = None,
-             gpu: bool = False) -> Callable[[Callable], Callable]:
+             gpu: bool = False, batch: bool | None = None) -> Callable[[Callable], Callable]:
         """Gate a function: see `paid` (the module function) for the arguments."""
         if per not in BILLINGS:
             raise ValidationError('per must be "call", "chunk" or "second"')
+        if batch not in (None, True, False) or batch and per != "call":
+            raise ValidationError('batch=True is for per="call" handlers: streams and timed calls hold each call')
         if not callable(price):
             _price_of(price, per)  # refuse a bad price when the app starts, not at the first call
         max_ns = _max_ns(per, max_seconds, gpu)
@@ -254,11 +296,19 @@ class Gate:
         sheet, minimum = _advertised(price, per, pricing, max_ns)
 
         def decorate(fn: Callable) -> Callable:
+            streams = inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
+            if batch and streams:
+                raise ValidationError("batch=True is for handlers that return: a generator holds each stream")
+            batched = (self.lease_calls is not None if batch is None else batch) and per == "call" and not streams
             self._sheets[getattr(fn, "__name__", "call")] = (sheet, minimum)
             return _GatedFunction(self, fn, price=price, per=per, fields=fields, token_field=token_field,
                                   with_receipt=with_receipt, notify=notify, max_chunks=max_chunks,
-                                  capture_every=capture_every, max_ns=max_ns, gpu=gpu).wrapper
+                                  capture_every=capture_every, max_ns=max_ns, gpu=gpu, batched=batched).wrapper
         return decorate
+
+
+def _text(amount: Decimal | None) -> str | None:
+    return None if amount is None else str(amount)
 
 
 def _advertised(price: Any, per: str, pricing: Any, max_ns: int | None) -> tuple[dict, int]:
@@ -328,7 +378,7 @@ def _gate_for(seller: Any) -> Gate:
 def paid(price: Any, seller: Any = None, *, per: str = "call", fields: bool = False, token_field: str = "spend_token",
          with_receipt: bool = False, notify: bool = True, max_chunks: int = DEFAULT_MAX_CHUNKS,
          capture_every: int = MAX_CAPTURE_EVERY, pricing: Any = None, max_seconds: Any = None,
-         gpu: bool = False) -> Callable[[Callable], Callable]:
+         gpu: bool = False, batch: bool | None = None) -> Callable[[Callable], Callable]:
     """Charge the caller's escrow `price` USDC for every call of the decorated function.
 
     Args:
@@ -353,6 +403,9 @@ def paid(price: Any, seller: Any = None, *, per: str = "call", fields: bool = Fa
         max_seconds: per="second": the longest run a call bills; its hold is max_seconds x price.
         gpu: per="second": run the handler under ZeroGPU's ``@spaces.GPU(duration=max_seconds)``
             when `spaces` is installed, inside the gate's clock (the GPU wait is not billed).
+        batch: per="call" handlers that return: True puts them on the batched path (a
+            lease, paid by its flush; see the module docstring), False holds each call;
+            None follows the gate (batched when it has ``lease_calls``).
 
     The handler may take ``request: gr.Request`` itself; the gate adds one otherwise.
     Refusals raise before the handler runs: `PaymentRequired` (no token, or an API key),
@@ -368,7 +421,7 @@ def paid(price: Any, seller: Any = None, *, per: str = "call", fields: bool = Fa
     """
     return _gate_for(seller).paid(price, per=per, fields=fields, token_field=token_field, with_receipt=with_receipt,
                                   notify=notify, max_chunks=max_chunks, capture_every=capture_every, pricing=pricing,
-                                  max_seconds=max_seconds, gpu=gpu)
+                                  max_seconds=max_seconds, gpu=gpu, batch=batch)
 
 
 # ---- one call's bill ------------------------------------------------------------------
@@ -381,7 +434,7 @@ class _Bill:
     run them in a worker thread.
     """
 
-    def __init__(self, gate: Gate, tab: Tab, *, billing: str, unit_micro: int, units_held: int, capped: bool,
+    def __init__(self, gate: Gate, tab: Tab | Charge, *, billing: str, unit_micro: int, units_held: int, capped: bool,
                  capture_every: int, spent_s: float, rate: Decimal | None = None, max_ns: int | None = None):
         self.gate, self.tab, self.billing = gate, tab, billing
         self.unit_micro, self.units_held, self.capped = unit_micro, units_held, capped
@@ -462,13 +515,15 @@ class _Bill:
     def settle(self) -> GateReceipt:
         """The work ended well: pay what it owes, free the rest of the hold."""
         self._timed(self.tab.finish, self.owed_micro - self.tab.captured_micro)
+        settled = isinstance(self.tab, Tab)   # else a lease charge: captured at its lease's next flush
         receipt = GateReceipt(
             receipt_id=self.tab.hold_id, escrow_id=self.tab.escrow_id, buyer=self.buyer, seller=self.gate.seller_id,
             billing=self.billing, units=self.units if self.billing != "call" else 1,
-            charged=to_usdc(self.tab.captured_micro), fee=self.fee, seller_net=self.net,
-            remaining=self.remaining if self.remaining is not None else Decimal(0), gate_ms=self.spent_s * 1000,
-            at=datetime.now(timezone.utc), seconds=self.seconds if self.billing == "second" else None,
-            rate=self.rate)
+            charged=to_usdc(self.tab.captured_micro), fee=self.fee if settled else None,
+            seller_net=self.net if settled else None,
+            remaining=(self.remaining if self.remaining is not None else Decimal(0)) if settled else None,
+            gate_ms=self.spent_s * 1000, at=datetime.now(timezone.utc),
+            seconds=self.seconds if self.billing == "second" else None, rate=self.rate, settled=settled)
         self.gate.receipts.append(receipt)
         return receipt
 
@@ -528,10 +583,11 @@ class _GatedFunction:
 
     def __init__(self, gate: Gate, fn: Callable, *, price: Any, per: str, fields: bool, token_field: str,
                  with_receipt: bool, notify: bool, max_chunks: int, capture_every: int, max_ns: int | None,
-                 gpu: bool):
+                 gpu: bool, batched: bool = False):
         if not callable(fn):
             raise ValidationError("@paid decorates a function")
         self.gate, self.fn, self.price, self.per = gate, fn, price, per
+        self.batched = batched
         self.name = getattr(fn, "__name__", "call")
         self.max_ns = max_ns
         self.token_field = token_field if fields else None
@@ -639,6 +695,8 @@ class _GatedFunction:
                 tab, chunks = self._open_stream(call)
             elif self.per == "second":
                 tab, chunks = self._open_timed(call), 1
+            elif self.batched:   # a lease charge: reserved in memory, paid by the lease's next flush
+                tab, chunks = self.gate.leases.admit(call.token, call.price, what="this call"), 1
             else:
                 tab, chunks = self.gate.till.open(call.token, call.price, what="this call"), 1
         except EscrowError as error:
@@ -748,8 +806,9 @@ class _GatedFunction:
     def toast(self, receipt: GateReceipt, call: _Call) -> None:
         if self.notify and call.in_gradio:
             try:
-                self.gr.Info(f"Paid {receipt.charged} USDC; {receipt.remaining} USDC left in escrow "
-                             f"{receipt.escrow_id}", duration=4)
+                note = (f"{receipt.remaining} USDC left in escrow {receipt.escrow_id}" if receipt.settled
+                        else f"captured from escrow {receipt.escrow_id} at the next flush")
+                self.gr.Info(f"Paid {receipt.charged} USDC; {note}", duration=4)
             except Exception:  # a toast is a nicety: never fail a paid call over it
                 pass
 
