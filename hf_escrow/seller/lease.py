@@ -181,11 +181,9 @@ class Leases:
         for name, value in (("lease_calls", lease_calls), ("flush_calls", flush_calls), ("max_leases", max_leases)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValidationError(f"{name} must be a whole number, at least 1")
-        if not isinstance(flush_ms, (int, float)) or not 0 < flush_ms <= 3_600_000:
-            raise ValidationError("flush_ms must be more than 0 and at most an hour (3600000)")
         self.till = till
         self.seller = till.seller
-        self.lease_calls, self.flush_s, self.flush_calls = lease_calls, flush_ms / 1000, flush_calls
+        self.lease_calls, self.flush_s, self.flush_calls = lease_calls, check_flush_ms(flush_ms) / 1000, flush_calls
         self.max_unpaid = max_unpaid if max_unpaid is not None else 4 * flush_calls
         if not isinstance(self.max_unpaid, int) or self.max_unpaid < flush_calls:
             raise ValidationError("max_unpaid must be a whole number, at least flush_calls")
@@ -226,7 +224,7 @@ class Leases:
                                           details={"retry_after_s": 1})
                     lease = self._leases[token] = _Lease(token)
                 if lease.refusal is not None:
-                    raise lease.refusal
+                    raise _fresh(lease.refusal)
                 lease.largest = max(lease.largest, worst_micro)
                 if lease.current is None and not lease.opening and not lease.ending:
                     if not wait:
@@ -275,8 +273,8 @@ class Leases:
             lease.opening = False
             self._room.notify_all()
         if refusal is not None:
-            if not lease.segments() and not lease.in_flight:
-                self._leases.pop(lease.token, None)
+            if not lease.segments() and not lease.in_flight and self._leases.get(lease.token) is lease:
+                del self._leases[lease.token]
             raise refusal
         lease.escrow_id, lease.current, lease.fresh = hold.escrow_id, segment, False
 
@@ -509,6 +507,21 @@ class Leases:
             lease.ending = True
         elif segment in lease.old:
             lease.old.remove(segment)
+
+
+def check_flush_ms(flush_ms: Any) -> float:
+    """A flush interval in milliseconds, refused unless more than 0 and at most an hour."""
+    if isinstance(flush_ms, bool) or not isinstance(flush_ms, (int, float)) or not 0 < flush_ms <= 3_600_000:
+        raise ValidationError("flush_ms must be more than 0 and at most an hour (3600000)")
+    return float(flush_ms)
+
+
+def _fresh(error: EscrowError) -> EscrowError:
+    """A copy of a lease's refusal for one caller: faces add their own details to what they raise."""
+    try:
+        return type(error)(error.message, details=dict(error.details or {}))
+    except TypeError:   # an error class built otherwise: raised as it is
+        return error
 
 
 class _MustWait(Exception):
