@@ -33,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import threading
 import time
@@ -198,6 +199,7 @@ class Leases:
         self.ledger_calls = 0      # holds and capture_many calls made
         self._thread = threading.Thread(target=self._run, name="hf-escrow-leases", daemon=True)
         self._thread.start()
+        atexit.register(self.close)   # a process that exits normally pays what it owes first
 
     # ---- admission --------------------------------------------------------------------
 
@@ -282,7 +284,7 @@ class Leases:
         """A hold of `amount`, or of what the escrow has free when that still covers `least`."""
         from .till import _refused, _too_little
         try:
-            self.ledger_calls += 1
+            self._counted()
             return self.seller.hold(token, to_usdc(amount), ttl_seconds=self.till.hold_ttl_s)
         except InsufficientFunds as error:
             free = int((error.details or {}).get("remaining_micro") or 0)
@@ -291,12 +293,16 @@ class Leases:
         except (Forbidden, StateConflict) as error:
             raise _refused(error)
         try:
-            self.ledger_calls += 1
+            self._counted()
             return self.seller.hold(token, to_usdc(free), ttl_seconds=self.till.hold_ttl_s)
         except InsufficientFunds as error:   # spent meanwhile by another process
             raise _too_little(error, least, what) from None
         except (Forbidden, StateConflict) as error:
             raise _refused(error)
+
+    def _counted(self) -> None:
+        with self._lock:
+            self.ledger_calls += 1
 
     def _end(self, charge: Charge, cost: int) -> None:
         with self._lock:
@@ -333,7 +339,10 @@ class Leases:
 
     def close(self) -> None:
         """Admit nothing more, pay everything owed and free every hold (waits for calls in flight)."""
+        atexit.unregister(self.close)
         with self._lock:
+            if self._closed and not self._leases:
+                return
             self._closed = True
             for lease in self._leases.values():
                 lease.ending = True
@@ -470,7 +479,7 @@ class Leases:
         batch = [{"hold_id": segment.hold_id, "amount": to_usdc(segment.sending[1]), "final": segment.sending[2],
                   "idempotency_key": segment.sending[0]} for _, segment in items]
         try:
-            self.ledger_calls += 1
+            self._counted()
             results = self.seller.capture_many(batch)
         except EscrowError as error:   # nothing or all of it committed: resent as it is next flush
             log.warning("paying %d lease hold(s) failed (%s); retrying at the next flush", len(batch), error.message)
