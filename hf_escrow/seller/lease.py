@@ -54,6 +54,7 @@ DEFAULT_IDLE_S = 5.0
 DEFAULT_WAIT_S = 10.0
 MAX_LEASES = 10_000          # escrows leased at once by one process
 MAX_BATCH = 1_000            # the ledger's capture_many limit
+MAX_GROWTH = 16              # a busy lease holds at most this many times lease_calls
 MIN_ROUND_GAP_S = 0.01       # the least time between two flushes
 MAX_CLOSE_ROUNDS = 50        # flushes `close` tries before it gives up on an unreachable ledger
 
@@ -99,6 +100,7 @@ class _Lease:
         self.unpaid_calls = 0              # calls delivered, not yet confirmed paid
         self.largest = 1                   # the largest worst case seen: sizes renewals
         self.fresh = False                 # admitted a call since the ledger last checked the token
+        self.admitted = 0                  # calls admitted since the last renewal: sizes the next one
         self.wanted = 0                    # a waiting call's worst case: renew now
         self.refusal: EscrowError | None = None   # the ledger refused the token or closed the escrow
         self.opening = False
@@ -168,7 +170,8 @@ class Leases:
 
     Args:
         till: the seller's `Till`.
-        lease_calls: a lease hold covers this many calls' worst case beyond those in flight.
+        lease_calls: a lease hold covers this many calls' worst case beyond those in flight
+            (a busy lease renews for up to twice what it admitted in the last interval).
         flush_ms: the longest delivered work waits to be captured (and the token re-checked).
         flush_calls: a lease with this many calls owed flushes at once.
         max_unpaid: the most calls per lease delivered but not yet paid (admission waits).
@@ -257,6 +260,7 @@ class Leases:
         lease.reserved += worst_micro
         lease.in_flight += 1
         lease.fresh = True
+        lease.admitted += 1
         lease.used = time.monotonic()
         return Charge(self, lease, worst_micro)
 
@@ -434,9 +438,12 @@ class Leases:
         with self._lock:
             if lease.current is None or lease.ending:
                 return
-            lease.fresh = False
-            # The new hold carries the calls in flight (their worst cases) and room for more.
-            size = lease.reserved + self.lease_calls * lease.largest
+            # The new hold carries the calls in flight (their worst cases) and room for more:
+            # lease_calls, or twice what the last interval admitted when busier (at most
+            # MAX_GROWTH times lease_calls), so a busy lease rarely waits for room.
+            room = min(max(self.lease_calls, 2 * lease.admitted), MAX_GROWTH * self.lease_calls)
+            lease.fresh, lease.admitted = False, 0
+            size = lease.reserved + room * lease.largest
             least = lease.reserved + max(lease.wanted, lease.largest)
             aging = time.monotonic() - lease.current.born >= self.till.hold_ttl_s / 2
         try:
