@@ -54,6 +54,7 @@ DEFAULT_IDLE_S = 5.0
 DEFAULT_WAIT_S = 10.0
 MAX_LEASES = 10_000          # escrows leased at once by one process
 MAX_BATCH = 1_000            # the ledger's capture_many limit
+MAX_ITEM_TOKENS = 10_000_000    # the ledger's limit on the tokens one capture reports; the rest waits a flush
 MAX_GROWTH = 16              # a busy lease holds at most this many times lease_calls
 MIN_ROUND_GAP_S = 0.01       # the least time between two flushes
 MAX_CLOSE_ROUNDS = 50        # flushes `close` tries before it gives up on an unreachable ledger
@@ -64,7 +65,8 @@ __all__ = ["Leases", "Charge"]
 class _Segment:
     """One ledger hold of a lease: what it holds, what the ledger has captured, what it owes."""
 
-    __slots__ = ("hold_id", "amount", "captured", "owed", "owed_calls", "sending", "flushes", "born", "retiring")
+    __slots__ = ("hold_id", "amount", "captured", "owed", "owed_calls", "tokens", "sending", "flushes", "born",
+                 "retiring")
 
     def __init__(self, hold: Any):
         self.hold_id: str = hold.id
@@ -72,8 +74,10 @@ class _Segment:
         self.captured = 0           # confirmed by the ledger
         self.owed = 0               # delivered, not yet in a capture
         self.owed_calls = 0
-        self.sending: tuple[str, int, bool, int] | None = None   # a capture sent, not yet answered (key, amount,
-        self.flushes = 0                                         # final, calls); resent as it is until answered
+        self.tokens = [0, 0]        # prompt and completion tokens owed calls reported
+        # A capture sent, not yet answered (key, amount, final, calls, usage): resent as it is until answered.
+        self.sending: tuple[str, int, bool, int, dict] | None = None
+        self.flushes = 0
         self.born = time.monotonic()
         self.retiring = False       # no new call: captured and freed at the next flush
 
@@ -144,19 +148,20 @@ class Charge:
     captured_micro = property(lambda self: self.cost_micro)
     closed = property(lambda self: self.ended)
 
-    def finish(self, amount_micro: int = 0) -> None:
+    def finish(self, amount_micro: int = 0, *, usage: dict | None = None) -> None:
         """The call was delivered: owe `amount_micro` (capped at its worst case), paid at the next flush.
 
-        Returns None (a `Tab` returns the capture's receipt; here nothing is captured yet):
-        `cost_micro` is what it owes, 0 if its lease lost its hold.
+        `usage` (``prompt_tokens``, ``completion_tokens``) is added to the escrow's token
+        counts with the flush. Returns None (a `Tab` returns the capture's receipt; here
+        nothing is captured yet): `cost_micro` is what it owes, 0 if its lease lost its hold.
         """
         if not isinstance(amount_micro, int) or isinstance(amount_micro, bool) or amount_micro < 0:
             raise ValidationError("a charge is a whole, non-negative number of micro-USDC")
-        self._leases._end(self, min(amount_micro, self.worst_micro))
+        self._leases._end(self, min(amount_micro, self.worst_micro), _tokens(usage))
 
     def void(self) -> None:
         """The call failed: it costs nothing. Safe after finish and twice."""
-        self._leases._end(self, 0)
+        self._leases._end(self, 0, (0, 0))
 
     def __enter__(self) -> "Charge":
         return self
@@ -308,7 +313,7 @@ class Leases:
         with self._lock:
             self.ledger_calls += 1
 
-    def _end(self, charge: Charge, cost: int) -> None:
+    def _end(self, charge: Charge, cost: int, tokens: tuple[int, int]) -> None:
         with self._lock:
             if charge.ended:
                 return
@@ -328,6 +333,8 @@ class Leases:
                     raise _corrupted(f"lease of escrow {lease.escrow_id} cannot owe {cost} micro-USDC")
                 segment.owed += cost
                 segment.owed_calls += 1
+                segment.tokens[0] += tokens[0]
+                segment.tokens[1] += tokens[1]
                 lease.unpaid_calls += 1
                 if segment.owed_calls >= self.flush_calls:
                     self._wake.notify()
@@ -477,14 +484,16 @@ class Leases:
         """Fix the capture this segment sends in this flush (a resend keeps its key and amount)."""
         if segment.sending is None and (segment.owed or segment.retiring):
             segment.flushes += 1
+            sent = [min(count, MAX_ITEM_TOKENS) for count in segment.tokens]
             segment.sending = (f"{segment.hold_id}:lease:{segment.flushes}", segment.owed, segment.retiring,
-                               segment.owed_calls)
+                               segment.owed_calls, {"prompt_tokens": sent[0], "completion_tokens": sent[1]})
             segment.owed = segment.owed_calls = 0
+            segment.tokens = [count - part for count, part in zip(segment.tokens, sent)]
         return segment.sending is not None
 
     def _capture(self, items: list[tuple[_Lease, _Segment]]) -> None:
         batch = [{"hold_id": segment.hold_id, "amount": to_usdc(segment.sending[1]), "final": segment.sending[2],
-                  "idempotency_key": segment.sending[0]} for _, segment in items]
+                  "idempotency_key": segment.sending[0], "usage": segment.sending[4]} for _, segment in items]
         try:
             self._counted()
             results = self.seller.capture_many(batch)
@@ -496,7 +505,7 @@ class Leases:
                 self._settled(lease, segment, result)
 
     def _settled(self, lease: _Lease, segment: _Segment, result: Any) -> None:
-        _, amount, final, calls = segment.sending
+        _, amount, final, calls, _ = segment.sending
         segment.sending = None
         lease.unpaid_calls -= calls
         if not result.ok:
@@ -523,6 +532,19 @@ class Leases:
             lease.ending = True
         elif segment in lease.old:
             lease.old.remove(segment)
+
+
+def _tokens(usage: Any) -> tuple[int, int]:
+    """A call's (prompt, completion) tokens, checked now: a bad count must not fail its whole flush."""
+    if usage is None:
+        return 0, 0
+    counts = []
+    for name in ("prompt_tokens", "completion_tokens"):
+        value = usage.get(name, 0) if isinstance(usage, dict) else None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ITEM_TOKENS:
+            raise ValidationError(f"usage.{name} must be a whole number of tokens, got {value!r}")
+        counts.append(value)
+    return counts[0], counts[1]
 
 
 def check_flush_ms(flush_ms: Any) -> float:
