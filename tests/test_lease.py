@@ -232,6 +232,20 @@ def test_a_flush_whose_answer_was_lost_is_resent_and_pays_once(world):
     assert_audit_clean(world.ledger)
 
 
+def test_an_idle_lease_pays_and_frees_its_hold_by_itself(world):
+    e = world.escrow("0.1")
+    leases = Till(world.seller).leases(flush_ms=NEVER_MS, idle_s=0)
+    leases.admit(e.spend_token, WORST).finish(WORST)
+    assert world.buyer.get(e.id).held > 0
+    leases.flush()                                   # idle: paid, and the rest of its hold freed
+    view = world.buyer.get(e.id)
+    assert (world.paid_micro(e.id), view.held, open_holds(world, e.id)) == (WORST, 0, 0)
+    leases.admit(e.spend_token, WORST).finish(WORST)   # the next call opens a new lease
+    leases.close()
+    assert world.paid_micro(e.id) == 2 * WORST
+    assert_audit_clean(world.ledger)
+
+
 def test_asyncio_callers(world):
     e = world.escrow("1")
     leases = Till(world.seller).leases(lease_calls=8, flush_ms=5, flush_calls=8)
@@ -254,7 +268,8 @@ def test_asyncio_callers(world):
 def test_bad_options_and_costs_are_refused(world):
     from hf_escrow import PaymentRequired, ValidationError
     till = Till(world.seller)
-    for options in ({"lease_calls": 0}, {"flush_ms": 0}, {"flush_calls": 2, "max_unpaid": 1}):
+    for options in ({"lease_calls": 0}, {"flush_ms": 0}, {"flush_calls": 2, "max_unpaid": 1}, {"idle_s": -1},
+                    {"wait_s": "1"}):
         with pytest.raises(ValidationError):
             till.leases(**options)
     leases = till.leases(flush_ms=NEVER_MS)
@@ -296,7 +311,8 @@ def test_two_seller_processes_on_one_escrow_never_overdraw(any_world):
 
 
 @pytest.mark.slow
-def test_a_killed_seller_loses_at_most_its_unpaid_calls_and_never_overcharges(world, tmp_path: Path):
+def test_a_killed_seller_loses_at_most_its_unpaid_calls_and_never_overcharges(any_world, tmp_path: Path):
+    world = any_world
     price, max_unpaid = 1_000, 16
     e = world.escrow("5")
     log_path = tmp_path / "delivered.log"

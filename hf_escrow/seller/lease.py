@@ -196,6 +196,9 @@ class Leases:
         self.max_unpaid = max_unpaid if max_unpaid is not None else 4 * flush_calls
         if not isinstance(self.max_unpaid, int) or self.max_unpaid < flush_calls:
             raise ValidationError("max_unpaid must be a whole number, at least flush_calls")
+        for name, value in (("idle_s", idle_s), ("wait_s", wait_s)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 3_600:
+                raise ValidationError(f"{name} must be between 0 and 3600 seconds")
         self.idle_s, self.wait_s, self.max_leases = idle_s, wait_s, max_leases
         self._leases: dict[str, _Lease] = {}
         self._lock = threading.Lock()
