@@ -22,6 +22,12 @@ reserves more than its hold has open, and every capture carries an idempotency k
 flush retried after a lost answer pays once. A call that does not fit waits for the next
 flush to make room (at most `wait_s`) or is refused with the usual 402.
 
+What it costs: an active lease makes at most two ledger calls a flush (its renewal and
+its share of one `capture_many`), whatever its call rate; in exchange it keeps up to
+`lease_calls` calls' worst case of the buyer's escrow held between flushes, which other
+seller processes on that escrow cannot spend until the lease frees it (at the latest
+`idle_s` after its last call).
+
 Example:
     >>> leases = Till(seller).leases(lease_calls=128, flush_ms=50)
     >>> with leases.admit(token, 2_000, what="one answer") as charge:   # worst case, in memory
@@ -55,6 +61,7 @@ DEFAULT_WAIT_S = 10.0
 MAX_LEASES = 10_000          # escrows leased at once by one process
 MAX_BATCH = 1_000            # the ledger's capture_many limit
 MAX_ITEM_TOKENS = 10_000_000    # the ledger's limit on the tokens one capture reports; the rest waits a flush
+MAX_OLD_HOLDS = 8            # replaced holds a lease may still be paying off before it renews again
 MAX_GROWTH = 16              # a busy lease holds at most this many times lease_calls
 MIN_ROUND_GAP_S = 0.01       # the least time between two flushes
 MAX_CLOSE_ROUNDS = 50        # flushes `close` tries before it gives up on an unreachable ledger
@@ -438,8 +445,8 @@ class Leases:
             self.flushes += 1
 
     def _renewal_due(self, lease: _Lease, now: float) -> bool:
-        if lease.current is None or lease.refusal is not None or lease.ending:
-            return False
+        if lease.current is None or lease.refusal is not None or lease.ending or len(lease.old) >= MAX_OLD_HOLDS:
+            return False   # (old holds pile up only while their captures fail: no new one meanwhile)
         aging = now - lease.current.born >= self.till.hold_ttl_s / 2
         return lease.fresh or aging or (lease.wanted > 0 and lease.free < lease.wanted)
 
