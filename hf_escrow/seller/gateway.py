@@ -33,6 +33,13 @@ How money moves, per generation request (chat or completion):
    with its ``usage`` in one final capture.
 5. An upstream error, or an unreachable upstream, voids the hold: the buyer pays nothing.
 
+With ``lease_calls`` (`create_gateway(..., lease_calls=N, flush_ms=...)`) plain answers and
+embeddings go on the batched path instead (`hf_escrow.seller.lease`): each request
+reserves its worst case on a lease hold of its escrow in memory, and what it cost is
+captured by the lease's next flush (one `capture_many` every `flush_ms`, and at
+shutdown), so a request waits on no ledger round trip and a crash loses at most one
+flush interval of delivered answers. Streams keep a hold each, paid as they flow.
+
 An embedding request holds its exact price (inputs x ``per_vector``) or its worst case
 (the inputs' UTF-8 bytes plus `EMBED_OVERHEAD_TOKENS` each, an upper bound of any
 tokenizer's count; token-id inputs exactly), and captures the vectors returned (at most
@@ -65,6 +72,7 @@ from ..ops.operator import admin_key
 from ..pricing import Pricing
 from ..tokens import TokenCounter
 from ..challenge import check_token, spend_token_from
+from .lease import DEFAULT_FLUSH_MS, Charge
 from .till import Tab, Till
 
 DEFAULT_MAX_TOKENS = 256
@@ -84,7 +92,8 @@ log = logging.getLogger(__name__)
 
 def create_gateway(upstream: str, *, escrow: Any, pricing: Any, tokenizer: Any = None,
                    max_tokens: int = DEFAULT_MAX_TOKENS, hold_ttl_s: float = DEFAULT_HOLD_TTL_S,
-                   escrow_url: str | None = None) -> FastAPI:
+                   escrow_url: str | None = None, lease_calls: int | None = None,
+                   flush_ms: float = DEFAULT_FLUSH_MS) -> FastAPI:
     """The gateway app: `escrow` is the seller's EscrowClient, `upstream` ends in `/v1`.
 
     `max_tokens` is the output limit of requests that set none; `hold_ttl_s` how long a
@@ -92,6 +101,8 @@ def create_gateway(upstream: str, *, escrow: Any, pricing: Any, tokenizer: Any =
     to their buyers after it. Refusals to pay answer 402 with the challenge of
     `hf_escrow.challenge` (also at ``/.well-known/hf-escrow``); `escrow_url` is the escrow
     server it names, when buyers reach it under another URL than the seller's client.
+    `lease_calls` puts plain answers and embeddings on the batched path (module
+    docstring), flushed every `flush_ms`.
 
     Example:
         >>> import uvicorn, hf_escrow
@@ -104,11 +115,16 @@ def create_gateway(upstream: str, *, escrow: Any, pricing: Any, tokenizer: Any =
         raise ValidationError("the gateway needs token prices (input_per_1k and output_per_1k) for chat and "
                               "completions, or per_vector for embeddings")
     _check_limit(max_tokens, "max_tokens")
-    gateway = _Gateway(upstream.rstrip("/"), Till(escrow, hold_ttl_s=hold_ttl_s), sheet, TokenCounter(tokenizer),
-                       max_tokens)
+    till = Till(escrow, hold_ttl_s=hold_ttl_s)
+    leases = till.leases(lease_calls=lease_calls, flush_ms=flush_ms) if lease_calls is not None else None
+    gateway = _Gateway(upstream.rstrip("/"), till, sheet, TokenCounter(tokenizer), max_tokens, leases)
     app = FastAPI(title="hf-escrow gateway", version=__version__)
     install_ops(app, ready=escrow.me, admin_key=admin_key())
     app.router.on_shutdown.append(gateway.client.aclose)
+    if leases is not None:
+        async def pay_what_is_owed() -> None:   # the last flush: the batched path paid, its holds freed
+            await anyio.to_thread.run_sync(leases.close)
+        app.router.on_shutdown.append(pay_what_is_owed)
 
     # The smallest useful escrow pays one short request (16 prompt tokens) at the default
     # output limit, or one vector where only embeddings are sold.
@@ -189,8 +205,10 @@ COMPLETION = _Generation("completions", lambda raw: _completion_body(raw),
 class _Gateway:
     """Admits, forwards and bills chat, completion and embedding requests for one seller."""
 
-    def __init__(self, upstream: str, till: Till, pricing: Pricing, counter: TokenCounter, max_tokens: int):
+    def __init__(self, upstream: str, till: Till, pricing: Pricing, counter: TokenCounter, max_tokens: int,
+                 leases: Any = None):
         self.upstream, self.till, self.pricing, self.counter = upstream, till, pricing, counter
+        self.leases = leases
         self.max_tokens = max_tokens
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(UPSTREAM_TIMEOUT_S, connect=10.0))
 
@@ -217,7 +235,8 @@ class _Gateway:
         """Hold the request's worst case: its prompt plus `limit` output tokens."""
         prompt_tokens, exact = route.prompt_tokens(self.counter, body)
         worst = self.pricing.tokens_micro(prompt_tokens, limit)
-        tab = self.till.open(token, worst, what=f"this request ({prompt_tokens} prompt + up to {limit} output tokens)")
+        tab = self._open_tab(token, worst, f"this request ({prompt_tokens} prompt + up to {limit} output tokens)",
+                             batched=not body.get("stream"))
         return _Bill(tab, self.pricing, self.counter, prompt_tokens, exact, limit)
 
     async def _answer(self, path: str, body: dict, bill: "_Bill") -> Response:
@@ -258,18 +277,24 @@ class _Gateway:
         return Response(answer.content, status_code=answer.status_code, media_type="application/json",
                         background=settle)
 
-    def _open_embeddings(self, token: str, inputs: list) -> tuple[Tab, int]:
+    def _open_tab(self, token: str, worst: int, what: str, *, batched: bool = True) -> Tab | Charge:
+        """A hold of `worst` for one request, or its reservation on a lease (the batched path)."""
+        if batched and self.leases is not None:
+            return self.leases.admit(token, worst, what=what)
+        return self.till.open(token, worst, what=what)
+
+    def _open_embeddings(self, token: str, inputs: list) -> tuple[Tab | Charge, int]:
         """Hold the price of `inputs`: exact per vector, or their tokens' upper bound."""
         count = len(inputs)
         if self.pricing.per_vector is not None:
-            return self.till.open(token, self.pricing.unit_micro("per_vector", count),
-                                  what=f"embedding {count} input(s)"), 0
+            return self._open_tab(token, self.pricing.unit_micro("per_vector", count),
+                                  f"embedding {count} input(s)"), 0
         bound = sum(len(item) if isinstance(item, list) else len(item.encode()) + EMBED_OVERHEAD_TOKENS
                     for item in inputs)
-        return self.till.open(token, self.pricing.tokens_micro(bound, 0),
-                              what=f"embedding {count} input(s) (up to {bound} tokens)"), bound
+        return self._open_tab(token, self.pricing.tokens_micro(bound, 0),
+                              f"embedding {count} input(s) (up to {bound} tokens)"), bound
 
-    def _settle_embeddings(self, tab: Tab, asked: int, returned: int, bound: int, usage: Any) -> None:
+    def _settle_embeddings(self, tab: Tab | Charge, asked: int, returned: int, bound: int, usage: Any) -> None:
         """Pay the vectors returned (one per input at most), or the input tokens the server reports."""
         delivered = min(returned, asked)
         try:
@@ -320,8 +345,8 @@ class _Bill:
     ahead of what the server's ``usage`` reports at the end.
     """
 
-    def __init__(self, tab: Tab, pricing: Pricing, counter: TokenCounter, prompt_tokens: int, prompt_exact: bool,
-                 limit: int):
+    def __init__(self, tab: Tab | Charge, pricing: Pricing, counter: TokenCounter, prompt_tokens: int,
+                 prompt_exact: bool, limit: int):
         self.tab, self.pricing, self.counter = tab, pricing, counter
         self.prompt_tokens, self.prompt_exact, self.limit = prompt_tokens, prompt_exact, limit
         self.pieces: list[str] = []

@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from decimal import Decimal
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .. import challenge
 from .._exceptions import (
@@ -36,6 +36,9 @@ from .._exceptions import (
 from .._models import Receipt
 from ..challenge import check_token
 from ..money import format_usdc, parse_usdc, to_usdc
+
+if TYPE_CHECKING:
+    from .lease import Leases
 
 DEFAULT_HOLD_TTL_S = 120.0
 MAX_KEY_CHARS = 255          # the ledger's idempotency key limit
@@ -103,6 +106,11 @@ class Till:
         except (Forbidden, StateConflict) as error:
             raise _refused(error)
         return Tab(self.seller, hold)
+
+    def leases(self, **options: Any) -> "Leases":
+        """Leases for a busy face: one hold covers many calls, paid in batches (`hf_escrow.seller.lease`)."""
+        from .lease import Leases
+        return Leases(self, **options)
 
     def pay_once(self, token: Any, amount_micro: int, item: str, *, scope: str, ttl_seconds: float | None = None,
                  what: str = "this item") -> tuple[str, Receipt | None]:

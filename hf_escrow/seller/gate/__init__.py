@@ -54,6 +54,16 @@ holds, and a cancel or a revoke stops the next call at once.
   spent waiting for a GPU is not billed either. `spaces` is imported only when it is
   installed (off ZeroGPU the handler runs as it is). Receipts show the seconds and the rate.
 
+The batched path: ``Gate(seller, lease_calls=N, flush_ms=...)`` (or ``paid(..., batch=True)``)
+admits ``per="call"`` handlers (not generators) on a lease of the till
+(`hf_escrow.seller.lease`): one hold covers many calls of an escrow, each call reserves
+its price out of it in memory, and what the calls cost is captured by the lease's flush
+(one `capture_many` every `flush_ms`, and at `Gate.close`). A call then waits on no
+ledger round trip, and its result is handed out before it is captured: a seller process
+that dies loses at most one flush interval of calls, never charging more than was
+delivered. A revoke or a cancel stops new calls within one flush. Its receipts say
+``settled: false``: fee, net and remaining are known only after the flush.
+
 ``with_receipt=True`` appends a receipt output (`GateReceipt.to_dict`); a stream's chunks
 carry ``{"status": "pending", ...}`` and one last output repeats the final chunk with the
 receipt. Holds last `Gate(hold_ttl_s=...)` (default 120 s, the ledger caps it): a call or a
@@ -64,6 +74,7 @@ Outside Gradio pass ``request={"X-Escrow-Token": token}`` (a dict, or any object
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections import deque
 from decimal import Decimal
@@ -72,6 +83,7 @@ from typing import Any, Callable
 from ... import challenge
 from ..._exceptions import InsufficientFunds, ValidationError
 from ...money import to_usdc
+from ..lease import DEFAULT_FLUSH_MS, DEFAULT_LEASE_CALLS, Leases, check_flush_ms
 from ..till import DEFAULT_HOLD_TTL_S, Till
 from .billing import (BILLINGS, DEFAULT_MAX_CHUNKS, MAX_CAPTURE_EVERY, GateReceipt, advertised, check_limits, max_ns_of,
                       price_of)
@@ -95,6 +107,9 @@ class Gate:
         hold_ttl_s: how long a call's hold lives; a call or stream must end within it.
         escrow_url: the escrow server its challenges name, when buyers reach it under
             another URL than the seller's client.
+        lease_calls: put per-call handlers on the batched path (module docstring): a
+            lease hold covers this many calls; None keeps one hold per call.
+        flush_ms: the batched path's flush interval: the most delivered work at risk.
 
     Refusals carry the challenge of `hf_escrow.challenge` (in Gradio: a ``gr.Error``
     whose message ends with it); `discovery_routes` serves ``/.well-known/hf-escrow``.
@@ -105,7 +120,11 @@ class Gate:
         ... def embed(text): ...
     """
 
-    def __init__(self, seller: Any = None, *, hold_ttl_s: float = DEFAULT_HOLD_TTL_S, escrow_url: str | None = None):
+    def __init__(self, seller: Any = None, *, hold_ttl_s: float = DEFAULT_HOLD_TTL_S, escrow_url: str | None = None,
+                 lease_calls: int | None = None, flush_ms: float = DEFAULT_FLUSH_MS):
+        if lease_calls is not None and (not isinstance(lease_calls, int) or isinstance(lease_calls, bool)
+                                        or lease_calls < 1):
+            raise ValidationError("lease_calls must be a whole number of calls, at least 1 (or None)")
         if seller is not None and not isinstance(seller, str) and not callable(getattr(seller, "hold", None)):
             raise ValidationError("seller must be an EscrowClient (hf_escrow.connect(...)) or a seller agent id")
         from ...client import AsyncEscrowClient
@@ -120,6 +139,8 @@ class Gate:
         self._connect_lock = threading.Lock()
         self.receipts: deque[GateReceipt] = deque(maxlen=MAX_RECEIPTS)
         self._sheets: dict[str, tuple[dict, int]] = {}   # gated function -> (price sheet, smallest escrow)
+        self.lease_calls, self.flush_ms = lease_calls, check_flush_ms(flush_ms)
+        self._leases: Leases | None = None
 
     @property
     def client(self) -> Any:
@@ -134,6 +155,24 @@ class Gate:
                 if self._till is None:
                     self._till = Till(self._client or seller_from_env(self._seller), hold_ttl_s=self.hold_ttl_s)
         return self._till
+
+    @property
+    def leases(self) -> Leases:
+        """The batched path's leases (started on first use)."""
+        if self._leases is None:
+            till = self.till
+            with self._connect_lock:
+                if self._leases is None:
+                    self._leases = till.leases(lease_calls=self.lease_calls or DEFAULT_LEASE_CALLS,
+                                               flush_ms=self.flush_ms)
+        return self._leases
+
+    def close(self) -> None:
+        """Pay what the batched path owes and free its lease holds (at shutdown; waits for calls in flight)."""
+        with self._connect_lock:
+            leases, self._leases = self._leases, None
+        if leases is not None:
+            leases.close()
 
     @property
     def seller_id(self) -> str:
@@ -181,10 +220,12 @@ class Gate:
     def paid(self, price: Any, *, per: str = "call", fields: bool = False, token_field: str = "spend_token",
              with_receipt: bool = False, notify: bool = True, max_chunks: int = DEFAULT_MAX_CHUNKS,
              capture_every: int = MAX_CAPTURE_EVERY, pricing: Any = None, max_seconds: Any = None,
-             gpu: bool = False) -> Callable[[Callable], Callable]:
+             gpu: bool = False, batch: bool | None = None) -> Callable[[Callable], Callable]:
         """Gate a function: see `paid` (the module function) for the arguments."""
         if per not in BILLINGS:
             raise ValidationError('per must be "call", "chunk" or "second"')
+        if batch not in (None, True, False) or batch and per != "call":
+            raise ValidationError('batch=True is for per="call" handlers: streams and timed calls hold each call')
         if not callable(price):
             price_of(price, per)  # refuse a bad price when the app starts, not at the first call
         max_ns = max_ns_of(per, max_seconds, gpu)
@@ -192,10 +233,14 @@ class Gate:
         sheet, minimum = advertised(price, per, pricing, max_ns)
 
         def decorate(fn: Callable) -> Callable:
+            streams = inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
+            if batch and streams:
+                raise ValidationError("batch=True is for handlers that return: a generator holds each stream")
+            batched = (self.lease_calls is not None if batch is None else batch) and per == "call" and not streams
             self._sheets[getattr(fn, "__name__", "call")] = (sheet, minimum)
             return GatedFunction(self, fn, price=price, per=per, fields=fields, token_field=token_field,
                                  with_receipt=with_receipt, notify=notify, max_chunks=max_chunks,
-                                 capture_every=capture_every, max_ns=max_ns, gpu=gpu).wrapper
+                                 capture_every=capture_every, max_ns=max_ns, gpu=gpu, batched=batched).wrapper
         return decorate
 
 
@@ -217,7 +262,7 @@ def _gate_for(seller: Any) -> Gate:
 def paid(price: Any, seller: Any = None, *, per: str = "call", fields: bool = False, token_field: str = "spend_token",
          with_receipt: bool = False, notify: bool = True, max_chunks: int = DEFAULT_MAX_CHUNKS,
          capture_every: int = MAX_CAPTURE_EVERY, pricing: Any = None, max_seconds: Any = None,
-         gpu: bool = False) -> Callable[[Callable], Callable]:
+         gpu: bool = False, batch: bool | None = None) -> Callable[[Callable], Callable]:
     """Charge the caller's escrow `price` USDC for every call of the decorated function.
 
     Args:
@@ -242,6 +287,9 @@ def paid(price: Any, seller: Any = None, *, per: str = "call", fields: bool = Fa
         max_seconds: per="second": the longest run a call bills; its hold is max_seconds x price.
         gpu: per="second": run the handler under ZeroGPU's ``@spaces.GPU(duration=max_seconds)``
             when `spaces` is installed, inside the gate's clock (the GPU wait is not billed).
+        batch: per="call" handlers that return: True puts them on the batched path (a
+            lease, paid by its flush; see the module docstring), False holds each call;
+            None follows the gate (batched when it has ``lease_calls``).
 
     The handler may take ``request: gr.Request`` itself; the gate adds one otherwise.
     Refusals raise before the handler runs: `PaymentRequired` (no token, or an API key),
@@ -257,4 +305,4 @@ def paid(price: Any, seller: Any = None, *, per: str = "call", fields: bool = Fa
     """
     return _gate_for(seller).paid(price, per=per, fields=fields, token_field=token_field, with_receipt=with_receipt,
                                   notify=notify, max_chunks=max_chunks, capture_every=capture_every, pricing=pricing,
-                                  max_seconds=max_seconds, gpu=gpu)
+                                  max_seconds=max_seconds, gpu=gpu, batch=batch)

@@ -1,7 +1,7 @@
 """What a gated call costs and owes: its price, the hold it opens, what it captures, its receipt.
 
 No Gradio and no wrappers here: `open_bill` holds a call's worst case through the gate's
-till, and `Bill` counts what the call owes as it runs and settles it. Its I/O methods
+till (or, on the batched path, reserves it on a lease of the till), and `Bill` counts what the call owes as it runs and settles it. Its I/O methods
 (`flush`, `settle`, `abandon`) block on the ledger; the async shells run them in a worker
 thread.
 """
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 from ..._exceptions import EscrowError, InsufficientFunds, StateConflict, ValidationError
 from ...money import NS_PER_SECOND, format_usdc, parse_usdc, seconds_cost_micro, to_decimal, to_usdc
 from ...pricing import Pricing
+from ..lease import Charge
 from ..till import Tab
 
 if TYPE_CHECKING:
@@ -45,26 +46,32 @@ class GateReceipt:
     billing: str             # "call", "chunk" or "second"
     units: int               # 1 for a call; the chunks delivered by a stream billed per chunk or second
     charged: Decimal         # gross paid out of the escrow for this call
-    fee: Decimal             # the platform's share of `charged`
-    seller_net: Decimal      # what the seller received
-    remaining: Decimal       # what the escrow could still spend after the last capture
+    fee: Decimal | None      # the platform's share of `charged` (None until a batched call's flush)
+    seller_net: Decimal | None   # what the seller received (idem)
+    remaining: Decimal | None    # what the escrow could still spend after the last capture (idem)
     gate_ms: float           # time the gate added to the call (hold and captures)
     at: datetime
     seconds: Decimal | None = None   # per="second": the handler's measured run time (ns precision)
     rate: Decimal | None = None      # per="second": USDC per second
+    settled: bool = True             # False: a batched call, captured by its lease's next flush
 
     def to_dict(self) -> dict:
         """A JSON-able view (amounts as exact decimal strings), as shown in a UI."""
         shown = {"receipt_id": self.receipt_id, "escrow_id": self.escrow_id, "buyer": self.buyer,
                  "seller": self.seller, "billing": self.billing, "units": self.units,
-                 "charged_usdc": str(self.charged), "fee_usdc": str(self.fee), "seller_net_usdc": str(self.seller_net),
-                 "remaining_usdc": str(self.remaining), "gate_ms": round(self.gate_ms, 3), "at": self.at.isoformat()}
+                 "charged_usdc": str(self.charged), "fee_usdc": _text(self.fee),
+                 "seller_net_usdc": _text(self.seller_net), "remaining_usdc": _text(self.remaining),
+                 "gate_ms": round(self.gate_ms, 3), "at": self.at.isoformat(), "settled": self.settled}
         if self.billing == "second":
             shown.update(seconds=str(self.seconds), rate_usdc_per_s=str(self.rate))
         return shown
 
 
 # ---- prices, checked when the app starts -------------------------------------------------
+
+
+def _text(amount: Decimal | None) -> str | None:
+    return None if amount is None else str(amount)
 
 
 def check_limits(max_chunks: Any, capture_every: Any) -> None:
@@ -128,13 +135,15 @@ def max_ns_of(per: str, max_seconds: Any, gpu: bool) -> int | None:
 
 
 def open_bill(gate: Gate, token: str, price: Any, *, per: str, max_chunks: int, capture_every: int,
-              max_ns: int | None) -> Bill:
+              max_ns: int | None, batched: bool = False) -> Bill:
     """Hold a call's worst case (refused: nothing is held, and the handler must not run)."""
     started = time.perf_counter()
     if per == "chunk":
         tab, chunks = _open_stream(gate, token, price, max_chunks)
     elif per == "second":
         tab, chunks = _open_timed(gate, token, price, max_ns), 1
+    elif batched:   # a lease charge: reserved in memory, captured by the lease's next flush
+        tab, chunks = gate.leases.admit(token, price, what="this call"), 1
     else:
         tab, chunks = gate.till.open(token, price, what="this call"), 1
     rate = price if per == "second" else None
@@ -178,7 +187,7 @@ def _open_stream(gate: Gate, token: str, price: int, max_chunks: int) -> tuple[T
 class Bill:
     """One gated call's tab and what it owes: a call's price, `unit_micro` per delivered chunk, or its run time."""
 
-    def __init__(self, gate: Gate, tab: Tab, *, billing: str, unit_micro: int, units_held: int, capped: bool,
+    def __init__(self, gate: Gate, tab: Tab | Charge, *, billing: str, unit_micro: int, units_held: int, capped: bool,
                  capture_every: int, spent_s: float, rate: Decimal | None = None, max_ns: int | None = None):
         self.gate, self.tab, self.billing = gate, tab, billing
         self.unit_micro, self.units_held, self.capped = unit_micro, units_held, capped
@@ -260,13 +269,15 @@ class Bill:
     def settle(self) -> GateReceipt:
         """The work ended well: pay what it owes, free the rest of the hold."""
         self._timed(self.tab.finish, self.owed_micro - self.tab.captured_micro)
+        settled = isinstance(self.tab, Tab)   # else a lease charge: its fee and net are known at the flush
         receipt = GateReceipt(
             receipt_id=self.tab.hold_id, escrow_id=self.tab.escrow_id, buyer=self.buyer, seller=self.gate.seller_id,
             billing=self.billing, units=self.units if self.billing != "call" else 1,
-            charged=to_usdc(self.tab.captured_micro), fee=self.fee, seller_net=self.net,
-            remaining=self.remaining if self.remaining is not None else Decimal(0), gate_ms=self.spent_s * 1000,
-            at=datetime.now(timezone.utc), seconds=self.seconds if self.billing == "second" else None,
-            rate=self.rate)
+            charged=to_usdc(self.tab.captured_micro), fee=self.fee if settled else None,
+            seller_net=self.net if settled else None,
+            remaining=(self.remaining if self.remaining is not None else Decimal(0)) if settled else None,
+            gate_ms=self.spent_s * 1000, at=datetime.now(timezone.utc),
+            seconds=self.seconds if self.billing == "second" else None, rate=self.rate, settled=settled)
         self.gate.receipts.append(receipt)
         return receipt
 

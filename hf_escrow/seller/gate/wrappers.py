@@ -46,10 +46,11 @@ class GatedFunction:
 
     def __init__(self, gate: Gate, fn: Callable, *, price: Any, per: str, fields: bool, token_field: str,
                  with_receipt: bool, notify: bool, max_chunks: int, capture_every: int, max_ns: int | None,
-                 gpu: bool):
+                 gpu: bool, batched: bool = False):
         if not callable(fn):
             raise ValidationError("@paid decorates a function")
         self.gate, self.fn, self.price, self.per = gate, fn, price, per
+        self.batched = batched
         self.name = getattr(fn, "__name__", "call")
         self.max_ns = max_ns
         self.with_receipt, self.notify = with_receipt, notify
@@ -141,7 +142,7 @@ class GatedFunction:
     def open(self, call: Call) -> Bill:
         try:
             return open_bill(self.gate, call.token, call.price, per=self.per, max_chunks=self.max_chunks,
-                             capture_every=self.capture_every, max_ns=self.max_ns)
+                             capture_every=self.capture_every, max_ns=self.max_ns, batched=self.batched)
         except EscrowError as error:
             raise self.refused(error, call) from None
 
@@ -214,8 +215,9 @@ class GatedFunction:
     def toast(self, receipt: GateReceipt, call: Call) -> None:
         if self.notify and call.in_gradio:
             try:
-                self.gr.Info(f"Paid {receipt.charged} USDC; {receipt.remaining} USDC left in escrow "
-                             f"{receipt.escrow_id}", duration=4)
+                note = (f"{receipt.remaining} USDC left in escrow {receipt.escrow_id}" if receipt.settled
+                        else f"captured from escrow {receipt.escrow_id} at the next flush")
+                self.gr.Info(f"Paid {receipt.charged} USDC; {note}", duration=4)
             except Exception:  # a toast is a nicety: never fail a paid call over it
                 pass
 
