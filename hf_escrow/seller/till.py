@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from .. import challenge
 from .._exceptions import (
-    EscrowError, Forbidden, IdempotencyConflict, InsufficientFunds, PaymentRequired, StateConflict, ValidationError,
+    EscrowError, Forbidden, IdempotencyConflict, InsufficientFunds, StateConflict, ValidationError,
 )
 from .._models import Receipt
 from ..challenge import check_token
