@@ -404,26 +404,30 @@ def connect(url: str | None = None, *, agent: str | None = None, api_key: str | 
         >>> esc = hf_escrow.connect(agent="buyer-1")                              # embedded
         >>> esc = hf_escrow.connect("http://127.0.0.1:8787", api_key="hfe_...")   # a server
     """
-    url = url or (None if agent or database_url or home else os.environ.get("HF_ESCROW_URL"))
-    if url:
-        from .http_client import HTTPTransport
-        return EscrowClient(HTTPTransport(url, api_key=api_key or os.environ.get("HF_ESCROW_API_KEY"),
-                                          timeout=timeout, max_retries=max_retries))
-    ledger = embedded_ledger(database_url, home)
-    return EscrowClient(EmbeddedTransport(ledger), agent=_embedded_agent(ledger, agent, api_key))
+    return _connect(EscrowClient, "HTTPTransport", EmbeddedTransport, url, agent, api_key, home, database_url,
+                    timeout, max_retries)
 
 
 def connect_async(url: str | None = None, *, agent: str | None = None, api_key: str | None = None,
                   home: str | Path | None = None, database_url: str | None = None, timeout: float = 30.0,
                   max_retries: int = 3) -> AsyncEscrowClient:
     """The async twin of `connect`: the same arguments, a client whose methods are awaited."""
+    return _connect(AsyncEscrowClient, "AsyncHTTPTransport", AsyncEmbeddedTransport, url, agent, api_key, home,
+                    database_url, timeout, max_retries)
+
+
+def _connect(client: type, http_transport: str, embedded_transport: type, url: str | None, agent: str | None,
+             api_key: str | None, home: str | Path | None, database_url: str | None, timeout: float,
+             max_retries: int) -> Any:
+    """Both `connect`s: over HTTP when given (or told by the environment) a server URL, else embedded."""
     url = url or (None if agent or database_url or home else os.environ.get("HF_ESCROW_URL"))
     if url:
-        from .http_client import AsyncHTTPTransport
-        return AsyncEscrowClient(AsyncHTTPTransport(url, api_key=api_key or os.environ.get("HF_ESCROW_API_KEY"),
-                                                    timeout=timeout, max_retries=max_retries))
+        from . import http_client   # httpx only when a server is named
+        transport = getattr(http_client, http_transport)
+        return client(transport(url, api_key=api_key or os.environ.get("HF_ESCROW_API_KEY"), timeout=timeout,
+                                max_retries=max_retries))
     ledger = embedded_ledger(database_url, home)
-    return AsyncEscrowClient(AsyncEmbeddedTransport(ledger), agent=_embedded_agent(ledger, agent, api_key))
+    return client(embedded_transport(ledger), agent=_embedded_agent(ledger, agent, api_key))
 
 
 def _embedded_agent(ledger: Ledger, agent: str | None, api_key: str | None) -> str | None:
