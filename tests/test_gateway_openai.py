@@ -6,10 +6,10 @@ import httpx
 import openai
 import pytest
 
-import hf_escrow
 from hf_escrow import challenge
 from hf_escrow._exceptions import PaymentRequired, StateConflict, error_for_status
 from hf_escrow.seller.gateway import create_gateway
+from tests.helpers import buyer_and_seller
 from tests.liveserver import free_port, serve_app
 
 PRICES = {"input_per_1k": "0.001", "output_per_1k": "0.002"}
@@ -19,12 +19,7 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_toke
 @pytest.fixture
 def gateway(tmp_path):
     """A gateway in front of a model server that is not there: every request here is refused before it."""
-    db = f"sqlite:///{tmp_path / 'ledger.db'}"
-    seller = hf_escrow.connect(agent="seller", database_url=db)
-    seller.register()
-    buyer = hf_escrow.connect(agent="buyer", database_url=db)
-    buyer.register()
-    buyer.claim_faucet()
+    buyer, seller = buyer_and_seller(f"sqlite:///{tmp_path / 'ledger.db'}")
     app = create_gateway(f"http://127.0.0.1:{free_port()}/v1", escrow=seller, pricing=PRICES)
     with serve_app(app) as url:
         yield url, buyer

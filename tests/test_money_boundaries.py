@@ -13,6 +13,7 @@ import hf_escrow
 from hf_escrow import _models
 from hf_escrow.money import to_usdc
 from hf_escrow.pricing import STREAK_BONUS_PCT, earned_bonus, per_token_price, with_headroom_micro
+from tests.helpers import buyer_and_seller
 
 PACKAGE = Path(hf_escrow.__file__).resolve().parent
 SCALE = 10 ** 6
@@ -102,6 +103,13 @@ def test_only_money_py_scales_usdc_by_ten_to_the_sixth():
     assert scalings((PACKAGE / "money.py").read_text()), "the scan no longer sees money.py's own scale"
 
 
+def test_the_dashboard_formats_micro_usdc_without_a_float_scale():
+    import re
+    scale = re.compile(r"(?<![\w.])(1e6|1e-6|1_?000_?000|10\s*\*\*\s*6)(?![\w.])")
+    found = {path.name: scale.findall(path.read_text()) for path in PACKAGE.rglob("*.js")}
+    assert found and not any(found.values()), found
+
+
 # ---- the client models carry ints; their USDC attributes are views -----------------------
 
 MODELS = [_models.Me, _models.Milestone, _models.Escrow, _models.BudgetedKey, _models.Hold, _models.Receipt]
@@ -116,18 +124,8 @@ def test_every_amount_of_a_model_is_an_int_field_with_a_decimal_view(model):
     assert not [name for name, kind in names.items() if "Decimal" in str(kind)], f"{model.__name__} stores Decimals"
 
 
-def _world(tmp_path):
-    db = f"sqlite:///{tmp_path / 'ledger.db'}"
-    seller = hf_escrow.connect(agent="seller", database_url=db)
-    seller.register()
-    buyer = hf_escrow.connect(agent="buyer", database_url=db)
-    buyer.register()
-    buyer.claim_faucet()
-    return buyer, seller
-
-
 def test_answers_carry_exact_ints_and_views_that_agree(tmp_path):
-    buyer, seller = _world(tmp_path)
+    buyer, seller = buyer_and_seller(f"sqlite:///{tmp_path / 'ledger.db'}")
     escrow = buyer.create_escrow("seller", "1.5")
     hold = seller.hold(escrow.spend_token, "0.05")
     receipt = seller.capture(hold.id, "0.0123", final=True)
