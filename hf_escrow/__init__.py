@@ -18,9 +18,9 @@ Example:
 __version__ = "0.1.0"
 
 from ._exceptions import (
-    BudgetExceeded, Declined, EscrowError, Forbidden, IdempotencyConflict, InsufficientFunds, InvalidAmount,
-    KeyInactive, NotFound, OutsideMandate, PaymentRequired, RateLimited, StateConflict, TransportError, Unauthorized,
-    ValidationError,
+    ArtifactError, ArtifactMismatch, BudgetExceeded, Declined, EscrowError, Forbidden, IdempotencyConflict,
+    InsufficientFunds, InvalidAmount, JobError, KeyInactive, ModelServerError, NotFound, OutsideMandate,
+    PaymentRequired, RateLimited, StateConflict, TransportError, Unauthorized, ValidationError,
 )
 from ._models import Agent, BudgetedKey, CaptureResult, Escrow, EscrowEvent, Hold, Me, Milestone, Receipt
 from .client import AsyncEscrowClient, EscrowClient, connect, connect_async
@@ -53,4 +53,5 @@ __all__ = [
     "EscrowError", "ValidationError", "InvalidAmount", "Unauthorized", "Forbidden", "NotFound",
     "InsufficientFunds", "PaymentRequired", "StateConflict", "IdempotencyConflict", "RateLimited", "TransportError",
     "BudgetExceeded", "OutsideMandate", "KeyInactive", "Declined",
+    "JobError", "ArtifactMismatch", "ArtifactError", "ModelServerError",
 ]

@@ -14,11 +14,17 @@
     ├── PaymentRequired      (402)   a paid face got no spend token (or a key instead of one)
     ├── StateConflict        (409)   the escrow's state forbids the operation
     ├── IdempotencyConflict  (409)   a key reused with a different request
-    └── RateLimited          (429)   faucet claimed too often
-    TransportError                   the server could not be reached (HTTP client only)
+    ├── RateLimited          (429)   faucet claimed too often
+    ├── JobError             (422)   a fine-tuning job spec, its data or its run is unusable as asked
+    │   └── ArtifactMismatch (422)   a submitted adapter is missing, unsafe or not the sha256 submitted
+    ├── ArtifactError        (422)   an adapter folder is missing, unsafe to load or not what was submitted
+    ├── ModelServerError     (503)   the local model server exited or never became healthy (also a RuntimeError)
+    └── TransportError       (503)   the server could not be reached (HTTP client only)
 
 Every error carries a message a person can act on; errors raised by the HTTP client
-also carry the `response` they were built from.
+also carry the `response` they were built from. Each class has its own `code`: a server
+answers ``{"error": code, "message": ..., "details": ...}`` (the gateway: OpenAI's
+``{"error": {"type": code, "message": ...}}``) and `error_for_status` rebuilds the same class.
 """
 
 from __future__ import annotations
@@ -41,6 +47,10 @@ __all__ = [
     "StateConflict",
     "IdempotencyConflict",
     "RateLimited",
+    "JobError",
+    "ArtifactMismatch",
+    "ArtifactError",
+    "ModelServerError",
     "TransportError",
     "error_for_status",
 ]
@@ -138,6 +148,42 @@ class RateLimited(EscrowError):
     code = "rate_limited"
 
 
+class JobError(EscrowError):
+    """A job spec, its data or its run is not usable as asked; the message says how to fix it."""
+
+    status_code = 422
+    code = "job_error"
+
+
+class ArtifactMismatch(JobError):
+    """The submitted adapter is missing, unsafe, or does not hash to the submitted sha256.
+
+    The verifier then records a failing verdict (the escrow goes back to active until its
+    TTL refunds it, unless the seller submits a sound artifact); `verdict` says what it did
+    (`hf_escrow.finetune.Verdict`, None when rebuilt from a server's answer).
+    """
+
+    code = "artifact_mismatch"
+
+    def __init__(self, message: str, verdict: Any = None, *, response: Any = None, details: dict | None = None):
+        super().__init__(message, response=response, details=details)
+        self.verdict = verdict
+
+
+class ArtifactError(EscrowError):
+    """The adapter folder is missing, unsafe to load, or not what was submitted."""
+
+    status_code = 422
+    code = "artifact_error"
+
+
+class ModelServerError(EscrowError, RuntimeError):
+    """The local model server exited, or did not become healthy in time."""
+
+    status_code = 503
+    code = "model_server_error"
+
+
 class TransportError(EscrowError):
     status_code = 503
     code = "transport_error"
@@ -148,7 +194,7 @@ _BY_CODE = {
     for cls in (
         ValidationError, InvalidAmount, Unauthorized, KeyInactive, Forbidden, OutsideMandate, Declined,
         NotFound, InsufficientFunds, BudgetExceeded, PaymentRequired, StateConflict, IdempotencyConflict, RateLimited,
-        TransportError,
+        JobError, ArtifactMismatch, ArtifactError, ModelServerError, TransportError,
     )
 }
 _BY_STATUS = {401: Unauthorized, 403: Forbidden, 404: NotFound, 402: InsufficientFunds,
@@ -159,15 +205,19 @@ def error_for_status(status_code: int, body: Any, *, response: Any = None) -> Es
     """Rebuild the error a server sent: by its `error` code, else by the HTTP status.
 
     Reads our own body (`{"error": code, "message": ...}`) and OpenAI's, which the gateway
-    answers in (`{"error": {"code": ..., "message": ...}}`); anything else falls back to the status.
+    answers in (`{"error": {"type": code, "code": ..., "message": ...}}`); anything else falls
+    back to the status.
     """
     fields = body if isinstance(body, dict) else {}
     if isinstance(fields.get("error"), dict):
         fields = fields["error"]
-    code = fields.get("error", fields.get("code"))
     message = fields.get("message")
     if not isinstance(message, str) or not message:
         message = f"server answered HTTP {status_code}: {str(body)[:200]}"
-    cls = (_BY_CODE.get(code) if isinstance(code, str) else None) or _BY_STATUS.get(status_code, EscrowError)
+    # Ours names the class in `error`; the gateway's OpenAI shape in `type` (its `code` is a
+    # 402's payment reason); another OpenAI-shaped server may put one of our codes in `code`.
+    codes = [fields.get(name) for name in ("error", "type", "code")]
+    cls = next((_BY_CODE[code] for code in codes if isinstance(code, str) and code in _BY_CODE), None) \
+        or _BY_STATUS.get(status_code, EscrowError)
     details = fields.get("details")
     return cls(message, response=response, details=details if isinstance(details, dict) else None)

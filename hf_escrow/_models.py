@@ -1,4 +1,10 @@
-"""What the clients return: plain, immutable objects with exact Decimal USDC amounts."""
+"""What the clients return: plain, immutable objects whose money is integer micro-USDC.
+
+Every amount is stored once, as an ``*_micro`` int (what the ledger and the wire carry);
+the USDC attribute of the same name (``escrow.remaining``) is a read-only exact Decimal
+view of it, so code that does money math reads the ints and code that shows money reads
+the Decimals, and nothing rebuilds integers from Decimals.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +17,22 @@ from ._exceptions import EscrowError, error_for_status
 from .money import require, to_usdc
 
 
-def _usdc(data: dict, name: str) -> Decimal:
-    return to_usdc(int(data.get(f"{name}_micro", 0)))
+def _micro(data: dict, name: str) -> int:
+    return int(data.get(f"{name}_micro", 0))
+
+
+class usdc:
+    """A read-only Decimal USDC view of the int field ``<name>_micro`` (None stays None)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.field = f"{name}_micro"
+        owner._usdc_views = (*getattr(owner, "_usdc_views", ()), name)
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        micro = getattr(obj, self.field)
+        return None if micro is None else to_usdc(micro)
 
 
 def _time(ms: int | None) -> datetime | None:
@@ -38,15 +58,17 @@ class Agent:
 @dataclass(frozen=True)
 class Me:
     agent_id: str
-    balance: Decimal
+    balance_micro: int
     referral_code: str
     wallet: str
     escrows_open: int
     referred_by: str | None = None
 
+    balance = usdc()
+
     @classmethod
     def from_dict(cls, data: dict) -> "Me":
-        return cls(data["agent_id"], _usdc(data, "balance"), data["referral_code"], data["wallet"],
+        return cls(data["agent_id"], _micro(data, "balance"), data["referral_code"], data["wallet"],
                    int(data["escrows_open"]), data.get("referred_by"))
 
 
@@ -74,17 +96,19 @@ class Milestone:
     threshold: float
     share_bps: int
     rest: bool
-    amount: Decimal
+    amount_micro: int
     status: str
-    paid: Decimal
+    paid_micro: int
     failures: int
     verified_score: float | None
     sha256: str | None
 
+    amount, paid = usdc(), usdc()
+
     @classmethod
     def from_dict(cls, data: dict) -> "Milestone":
         return cls(int(data["number"]), float(data["threshold"]), int(data["share_bps"]), bool(data["rest"]),
-                   _usdc(data, "amount"), data["status"], _usdc(data, "paid"), int(data.get("failures", 0)),
+                   _micro(data, "amount"), data["status"], _micro(data, "paid"), int(data.get("failures", 0)),
                    data.get("verified_score"), data.get("sha256"))
 
 
@@ -100,13 +124,13 @@ class Escrow:
     buyer: str
     seller: str
     status: str
-    amount: Decimal
-    remaining: Decimal
-    paid: Decimal          # gross paid to the seller (fees included)
-    fees: Decimal          # platform fee taken from `paid` (referral included)
-    referral: Decimal      # the referrer's share of `fees`
-    refunded: Decimal
-    bonus: Decimal         # the part of `paid` that was bonus
+    amount_micro: int
+    remaining_micro: int
+    paid_micro: int        # gross paid to the seller (fees included)
+    fees_micro: int        # platform fee taken from `paid` (referral included)
+    referral_micro: int    # the referrer's share of `fees`
+    refunded_micro: int
+    bonus_micro: int       # the part of `paid` that was bonus
     expires_at: datetime
     created_at: datetime
     closed_at: datetime | None
@@ -122,13 +146,15 @@ class Escrow:
     pricing: dict | None
     result: dict | None
     events: list[EscrowEvent] = field(default_factory=list)
-    held: Decimal = to_usdc(0)
+    held_micro: int = 0
     spend_token: str | None = field(default=None, repr=False)  # a secret: kept out of logged reprs
     key_id: str | None = None  # the budgeted key that opened it for its buyer, if one did
     milestones: list[Milestone] | None = None  # a milestone escrow's milestones, in order
 
+    amount, remaining, paid, fees, referral, refunded, bonus, held = (usdc() for _ in range(8))
+
     def __post_init__(self):
-        require(self.amount == self.paid + self.refunded + self.held + self.remaining,
+        require(self.amount_micro == self.paid_micro + self.refunded_micro + self.held_micro + self.remaining_micro,
                 f"escrow {self.id} breaks amount == paid + refunded + held + remaining")
 
     @property
@@ -139,9 +165,9 @@ class Escrow:
     def from_dict(cls, data: dict) -> "Escrow":
         return cls(
             id=data["id"], buyer=data["buyer"], seller=data["seller"], status=data["status"],
-            amount=_usdc(data, "amount"), remaining=_usdc(data, "remaining"), paid=_usdc(data, "paid"),
-            fees=_usdc(data, "fees"), referral=_usdc(data, "referral"), refunded=_usdc(data, "refunded"),
-            bonus=_usdc(data, "bonus"), expires_at=_time(data["expires_at_ms"]),
+            amount_micro=_micro(data, "amount"), remaining_micro=_micro(data, "remaining"),
+            paid_micro=_micro(data, "paid"), fees_micro=_micro(data, "fees"), referral_micro=_micro(data, "referral"),
+            refunded_micro=_micro(data, "refunded"), bonus_micro=_micro(data, "bonus"), expires_at=_time(data["expires_at_ms"]),
             created_at=_time(data["created_at_ms"]), closed_at=_time(data.get("closed_at_ms")),
             tokens_in=int(data.get("tokens_in", 0)), tokens_out=int(data.get("tokens_out", 0)),
             model=data.get("model"), description=data.get("description"), meta=data.get("meta"),
@@ -149,7 +175,7 @@ class Escrow:
             release_condition=data.get("release_condition"), bonus_conditions=data.get("bonus_conditions"),
             pricing=data.get("pricing"), result=data.get("result"),
             events=[EscrowEvent.from_dict(e) for e in data.get("events") or []],
-            held=_usdc(data, "held"), spend_token=data.get("spend_token"), key_id=data.get("key_id"),
+            held_micro=_micro(data, "held"), spend_token=data.get("spend_token"), key_id=data.get("key_id"),
             milestones=None if data.get("milestones") is None else [Milestone.from_dict(m) for m in data["milestones"]],
         )
 
@@ -170,14 +196,14 @@ class BudgetedKey:
     key_id: str
     owner: str
     label: str | None
-    budget: Decimal
-    max_escrow: Decimal | None
+    budget_micro: int
+    max_escrow_micro: int | None
     sellers: list[str] | None   # None: any seller
-    locked: Decimal             # what its escrows locked over its life
-    paid: Decimal               # gross paid to sellers out of them
-    refunded: Decimal           # what came back to the owner
-    in_escrow: Decimal          # still locked or held in its escrows
-    left: Decimal               # what it may still lock
+    locked_micro: int           # what its escrows locked over its life
+    paid_micro: int             # gross paid to sellers out of them
+    refunded_micro: int         # what came back to the owner
+    in_escrow_micro: int        # still locked or held in its escrows
+    left_micro: int             # what it may still lock
     escrows: int
     escrows_open: int
     created_at: datetime
@@ -187,14 +213,17 @@ class BudgetedKey:
     cancelled: list[str] = field(default_factory=list)          # escrows revoke_key cancelled
     api_key: str | None = field(default=None, repr=False)      # a secret: kept out of logged reprs
 
+    budget, max_escrow, locked, paid, refunded, in_escrow, left = (usdc() for _ in range(7))
+
     @classmethod
     def from_dict(cls, data: dict) -> "BudgetedKey":
         max_escrow = data.get("max_escrow_micro")
         return cls(
-            key_id=data["key_id"], owner=data["owner"], label=data.get("label"), budget=_usdc(data, "budget"),
-            max_escrow=None if max_escrow is None else to_usdc(int(max_escrow)), sellers=data.get("sellers"),
-            locked=_usdc(data, "locked"), paid=_usdc(data, "paid"), refunded=_usdc(data, "refunded"),
-            in_escrow=_usdc(data, "in_escrow"), left=_usdc(data, "left"), escrows=int(data["escrows"]),
+            key_id=data["key_id"], owner=data["owner"], label=data.get("label"), budget_micro=_micro(data, "budget"),
+            max_escrow_micro=None if max_escrow is None else int(max_escrow), sellers=data.get("sellers"),
+            locked_micro=_micro(data, "locked"), paid_micro=_micro(data, "paid"),
+            refunded_micro=_micro(data, "refunded"), in_escrow_micro=_micro(data, "in_escrow"),
+            left_micro=_micro(data, "left"), escrows=int(data["escrows"]),
             escrows_open=int(data["escrows_open"]), created_at=_time(data["created_at_ms"]),
             expires_at=_time(data.get("expires_at_ms")), revoked_at=_time(data.get("revoked_at_ms")),
             active=bool(data["active"]), cancelled=list(data.get("cancelled") or []), api_key=data.get("api_key"))
@@ -217,18 +246,20 @@ class Hold:
     escrow_id: str
     holder: str
     status: str            # open | captured | voided | expired
-    amount: Decimal        # reserved when the hold was made
-    captured: Decimal      # paid out of it so far (gross, fees included)
-    open: Decimal
+    amount_micro: int      # reserved when the hold was made
+    captured_micro: int    # paid out of it so far (gross, fees included)
+    open_micro: int
     created_at: datetime
     expires_at: datetime
     closed_at: datetime | None
     escrow_status: str
-    escrow_remaining: Decimal
+    escrow_remaining_micro: int
+
+    amount, captured, open, escrow_remaining = usdc(), usdc(), usdc(), usdc()
 
     def __post_init__(self):
-        require(self.captured <= self.amount, f"hold {self.id} captured more than it held")
-        require(self.open == (self.amount - self.captured if self.status == "open" else 0),
+        require(self.captured_micro <= self.amount_micro, f"hold {self.id} captured more than it held")
+        require(self.open_micro == (self.amount_micro - self.captured_micro if self.status == "open" else 0),
                 f"hold {self.id}: open amount does not match amount - captured")
 
     @property
@@ -239,10 +270,11 @@ class Hold:
     def from_dict(cls, data: dict) -> "Hold":
         return cls(
             id=data["id"], escrow_id=data["escrow_id"], holder=data["holder"], status=data["status"],
-            amount=_usdc(data, "amount"), captured=_usdc(data, "captured"), open=_usdc(data, "open"),
+            amount_micro=_micro(data, "amount"), captured_micro=_micro(data, "captured"),
+            open_micro=_micro(data, "open"),
             created_at=_time(data["created_at_ms"]), expires_at=_time(data["expires_at_ms"]),
             closed_at=_time(data.get("closed_at_ms")), escrow_status=data["escrow_status"],
-            escrow_remaining=_usdc(data, "escrow_remaining"),
+            escrow_remaining_micro=_micro(data, "escrow_remaining"),
         )
 
 
@@ -260,37 +292,44 @@ class Receipt:
     kind: str
     escrow_id: str
     status: str
-    remaining: Decimal
-    gross: Decimal
-    base: Decimal
-    bonus: Decimal
-    net: Decimal
-    fee: Decimal
-    referral: Decimal
-    refunded: Decimal
+    remaining_micro: int
+    gross_micro: int
+    base_micro: int
+    bonus_micro: int
+    net_micro: int
+    fee_micro: int
+    referral_micro: int
+    refunded_micro: int
     escrow: Escrow
-    bonus_parts: dict[str, Decimal] = field(default_factory=dict)
+    bonus_parts_micro: dict[str, int] = field(default_factory=dict)
     rounded_from: str | None = None
     passed: bool | None = None
     score: float | None = None
     hold: Hold | None = None
     milestone: int | None = None          # the milestone this submit or verdict was for
 
+    remaining, gross, base, bonus, net, fee, referral, refunded = (usdc() for _ in range(8))
+
     def __post_init__(self):
-        require(self.gross == self.net + self.fee and self.gross == self.base + self.bonus,
+        require(self.gross_micro == self.net_micro + self.fee_micro
+                and self.gross_micro == self.base_micro + self.bonus_micro,
                 f"receipt for {self.escrow_id} does not add up: {self}")
+
+    @property
+    def bonus_parts(self) -> dict[str, Decimal]:
+        """Each earned bonus (throughput, quality, streak) in USDC."""
+        return {name: to_usdc(micro) for name, micro in self.bonus_parts_micro.items()}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Receipt":
-        gross = _usdc(data, "gross")
         return cls(
             kind=data["kind"], escrow_id=data["escrow_id"], status=data["status"],
-            remaining=_usdc(data, "remaining"), gross=gross,
-            base=to_usdc(int(data.get("base_micro", data.get("gross_micro", 0)) or 0)),
-            bonus=_usdc(data, "bonus"), net=_usdc(data, "net"), fee=_usdc(data, "fee"),
-            referral=_usdc(data, "referral"), refunded=_usdc(data, "refunded"),
+            remaining_micro=_micro(data, "remaining"), gross_micro=_micro(data, "gross"),
+            base_micro=int(data.get("base_micro", data.get("gross_micro", 0)) or 0),
+            bonus_micro=_micro(data, "bonus"), net_micro=_micro(data, "net"), fee_micro=_micro(data, "fee"),
+            referral_micro=_micro(data, "referral"), refunded_micro=_micro(data, "refunded"),
             escrow=Escrow.from_dict(data["escrow"]),
-            bonus_parts={k.removesuffix("_micro"): to_usdc(int(v)) for k, v in (data.get("bonus_parts") or {}).items()},
+            bonus_parts_micro={k.removesuffix("_micro"): int(v) for k, v in (data.get("bonus_parts") or {}).items()},
             rounded_from=data.get("rounded_from"), passed=data.get("passed"), score=data.get("score"),
             hold=Hold.from_dict(data["hold"]) if data.get("hold") else None, milestone=data.get("milestone"),
         )
@@ -323,10 +362,14 @@ class CaptureResult:
 
 
 def as_dict(value: Any) -> Any:
-    """A JSON-able view of a model (Decimals as strings, times as ISO 8601) for --json output."""
-    from dataclasses import asdict, is_dataclass
-    if is_dataclass(value):
-        return as_dict(asdict(value))
+    """A JSON-able view of a model for --json output: its fields (``*_micro`` ints) with each
+    amount's USDC view beside them (Decimals as strings), times as ISO 8601."""
+    from dataclasses import fields, is_dataclass
+    if is_dataclass(value) and not isinstance(value, type):
+        names = [f.name for f in fields(value)] + list(getattr(value, "_usdc_views", ()))
+        if isinstance(value, Receipt):
+            names.append("bonus_parts")
+        return {name: as_dict(getattr(value, name)) for name in names}
     if isinstance(value, dict):
         return {k: as_dict(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

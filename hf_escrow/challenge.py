@@ -6,7 +6,8 @@ an escrow for, the price sheet, the smallest useful escrow and the header that c
 the spend token. A refusal also says why, as one of `REASONS`. The same facts travel
 three ways, so that any client can read them:
 
-- the JSON body of the 402 (the face's usual ``{error, message, details}`` plus the facts);
+- the JSON body of the 402: the face's error shape (``{error, message, details}``; the
+  gateway's OpenAI ``{error: {message, type, code}}``, `code` the reason) plus the facts;
 - the ``X-Escrow-Challenge`` response header (the body's facts as base64url JSON), for
   clients that hand their caller only headers and a status;
 - the discovery document at ``/.well-known/hf-escrow`` on every face, to learn the price

@@ -26,7 +26,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from ._exceptions import EscrowError
+from ._exceptions import ArtifactMismatch, EscrowError
 from ._models import Receipt, as_dict
 from .cli_options import AgentOpt, DbOpt, JsonOpt, KeyIdOpt, KeyOpt, UrlOpt, open_client
 
@@ -41,12 +41,11 @@ BaseModelOpt = typer.Option(None, "--base-model", help="Local folder of the job'
 
 def _guard(action: Callable[[], Any], as_json: bool) -> Any:
     """Run an action; escrow and job errors become a message and exit code 2."""
-    from .finetune import ArtifactError, ArtifactMismatch, JobError
     try:
         return action()
     except ArtifactMismatch:
         raise
-    except (EscrowError, JobError, ArtifactError, FileNotFoundError) as error:
+    except (EscrowError, FileNotFoundError) as error:   # job and artifact errors are EscrowErrors
         code = getattr(error, "code", type(error).__name__)
         message = getattr(error, "message", str(error))
         if as_json:
@@ -188,7 +187,7 @@ def verify_cmd(escrow_id: str = typer.Argument(..., help="The escrow awaiting ve
                url: Optional[str] = UrlOpt, api_key: Optional[str] = KeyOpt, agent: Optional[str] = AgentOpt,
                database_url: Optional[str] = DbOpt, as_json: bool = JsonOpt):
     """As the verifier: check the adapter's sha256, re-score it on held-out data; pass releases, fail reopens."""
-    from .finetune import ArtifactMismatch, verify_job
+    from .finetune import verify_job
     from .finetune.progress import quiet_training_logs
     quiet_training_logs()
     client = open_client(url, api_key, agent, database_url)

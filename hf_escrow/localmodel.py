@@ -37,6 +37,8 @@ from typing import IO, Callable, Iterator
 
 import httpx
 
+from ._exceptions import ModelServerError
+
 MODEL_FOLDER = "gemma-3-270m"
 _MARKER = ".hf-escrow-complete"
 
@@ -59,10 +61,6 @@ GEMMA_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\n' -}}{%- endif -%}"
 )
-
-
-class ModelServerError(RuntimeError):
-    """The local model server exited, or did not become healthy in time."""
 
 
 def model_home() -> Path:
@@ -216,7 +214,7 @@ def wait_healthy(base_url: str, timeout_s: float, *, process: subprocess.Popen |
         >>> wait_healthy("http://127.0.0.1:1/v1", 1.0)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        hf_escrow.localmodel.ModelServerError: model server at http://127.0.0.1:1 not healthy after 1.0 s ...
+        hf_escrow._exceptions.ModelServerError: model server at http://127.0.0.1:1 not healthy after 1.0 s ...
     """
     root = base_url.rstrip("/").removesuffix("/v1")
     deadline = time.monotonic() + timeout_s

@@ -128,11 +128,6 @@ def share(amount_micro: int, bps: int) -> int:
     return round_micro(Decimal(amount_micro * bps) / BPS / MICRO_PER_USDC)
 
 
-# The ledger's default bonus rates (LedgerConfig); buyers size their headroom with them.
-QUALITY_BONUS_PCT = Decimal(10)
-STREAK_BONUS_PCT = Decimal(2)
-
-
 def percent_of(amount_micro: int, pct: Decimal) -> int:
     """`pct` percent of `amount_micro` (a bonus rate such as Decimal("2.5")), rounded half-even
     to the micro-USDC: how the ledger rounds each bonus, and how a buyer sizes headroom for it.

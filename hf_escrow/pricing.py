@@ -1,11 +1,13 @@
-"""Price sheets: what one unit of work costs, in exact USDC.
+"""Price sheets and bonuses: what work costs, and what the ledger pays on top, in exact USDC.
 
 Prices are per 1k input/output tokens (the convention of the Inference API and the
 guides), per 1M tokens (converted), per token (the vLLM guide), per call, image,
 vector or shard, or per second of compute: `per_second`, and `per_gpu_second` for a
 Space that names its hardware (``hardware="a10g-largex2"`` runs 2 GPUs, so a second
 costs twice the GPU-second price). A cost is computed on the whole call and rounded
-once, by the rule in `hf_escrow.money`.
+once, by the rule in `hf_escrow.money`. The bonus rules (throughput, quality, streak) are
+here too: the ledger pays them with `earned_bonus`, and buyers size their escrows' headroom
+for them with `with_headroom_micro`, so both round each bonus the same way.
 
 Example:
     >>> p = Pricing(input_per_1k="0.0005", output_per_1k="0.0015")
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ._exceptions import ValidationError
-from .money import round_micro, seconds_cost_micro, to_decimal
+from .money import percent_of, round_micro, seconds_cost_micro, to_decimal, to_usdc
 
 UNIT_PRICES = ("per_call", "per_image", "per_vector", "per_shard")
 _ALIASES = {"input_per_1m": ("input_per_1k", 1000), "output_per_1m": ("output_per_1k", 1000),
@@ -165,3 +167,70 @@ class Pricing:
         if price is None:
             raise ValidationError(f"this price sheet sets no {unit} price, so this work is not for sale")
         return round_micro(price * count)
+
+
+def per_token_price(amount_micro: int, tokens: int) -> Decimal:
+    """The per-token price an escrow of `amount_micro` was sized with for `tokens` tokens
+    (exact Decimal, not rounded: the cost at this price is rounded once, when charged).
+
+    Example:
+        >>> per_token_price(2_774, 1_387)
+        Decimal('0.000002')
+    """
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+        raise ValidationError("give price_per_token: the escrow's metadata has no prompt_tokens or "
+                              "max_completion_tokens to derive it from")
+    return to_usdc(amount_micro) / tokens
+
+
+# ---- bonuses ------------------------------------------------------------------------
+
+# The ledger's default bonus rates (LedgerConfig): the vLLM guide's "+10% above 0.9" and its
+# "2% streak multiplier". Buyers size their headroom with them.
+QUALITY_BONUS_PCT = Decimal(10)
+STREAK_BONUS_PCT = Decimal(2)
+QUALITY_BONUS_ABOVE = 0.9
+
+
+@dataclass(frozen=True)
+class Bonus:
+    throughput_micro: int = 0
+    quality_micro: int = 0
+    streak_micro: int = 0
+
+    @property
+    def total_micro(self) -> int:
+        return self.throughput_micro + self.quality_micro + self.streak_micro
+
+
+def earned_bonus(base_micro: int, conditions: dict | None, *, throughput_tps: float | None,
+                 quality_score: float | None, streak: bool, quality_pct: Decimal,
+                 streak_pct: Decimal) -> Bonus:
+    """Bonuses on the base payout: throughput above the minimum, quality > 0.9, the streak."""
+    throughput = 0
+    if conditions and throughput_tps is not None and throughput_tps > conditions["throughput_tps_min"]:
+        throughput = percent_of(base_micro, Decimal(conditions["bonus_pct"]))
+    quality = percent_of(base_micro, quality_pct) \
+        if quality_score is not None and quality_score > QUALITY_BONUS_ABOVE else 0
+    return Bonus(throughput, quality, percent_of(base_micro, streak_pct) if streak else 0)
+
+
+def capped(bonus: Bonus, available_micro: int) -> Bonus:
+    """Cut bonuses to what the escrow has left, in the order throughput, quality, streak."""
+    parts = []
+    for value in (bonus.throughput_micro, bonus.quality_micro, bonus.streak_micro):
+        take = min(value, available_micro)
+        parts.append(take)
+        available_micro -= take
+    return Bonus(*parts)
+
+
+def with_headroom_micro(base_micro: int, bonus_pcts: list[Decimal]) -> int:
+    """`base_micro` plus each bonus rate of it, each rounded as `earned_bonus` rounds it, so
+    every bonus the ledger may pay on that base fits in what a buyer locks.
+
+    Example:
+        >>> with_headroom_micro(2_774, [STREAK_BONUS_PCT, Decimal(5)])
+        2968
+    """
+    return base_micro + sum(percent_of(base_micro, pct) for pct in bonus_pcts)

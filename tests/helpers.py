@@ -17,6 +17,17 @@ def parties(ledger: Ledger, *names: str, fund: str = "100") -> dict[str, dict]:
     return registered
 
 
+def buyer_and_seller(db_url: str):
+    """Clients of a registered "buyer" (faucet claimed) and "seller" on one embedded ledger."""
+    import hf_escrow
+    seller = hf_escrow.connect(agent="seller", database_url=db_url)
+    seller.register()
+    buyer = hf_escrow.connect(agent="buyer", database_url=db_url)
+    buyer.register()
+    buyer.claim_faucet()
+    return buyer, seller
+
+
 def snapshot(ledger: Ledger) -> dict:
     """Every stored balance, escrow row and journal size: equal before and after means nothing moved."""
     with ledger.engine.connect() as conn:

@@ -138,7 +138,7 @@ def test_every_face_answers_the_same_challenge_with_its_reason(world, gateway, s
     _assert_challenge(post({"X-Escrow-Token": "est_" + "x" * 40}), "token_unknown_or_revoked", doc)
     poor = buyer.create_escrow("seller", "0.000001")
     too_little = _assert_challenge(post({"X-Escrow-Token": poor.spend_token}), "insufficient_remaining", doc)
-    assert too_little["price_micro"] > 1 and too_little["error"] == "insufficient_funds"
+    assert too_little["price_micro"] > 1 and too_little["error"]["type"] == "insufficient_funds"
     buyer.cancel(poor.id)
     _assert_challenge(post({"X-Escrow-Token": poor.spend_token}), "escrow_closed", doc)
 

@@ -241,10 +241,10 @@ def test_a_buyer_api_key_is_refused_with_the_tills_message(market):
                                                 "X-Escrow-Id": escrow.id}, max_tokens=3)
     nothing = market.post(max_tokens=3)
     for answer in (as_bearer, as_token, with_escrow_id):
-        assert answer.status_code == 402 and answer.json()["error"] == "payment_required"
-        assert "buyer API key" in answer.json()["message"] and "X-Escrow-Token" in answer.json()["message"]
+        assert answer.status_code == 402 and answer.json()["error"]["type"] == "payment_required"
+        assert "buyer API key" in answer.json()["error"]["message"] and "X-Escrow-Token" in answer.json()["error"]["message"]
         assert isinstance(error_for_status(answer.status_code, answer.json()), PaymentRequired)
-    assert nothing.status_code == 402 and "send the escrow's spend token" in nothing.json()["message"]
+    assert nothing.status_code == 402 and "send the escrow's spend token" in nothing.json()["error"]["message"]
     assert market.relay.count == 0
     assert market.ledger.get("buyer", escrow.id)["paid_micro"] == 0
 
@@ -256,7 +256,7 @@ def test_an_escrow_paying_another_seller_is_refused_even_with_the_gateway_as_ver
         "buyer2", "0.01", release_condition={"metric": "accuracy", "threshold": 0.5, "verifier": "seller"})
     answer = market.post(escrow.spend_token, max_tokens=3)
     streamed = market.stream(escrow.spend_token, 400)
-    assert answer.status_code == 402 and answer.json()["error"] == "forbidden"
+    assert answer.status_code == 402 and answer.json()["error"]["type"] == "forbidden"
     assert answer.json()["reason"] == "token_unknown_or_revoked"
     assert streamed["status"] == 402 and not streamed["pieces"]
     assert market.relay.count == 0
@@ -283,7 +283,7 @@ def test_max_completion_tokens_alone_is_obeyed_and_held_for(market, prompt):
     # vLLM obeys max_completion_tokens over max_tokens: the hold is for the larger ask.
     again = _escrow(market.db, amount=to_usdc(worst))
     refused = market.post(again.spend_token, max_tokens=2, max_completion_tokens=50)
-    assert refused.status_code == 402 and "up to 50 output tokens" in refused.json()["message"]
+    assert refused.status_code == 402 and "up to 50 output tokens" in refused.json()["error"]["message"]
     assert isinstance(error_for_status(refused.status_code, refused.json()), InsufficientFunds)
     assert market.relay.count == 1 and market.ledger.get("buyer", again.id)["paid_micro"] == 0
 
@@ -295,7 +295,7 @@ def test_a_stream_costing_more_than_the_hold_is_cut_there_and_paid_for_what_it_d
     seen = lying_market.stream(escrow.spend_token, 20)
     view = _wait_settled(lying_market.ledger, escrow.id)
     assert len(seen["pieces"]) == 20 and seen["usage"] is None
-    assert [event["error"] for event in seen["errors"]] == ["payment_required"]
+    assert [event["error"]["type"] for event in seen["errors"]] == ["payment_required"]
     assert view["paid_micro"] == _delivered_micro(counter, prompt, seen["pieces"]) > 0
     assert view["paid_micro"] + view["remaining_micro"] == view["amount_micro"]
 
@@ -317,14 +317,14 @@ def test_buyer_cancel_mid_stream_cuts_it_pays_the_delivered_slices_and_refuses_t
     seen = market.stream(escrow.spend_token, 1500,
                        on_chunk=lambda n: n == 70 and buyer.cancel(escrow.id))
     view = _wait_settled(market.ledger, escrow.id)
-    assert [event["error"] for event in seen["errors"]] == ["state_conflict"] and seen["usage"] is None
+    assert [event["error"]["type"] for event in seen["errors"]] == ["state_conflict"] and seen["usage"] is None
     assert 70 <= len(seen["pieces"]) < 300     # cut at the gateway's next capture, not at 1500 tokens
     assert view["status"] == "cancelled"
     assert view["paid_micro"] == _delivered_micro(counter, prompt, seen["pieces"]) > 0
     assert view["refunded_micro"] == view["amount_micro"] - view["paid_micro"]
     forwarded = market.relay.count
     again = market.post(escrow.spend_token, max_tokens=3)
-    assert again.status_code == 402 and again.json()["error"] == "state_conflict"
+    assert again.status_code == 402 and again.json()["error"]["type"] == "state_conflict"
     assert again.json()["reason"] == "escrow_closed"
     assert market.relay.count == forwarded
 
@@ -334,15 +334,15 @@ def test_a_revoked_token_is_refused_at_once(market):
     assert market.post(escrow.spend_token, max_tokens=2).status_code == 200
     hf_escrow.connect(agent="buyer", database_url=market.db).revoke_spend_tokens(escrow.id)
     answer = market.post(escrow.spend_token, max_tokens=2)
-    assert answer.status_code == 402 and "revoked" in answer.json()["message"] and market.relay.count == 1
+    assert answer.status_code == 402 and "revoked" in answer.json()["error"]["message"] and market.relay.count == 1
     assert answer.json()["reason"] == "token_unknown_or_revoked"
 
 
 def test_an_escrow_that_cannot_cover_the_request_gets_402_and_the_upstream_sees_nothing(market):
     escrow = _escrow(market.db, amount="0.000010")
     answer = market.post(escrow.spend_token, max_tokens=5000)
-    assert answer.status_code == 402 and answer.json()["error"] == "insufficient_funds"
-    assert "may cost up to" in answer.json()["message"] and market.relay.count == 0
+    assert answer.status_code == 402 and answer.json()["error"]["type"] == "insufficient_funds"
+    assert "may cost up to" in answer.json()["error"]["message"] and market.relay.count == 0
     assert market.ledger.get("buyer", escrow.id)["held_micro"] == 0
 
 
@@ -350,8 +350,8 @@ def test_upstream_errors_cost_nothing(market):
     escrow = _escrow(market.db)
     plain = market.post(escrow.spend_token, max_tokens=2, model="no-such-model")
     streamed = market.stream(escrow.spend_token, 2, model="no-such-model")
-    assert plain.status_code >= 400 and plain.json()["error"] == "upstream_error"
-    assert streamed["status"] >= 400 and streamed["body"]["error"] == "upstream_error"
+    assert plain.status_code >= 400 and plain.json()["error"]["type"] == "upstream_error"
+    assert streamed["status"] >= 400 and streamed["body"]["error"]["type"] == "upstream_error"
     assert market.relay.count == 2
     view = market.ledger.get("buyer", escrow.id)
     assert view["paid_micro"] == 0 == view["held_micro"] and view["remaining_micro"] == view["amount_micro"]
@@ -371,7 +371,7 @@ def test_an_unreachable_upstream_costs_nothing(tmp_path):
         streamed = read_stream(url, "m", escrow.spend_token, 2)
         models = httpx.get(f"{url}/v1/models")
     assert plain.status_code == streamed["status"] == models.status_code == 502
-    assert plain.json()["error"] == streamed["body"]["error"] == "upstream_unreachable"
+    assert plain.json()["error"]["type"] == streamed["body"]["error"]["type"] == "upstream_unreachable"
     view = ledger.get("buyer", escrow.id)
     assert view["paid_micro"] == 0 == view["held_micro"]
     assert_audit_clean(ledger)
@@ -392,7 +392,8 @@ def test_bad_requests_get_422_in_the_error_shape_and_hold_nothing(market, body, 
     escrow = _escrow(market.db)
     answer = httpx.post(f"{market.url}/v1/chat/completions", headers={"X-Escrow-Token": escrow.spend_token},
                         content=raw or json.dumps(body), timeout=30)
-    assert answer.status_code == 422 and set(answer.json()) == {"error", "message"}
+    assert answer.status_code == 422 and set(answer.json()) == {"error"}
+    assert set(answer.json()["error"]) == {"message", "type", "code", "param"}
     assert isinstance(error_for_status(422, answer.json()), ValidationError)
     assert market.relay.count == 0 and market.ledger.get("buyer", escrow.id)["held_micro"] == 0
 
@@ -508,7 +509,7 @@ def test_two_gateway_processes_on_one_escrow_never_overdraw_and_every_token_is_p
     refused = [s for s in streams if s["status"] != 200]
     assert len(served) >= 4 and refused, [s["status"] for s in streams]
     for stream in refused:
-        assert stream["status"] == 402 and stream["body"]["error"] == "insufficient_funds" and not stream["pieces"]
+        assert stream["status"] == 402 and stream["body"]["error"]["type"] == "insufficient_funds" and not stream["pieces"]
     # The upstream obeys the held limit, so no stream is cut early: each ran to its end and
     # is paid exactly its usage (prompt + completion x price), to the micro-USDC.
     for stream in served:

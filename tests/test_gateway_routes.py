@@ -133,7 +133,7 @@ def test_an_embedding_escrow_too_small_is_refused_before_the_model_runs(vectors_
     before = app.state.requests
     answer = httpx.post(f"{vectors_shop.url}/v1/embeddings", headers={"X-Escrow-Token": small.spend_token},
                         json={"input": TEXTS}, timeout=30)
-    assert answer.status_code == 402 and "embedding 5 input(s) may cost up to 0.000015" in answer.json()["message"], answer.json()
+    assert answer.status_code == 402 and "embedding 5 input(s) may cost up to 0.000015" in answer.json()["error"]["message"], answer.json()
     assert app.state.requests == before and vectors_shop.paid(small.id) == 0
     # per token, the hold is the bytes bound: 11 bytes + overhead tokens
     bound = len("hello world") + EMBED_OVERHEAD_TOKENS
@@ -150,7 +150,8 @@ def test_bad_embedding_requests_get_422_and_hold_nothing(vectors_shop, encoder, 
     e, before = vectors_shop.escrow(), app.state.requests
     answer = httpx.post(f"{vectors_shop.url}/v1/embeddings", headers={"X-Escrow-Token": e.spend_token}, json=body,
                         timeout=30)
-    assert answer.status_code == 422 and set(answer.json()) == {"error", "message"}
+    assert answer.status_code == 422 and set(answer.json()) == {"error"}
+    assert set(answer.json()["error"]) == {"message", "type", "code", "param"}
     assert app.state.requests == before and vectors_shop.paid(e.id) == 0
 
 
@@ -173,7 +174,7 @@ def test_embeddings_refuse_keys_and_missing_tokens_and_void_on_upstream_failure(
     with serve_app(dead) as url:
         answer = httpx.post(f"{url}/v1/embeddings", headers={"X-Escrow-Token": e.spend_token},
                             json={"input": "hi"}, timeout=30)
-        assert answer.status_code == 502 and "nothing was charged" in answer.json()["message"]
+        assert answer.status_code == 502 and "nothing was charged" in answer.json()["error"]["message"]
     assert vectors_shop.paid(e.id) == 0
 
 
@@ -186,10 +187,10 @@ def test_free_routes_pass_through_and_unpriced_ones_are_refused(vectors_shop, en
     for path in ("/v1/audio/transcriptions", "/v1/responses", "/v1/images/generations"):
         answer = httpx.post(f"{vectors_shop.url}{path}", headers={"X-Escrow-Token": e.spend_token}, json={},
                             timeout=30)
-        assert answer.status_code == 404 and "not served here" in answer.json()["message"]
+        assert answer.status_code == 404 and "not served here" in answer.json()["error"]["message"]
     chat = httpx.post(f"{vectors_shop.url}/v1/chat/completions", headers={"X-Escrow-Token": e.spend_token},
                       json={"messages": [{"role": "user", "content": "hi"}]}, timeout=30)
-    assert chat.status_code == 404 and "no token prices" in chat.json()["message"]  # this sheet sells vectors only
+    assert chat.status_code == 404 and "no token prices" in chat.json()["error"]["message"]  # this sheet sells vectors only
     assert app.state.requests == before and vectors_shop.paid(e.id) == 0
 
 

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 import hf_escrow
+from hf_escrow._exceptions import error_for_status
 from hf_escrow.ledger import Ledger
 from hf_escrow.ledger.schema import holds, transactions
 from hf_escrow.server import create_app
@@ -219,4 +220,4 @@ def test_shard_server_and_gateway_have_readyz_and_metrics(tmp_path, monkeypatch)
             samples = scrape(base)
             reasons = {dict(labels)["reason"] for (name, labels) in samples
                        if name == "hf_escrow_payment_required_total"}
-            assert reasons == {unpaid.json()["error"]}
+            assert reasons == {error_for_status(402, unpaid.json()).code} == {"payment_required"}

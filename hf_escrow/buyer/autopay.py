@@ -110,13 +110,13 @@ class Mandate:
         has left now, its sellers, its cap per escrow and its expiry."""
         if not key.active:
             raise ValidationError(f"budgeted key {key.key_id} is no longer active (revoked or expired)")
-        if key.left <= 0:
+        if key.left_micro <= 0:
             raise BudgetExceeded(f"budgeted key {key.key_id} has nothing of its {key.budget} USDC budget left",
-                                 details={"left_micro": 0, "budget_micro": parse_usdc(key.budget)})
-        return cls(budget_micro=parse_usdc(key.left, allow_zero=True),
+                                 details={"left_micro": 0, "budget_micro": key.budget_micro})
+        return cls(budget_micro=key.left_micro,
                    sellers=None if key.sellers is None else frozenset(key.sellers),
                    expires_at=None if key.expires_at is None else key.expires_at.timestamp(),
-                   max_escrow_micro=None if key.max_escrow is None else parse_usdc(key.max_escrow))
+                   max_escrow_micro=key.max_escrow_micro)
 
     def refuses(self, seller: str, now: float) -> str | None:
         """Why this mandate does not pay `seller` now; None when it may."""
@@ -313,8 +313,7 @@ class AutoPay:
             return
         old.open = False
         try:
-            refunded = parse_usdc(self.escrow.cancel(old.escrow_id, reason="AutoPay closed it").refunded,
-                                  allow_zero=True)
+            refunded = self.escrow.cancel(old.escrow_id, reason="AutoPay closed it").refunded_micro
         except StateConflict:          # closed meanwhile (expired, released): its refund is not ours to count
             return
         except KeyInactive:            # the key was revoked: its escrows are its owner's to cancel now

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 
 from .._exceptions import InsufficientFunds, ValidationError
-from ..money import STREAK_BONUS_PCT, format_usdc, percent_of
+from ..money import format_usdc
+from ..pricing import STREAK_BONUS_PCT, with_headroom_micro
 from ..pricing import Pricing
 
 MAX_RECEIPTS = 10_000          # the receipt log keeps the newest calls only
@@ -60,7 +61,7 @@ class Meter:
     def hold_micro(worst_micro: int) -> int:
         """What a call holds: its worst case and the seller's streak bonus on it (the only
         bonus a paid call can earn; the ledger pays it on top of the base)."""
-        return worst_micro + percent_of(worst_micro, STREAK_BONUS_PCT)
+        return with_headroom_micro(worst_micro, [STREAK_BONUS_PCT])
 
     def refusal(self, worst_micro: int, error: InsufficientFunds) -> InsufficientFunds:
         """The ledger's refusal of a call's hold, said in the call's terms."""

@@ -48,8 +48,8 @@ from typing import Any, Callable, Iterable
 
 from .._exceptions import ValidationError
 from .._models import Receipt
-from ..money import QUALITY_BONUS_PCT, STREAK_BONUS_PCT, percent_of, to_decimal, to_usdc
-from ..pricing import Pricing
+from ..money import to_decimal, to_usdc
+from ..pricing import QUALITY_BONUS_PCT, STREAK_BONUS_PCT, Pricing, with_headroom_micro
 from .transformers_engine import DEFAULT_MAX_TOKENS, CompletionOutput, RequestOutput, SamplingParams, TransformersEngine
 
 # TransformersEngine and the vLLM shapes are importable from here, as they were before they had a module.
@@ -58,7 +58,7 @@ __all__ = ["EscrowedEngine", "BilledGeneration", "SamplingParams", "Transformers
 
 logger = logging.getLogger(__name__)
 
-# What the ledger pays on top of the base by default (money.QUALITY_BONUS_PCT and
+# What the ledger pays on top of the base by default (pricing.QUALITY_BONUS_PCT and
 # STREAK_BONUS_PCT; the vLLM guide's "+10% above 0.9" and "2% streak multiplier") size the
 # headroom the adapter locks; pass `headroom_pct` when a server is configured otherwise.
 
@@ -148,7 +148,7 @@ class EscrowedEngine:
             Decimal('0.002968')
         """
         base = self._pricing.tokens_micro(prompt_tokens, max_tokens)
-        return to_usdc(base + sum(percent_of(base, pct) for pct in self._headroom_parts()))
+        return to_usdc(with_headroom_micro(base, self._headroom_parts()))
 
     def _headroom_parts(self) -> list[Decimal]:
         if self.headroom_pct is not None:

@@ -15,14 +15,11 @@ import hashlib
 import shutil
 from pathlib import Path
 
+from .._exceptions import ArtifactError
 from .data import file_sha256
 
 HEADER = b"hf-escrow-adapter-sha256-v1\n"
 REQUIRED = ("adapter_config.json", "adapter_model.safetensors")
-
-
-class ArtifactError(Exception):
-    """The adapter folder is missing, unsafe to load, or not what was submitted."""
 
 
 def adapter_files(folder: Path) -> list[str]:

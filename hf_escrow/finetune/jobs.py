@@ -24,26 +24,14 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from .._exceptions import Forbidden
+from .._exceptions import ArtifactMismatch, Forbidden, JobError
 from .._models import Escrow, Receipt
 from .artifact import ArtifactError, adapter_sha256, private_copy
 from .data import file_sha256, generate
-from .spec import META_KIND, JobError, JobSpec
+from .spec import META_KIND, JobSpec
 from .train import Log, Stage, TrainResult, evaluate_adapter, train_adapter
 
 WAIT_POLL_S = 0.25
-
-
-class ArtifactMismatch(JobError):
-    """The submitted adapter is missing, unsafe, or does not hash to the submitted sha256.
-
-    The verifier then records a failing verdict (the escrow goes back to active until its
-    TTL refunds it, unless the seller submits a sound artifact); `verdict` says what it did.
-    """
-
-    def __init__(self, message: str, verdict: "Verdict | None" = None):
-        super().__init__(message)
-        self.verdict = verdict
 
 
 @dataclass

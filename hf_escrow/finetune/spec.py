@@ -59,16 +59,13 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
+from .._exceptions import JobError
 from .data import GENERATORS, count_rows, file_sha256
 
 TASKS = ("sequence-classification", "causal-lm")
 META_KIND = "hf-escrow/lora-job"
 META_VERSION = 1
 METRICS_DIR = Path(__file__).resolve().parent / "metrics"
-
-
-class JobError(Exception):
-    """A job spec, its data or its run is not usable as asked; the message says how to fix it."""
 
 
 @dataclass(frozen=True)

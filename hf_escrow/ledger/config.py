@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from .._exceptions import ValidationError
-from ..money import QUALITY_BONUS_PCT, STREAK_BONUS_PCT, parse_usdc
+from ..money import parse_usdc
+from ..pricing import QUALITY_BONUS_PCT, STREAK_BONUS_PCT
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from .._exceptions import (
 )
 from ..credentials import new_api_key, new_spend_token
 from ..money import format_usdc, parse_usdc, split_over_life, to_decimal, was_rounded
-from ..pricing import Pricing
+from ..pricing import Pricing, capped, earned_bonus
 from ..retries import Backoff
 from . import idempotency, journal, rules, sql
 from .config import LedgerConfig
@@ -386,7 +386,7 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
                 row, freed_hold = self._void_own_hold(conn, row, agent_id, hold_id, now_ms)
             remaining = int(row.remaining_micro)
             base = self._release_base(row, remaining, amount_micro, usage, tokens_in, tokens_out, price)
-            bonus = rules.capped(rules.earned_bonus(
+            bonus = capped(earned_bonus(
                 base, row.bonus_conditions, throughput_tps=tps, quality_score=quality,
                 streak=self._streak(conn, row.seller, now_ms),
                 quality_pct=self.config.quality_bonus_pct, streak_pct=self.config.streak_bonus_pct),

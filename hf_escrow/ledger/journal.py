@@ -55,7 +55,8 @@ def ensure_system_accounts(conn: Connection) -> None:
 
 
 def open_account(conn: Connection, account_id: str, kind: str) -> None:
-    assert kind in ("agent", "escrow"), kind
+    if kind not in ("agent", "escrow"):
+        raise LedgerCorrupted(f"account {account_id} of unknown kind {kind!r}")
     conn.execute(insert(accounts).values(account_id=account_id, kind=kind, balance_micro=0))
 
 
@@ -98,5 +99,6 @@ def balance_micro(conn: Connection, account_id: str) -> int:
                             .where(entries.c.account_id == account_id))
         return int(total)
     stored = conn.scalar(select(accounts.c.balance_micro).where(accounts.c.account_id == account_id))
-    assert stored is None or stored >= 0, (account_id, stored)
+    if stored is not None and stored < 0:
+        raise LedgerCorrupted(f"account {account_id} holds a negative balance: {stored} micro-USDC")
     return int(stored or 0)

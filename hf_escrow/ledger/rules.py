@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
 from .._exceptions import StateConflict, ValidationError
-from ..money import BPS as MAX_BPS, milestone_amounts, percent_of, to_decimal
+from ..money import BPS as MAX_BPS, milestone_amounts, to_decimal
 from ..pricing import MAX_TOKENS_PER_CALL
 
-QUALITY_BONUS_ABOVE = 0.9
 MAX_BONUS_PCT = Decimal(100)
 DAY_MS = 86_400_000
 MAX_TTL_SECONDS = 90 * 86_400
@@ -275,44 +273,11 @@ def check_bonus_conditions(conditions: Any) -> dict | None:
     return {"throughput_tps_min": tps_min, "bonus_pct": str(pct)}
 
 
-@dataclass(frozen=True)
-class Bonus:
-    throughput_micro: int = 0
-    quality_micro: int = 0
-    streak_micro: int = 0
-
-    @property
-    def total_micro(self) -> int:
-        return self.throughput_micro + self.quality_micro + self.streak_micro
-
-
-def earned_bonus(base_micro: int, conditions: dict | None, *, throughput_tps: float | None,
-                 quality_score: float | None, streak: bool, quality_pct: Decimal,
-                 streak_pct: Decimal) -> Bonus:
-    """Bonuses on the base payout: throughput above the minimum, quality > 0.9, the streak."""
-    def pct_of(pct: Decimal) -> int:
-        return percent_of(base_micro, pct)
-
-    throughput = 0
-    if conditions and throughput_tps is not None and throughput_tps > conditions["throughput_tps_min"]:
-        throughput = pct_of(Decimal(conditions["bonus_pct"]))
-    quality = pct_of(quality_pct) if quality_score is not None and quality_score > QUALITY_BONUS_ABOVE else 0
-    return Bonus(throughput, quality, pct_of(streak_pct) if streak else 0)
-
-
 def streak_holds(paid_days: set[int], *, today: int, days: int, cancelled: bool) -> bool:
     """A seller's streak: a paid job on each of the `days` days before today, no cancellation."""
     return not cancelled and all(day in paid_days for day in range(today - days, today))
 
 
-def capped(bonus: Bonus, available_micro: int) -> Bonus:
-    """Cut bonuses to what the escrow has left, in the order throughput, quality, streak."""
-    parts = []
-    for value in (bonus.throughput_micro, bonus.quality_micro, bonus.streak_micro):
-        take = min(value, available_micro)
-        parts.append(take)
-        available_micro -= take
-    return Bonus(*parts)
 
 
 def usage_tokens(usage: Any) -> tuple[int, int]:

@@ -99,6 +99,10 @@ escrows = Table(
         name="ck_escrows_conservation",
     ),
     CheckConstraint("held_micro >= 0", name="ck_escrows_held_nonnegative"),
+    # 0006: on SQLite these two are triggers of the same name (see that migration).
+    CheckConstraint("bonus_micro >= 0 AND bonus_micro <= paid_micro AND fees_micro >= 0 AND fees_micro <= paid_micro "
+                    "AND referral_micro >= 0 AND referral_micro <= fees_micro", name="ck_escrows_split"),
+    CheckConstraint("tokens_in >= 0 AND tokens_out >= 0", name="ck_escrows_tokens_nonnegative"),
     Index("ix_escrows_buyer", "buyer", "created_at_ms"),
     Index("ix_escrows_seller", "seller", "created_at_ms"),
     Index("ix_escrows_seller_closed", "seller", "closed_at_ms"),
@@ -168,6 +172,8 @@ agent_keys = Table(
     Column("revoked_at_ms", BigInteger, nullable=True),
     CheckConstraint("budget_micro > 0 AND refunded_micro >= 0 AND refunded_micro <= locked_micro",
                     name="ck_agent_keys_amounts"),
+    CheckConstraint("locked_micro >= 0 AND (max_escrow_micro IS NULL OR max_escrow_micro > 0)",
+                    name="ck_agent_keys_locked"),   # 0006: a trigger on SQLite
     Index("ix_agent_keys_owner", "owner", "created_at_ms"),
 )
 

@@ -133,6 +133,8 @@ class OpsMiddleware:
             route = getattr(scope.get("route"), "path", None) or UNMATCHED
             answer = _json(seen["body"])
             error = answer.get("error") if seen["status"] >= 400 else None
+            if isinstance(error, dict):    # the gateway's OpenAI shape names our code in `type`
+                error = error.get("type")
             # Only codes of the API's own shape become labels: a relayed upstream text would not be bounded.
             code = error if isinstance(error, str) and _ERROR_CODE.fullmatch(error) else None
             self.metrics.observe(scope["method"], route, seen["status"], seconds, code)

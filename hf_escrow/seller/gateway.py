@@ -138,7 +138,7 @@ def create_gateway(upstream: str, *, escrow: Any, pricing: Any, tokenizer: Any =
     async def escrow_error(request: Request, error: EscrowError) -> JSONResponse:
         if challenge.reason_of(error):
             status, body, headers = (await anyio.to_thread.run_sync(offer)).refusal(error)
-            return JSONResponse(body, status_code=status, headers=headers)
+            return JSONResponse(_challenge_body(body), status_code=status, headers=headers)
         return _error(error.status_code, error.code, error.message, error.details)
 
     @app.get(challenge.WELL_KNOWN_PATH)
@@ -621,14 +621,29 @@ def _json_or_none(raw: bytes | str) -> Any:
 
 
 def _sse_error(error: EscrowError) -> bytes:
-    return f"data: {json.dumps({'error': error.code, 'message': error.message})}\n\n".encode()
+    body = _error_body(error.code, error.message, reason=challenge.reason_of(error))
+    return f"data: {json.dumps(body)}\n\n".encode()
+
+
+def _error_body(code: str, message: str, details: dict | None = None, *, reason: str | None = None) -> dict:
+    """OpenAI's error shape, so that OpenAI clients show the message: `type` is hf-escrow's
+    error code (what `error_for_status` rebuilds the class from), `code` a refusal's payment
+    reason (`hf_escrow.challenge.REASONS`), else the error code again."""
+    error = {"message": message, "type": code, "code": reason or code, "param": None}
+    if details:
+        error["details"] = details
+    return {"error": error}
+
+
+def _challenge_body(body: dict) -> dict:
+    """A 402's challenge in OpenAI's shape: its facts stay at the top (where `challenge.parse`
+    and AutoPay read them, as in the ``X-Escrow-Challenge`` header); its error moves inside."""
+    facts = {k: v for k, v in body.items() if k not in ("error", "message", "details")}
+    return {**facts, **_error_body(body["error"], body["message"], body.get("details"), reason=body["reason"])}
 
 
 def _error(status: int, code: str, message: str, details: dict | None = None) -> JSONResponse:
-    body = {"error": code, "message": message}
-    if details:
-        body["details"] = details
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(_error_body(code, message, details), status_code=status)
 
 
 def _unreachable(error: httpx.HTTPError) -> JSONResponse:

@@ -46,7 +46,6 @@ import base64
 import hashlib
 import os
 import threading
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -317,12 +316,8 @@ def create_shard_app(folder: str | Path, *, escrow: Any = None, price_per_shard:
     def payment_answer(rel: str, escrow_id: str, state: Any) -> dict:
         state = state or gate.escrow.get(escrow_id)
         return {"path": rel, "escrow_id": escrow_id, "price": usdc_number(price_micro),
-                "paid": usdc_number(_micro(state.paid)), "remaining": usdc_number(_micro(state.remaining)),
-                "paid_micro": _micro(state.paid), "remaining_micro": _micro(state.remaining),
+                "paid": usdc_number(state.paid_micro), "remaining": usdc_number(state.remaining_micro),
+                "paid_micro": state.paid_micro, "remaining_micro": state.remaining_micro,
                 "status": state.status}
 
     return app
-
-
-def _micro(amount: Decimal) -> int:
-    return parse_usdc(amount, allow_zero=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .. import challenge
@@ -35,7 +34,7 @@ from .._exceptions import (
 )
 from .._models import Receipt
 from ..challenge import check_token
-from ..money import format_usdc, parse_usdc, to_usdc
+from ..money import format_usdc, to_usdc
 
 if TYPE_CHECKING:
     from .lease import Leases
@@ -200,7 +199,7 @@ class Tab:
         self._seller = seller
         self.hold_id: str = hold.id
         self.escrow_id: str = hold.escrow_id
-        self.held_micro: int = _micro(hold.amount)
+        self.held_micro: int = hold.amount_micro
         self.captured_micro = 0
         self.escrow_open = hold.escrow_status == "active"
         self.closed = False
@@ -255,12 +254,8 @@ class Tab:
             key = f"{self.hold_id}:{'final' if final else self._captures}"
             receipt = self._seller.capture(self.hold_id, to_usdc(amount_micro), final=final, usage=usage,
                                            idempotency_key=key)
-            self.captured_micro += _micro(receipt.gross)
+            self.captured_micro += receipt.gross_micro
             self.escrow_open = receipt.escrow.status == "active"
             self.closed = final or (receipt.hold is not None and receipt.hold.status != "open")
             self.last_receipt = receipt
             return receipt
-
-
-def _micro(amount: Decimal) -> int:
-    return parse_usdc(amount, allow_zero=True)

@@ -7,7 +7,6 @@ transactions are short and blocking by design.
 
 import contextlib
 import os
-from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -20,7 +19,7 @@ from .. import __version__
 from .._exceptions import EscrowError, ValidationError
 from ..ledger import Ledger, audit
 from ..ledger.totals import ping, totals as ledger_totals
-from ..money import to_usdc
+from ..pricing import per_token_price
 from . import bodies
 from .faucet import Faucet, FaucetSettings
 from ..limits import client_key
@@ -309,7 +308,7 @@ def _vllm_routes(ledger: Ledger, Agent) -> APIRouter:
             prompt_tokens = _meta_tokens(meta, "prompt_tokens")
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": body.actual_completion_tokens}
             if price is None and body.amount_usdc is None:
-                price = _sizing_price(escrow["amount_micro"], prompt_tokens, _meta_tokens(meta, "max_completion_tokens"))
+                price = per_token_price(escrow["amount_micro"], prompt_tokens + _meta_tokens(meta, "max_completion_tokens"))
         return receipt_view(ledger.release(
             agent_id, body.escrow_id, body.amount_usdc, usage=usage, price_per_token=price,
             quality_score=body.quality_score, throughput_tps=body.throughput_tps, idempotency_key=idempotency_key))
@@ -429,14 +428,6 @@ def _meta_tokens(meta: dict, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValidationError(f"escrow metadata.{name} must be a whole number of tokens")
     return value
-
-
-def _sizing_price(amount_micro: int, prompt_tokens: int, max_completion_tokens: int) -> Decimal:
-    """The per-token price an escrow was sized with (exact Decimal; the cost is rounded once)."""
-    if prompt_tokens + max_completion_tokens == 0:
-        raise ValidationError("give price_per_token: the escrow's metadata has no prompt_tokens or "
-                              "max_completion_tokens to derive it from")
-    return to_usdc(amount_micro) / (prompt_tokens + max_completion_tokens)
 
 
 def _batch_view(result: dict) -> dict:

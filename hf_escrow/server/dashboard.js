@@ -8,7 +8,11 @@
   const STATUSES = new Set(["active", "released", "cancelled", "expired", "awaiting_verification"]);
   const REFRESH_MS = 5000;
   const $ = (id) => document.getElementById(id);
-  const usdc = (micro) => (Number(micro) / 1e6).toFixed(6);
+  // Integer micro-USDC as "1.500000" by moving the point in its digits: exact, no float scale.
+  const usdc = (micro) => {
+    const n = Math.round(Number(micro) || 0), digits = String(Math.abs(n)).padStart(7, "0");
+    return `${n < 0 ? "-" : ""}${digits.slice(0, -6)}.${digits.slice(-6)}`;
+  };
   let apiKey = null;
   let timer = null;
 
