@@ -50,6 +50,7 @@ from .._exceptions import (
 )
 from ..challenge import check_token
 from ..money import parse_usdc, to_usdc
+from ..pricing import MAX_TOKENS_PER_CALL   # the ledger's limit on one capture's tokens; the rest waits a flush
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,6 @@ DEFAULT_IDLE_S = 5.0
 DEFAULT_WAIT_S = 10.0
 MAX_LEASES = 10_000          # escrows leased at once by one process
 MAX_BATCH = 1_000            # the ledger's capture_many limit
-MAX_ITEM_TOKENS = 10_000_000    # the ledger's limit on the tokens one capture reports; the rest waits a flush
 MAX_OLD_HOLDS = 8            # replaced holds a lease may still be paying off before it renews again
 MAX_GROWTH = 16              # a busy lease holds at most this many times lease_calls
 MIN_ROUND_GAP_S = 0.01       # the least time between two flushes
@@ -494,7 +494,7 @@ class Leases:
         """Fix the capture this segment sends in this flush (a resend keeps its key and amount)."""
         if segment.sending is None and (segment.owed or segment.retiring):
             segment.flushes += 1
-            sent = [min(count, MAX_ITEM_TOKENS) for count in segment.tokens]
+            sent = [min(count, MAX_TOKENS_PER_CALL) for count in segment.tokens]
             segment.sending = (f"{segment.hold_id}:lease:{segment.flushes}", segment.owed, segment.retiring,
                                segment.owed_calls, {"prompt_tokens": sent[0], "completion_tokens": sent[1]})
             segment.owed = segment.owed_calls = 0
@@ -551,7 +551,7 @@ def _tokens(usage: Any) -> tuple[int, int]:
     counts = []
     for name in ("prompt_tokens", "completion_tokens"):
         value = usage.get(name, 0) if isinstance(usage, dict) else None
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_ITEM_TOKENS:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TOKENS_PER_CALL:
             raise ValidationError(f"usage.{name} must be a whole number of tokens, got {value!r}")
         counts.append(value)
     return counts[0], counts[1]
