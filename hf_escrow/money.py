@@ -118,8 +118,12 @@ def format_usdc(micro: int) -> str:
 
 
 def usdc_number(micro: int) -> float:
-    """A JSON number for `micro`; exact when printed, as amounts stay within 15 digits."""
-    return float(to_usdc(micro))
+    """A JSON number for `micro`; exact when printed, as amounts stay within 15 digits.
+
+    Python's int division is correctly rounded, as float() of the exact Decimal is: the
+    same number, for a tenth of the cost (a receipt carries a score of these)."""
+    require(isinstance(micro, int) and not isinstance(micro, bool), f"micro-USDC must be an int, got {micro!r}")
+    return micro / MICRO_PER_USDC
 
 
 def share(amount_micro: int, bps: int) -> int:

@@ -320,6 +320,11 @@ class Ledger(HoldOperations, KeyOperations, MilestoneOperations):
         """The seller takes `amount` out of the remainder for work delivered; fee applies."""
         return self._settle_one(self._deduct_operation(agent_id, escrow_id, amount, reason, usage, idempotency_key))
 
+    def deduct_operation(self, agent_id: str, escrow_id: str, amount: Any, *, reason: str | None = None,
+                         usage: dict | None = None, idempotency_key: str | None = None) -> Operation:
+        """`deduct`'s arguments checked into an operation, for `settle_async`."""
+        return self._deduct_operation(agent_id, escrow_id, amount, reason, usage, idempotency_key)
+
     def deduct_many(self, agent_id: str, items: Any, *, idempotency_key: str | None = None) -> dict:
         """Many deducts in one database transaction; a refused item moves nothing and is reported alone.
 

@@ -19,6 +19,7 @@ These operations are mixed into `Ledger` and use its transaction helpers.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from sqlalchemy import Connection, select, update
@@ -73,6 +74,12 @@ class HoldOperations:
         (the caller must be its buyer or seller). Refused, with nothing reserved, when the
         escrow is not active or its spendable remainder is smaller than `amount`.
         """
+        return self._settle_one(self.hold_operation(agent_id, target, amount, ttl_seconds=ttl_seconds,
+                                                    idempotency_key=idempotency_key))
+
+    def hold_operation(self, agent_id: str, target: Any, amount: Any, *, ttl_seconds: Any = DEFAULT_HOLD_TTL_S,
+                       idempotency_key: str | None = None) -> Operation:
+        """`hold`'s arguments checked into an operation, for `settle_async`."""
         amount_micro = parse_usdc(amount)
         ttl_ms = rules.check_hold_ttl(ttl_seconds, self.config.hold_max_ttl_s)
         by_token = isinstance(target, str) and target.startswith(SPEND_TOKEN_PREFIX)
@@ -81,7 +88,7 @@ class HoldOperations:
         # The request is keyed by the token's hash: a token never reaches a stored row.
         request = {"target": rules.hash_secret(target) if by_token else target, "amount_micro": amount_micro,
                    "ttl_ms": ttl_ms}
-        return self._settle_one(self._operation("hold", agent_id, request, idempotency_key, target))
+        return self._operation("hold", agent_id, request, idempotency_key, target)
 
     def capture(self, agent_id: str, hold_id: str, amount: Any, *, final: bool = False, usage: dict | None = None,
                 idempotency_key: str | None = None) -> dict:
@@ -90,13 +97,23 @@ class HoldOperations:
         `final` frees what is left of the hold. A closed escrow's open hold still captures
         (work already delivered) until the hold expires.
         """
+        return self._settle_one(self.capture_operation(agent_id, hold_id, amount, final=final, usage=usage,
+                                                       idempotency_key=idempotency_key))
+
+    def capture_operation(self, agent_id: str, hold_id: str, amount: Any, *, final: bool = False,
+                          usage: dict | None = None, idempotency_key: str | None = None) -> Operation:
+        """`capture`'s arguments checked into an operation, for `settle_async`."""
         request = _capture_request(hold_id, amount, final, usage)
-        return self._settle_one(self._operation("capture", agent_id, request, idempotency_key, hold_id))
+        return self._operation("capture", agent_id, request, idempotency_key, hold_id)
 
     def void(self, agent_id: str, hold_id: str, *, idempotency_key: str | None = None) -> dict:
         """As the hold's maker: free all of it (the work failed or was not needed)."""
+        return self._settle_one(self.void_operation(agent_id, hold_id, idempotency_key=idempotency_key))
+
+    def void_operation(self, agent_id: str, hold_id: str, *, idempotency_key: str | None = None) -> Operation:
+        """`void`'s arguments checked into an operation, for `settle_async`."""
         request = {"hold_id": hold_id, "amount_micro": 0, "final": True, "usage": [0, 0], "kind": "void"}
-        return self._settle_one(self._operation("void", agent_id, request, idempotency_key, hold_id))
+        return self._operation("void", agent_id, request, idempotency_key, hold_id)
 
     def capture_many(self, agent_id: str, items: Any, *, idempotency_key: str | None = None) -> dict:
         """Many captures in one database transaction; a refused item moves nothing and is reported alone.
@@ -123,9 +140,16 @@ class HoldOperations:
         self._group.submit(op)
         if isinstance(op.error, rules.Expired):
             raise self._expired_now(op.error)
-        if op.error is not None:
-            raise op.error
-        return op.result
+        return _outcome(op)
+
+    async def settle_async(self, op: Operation) -> dict:
+        """A hold, capture, void or deduct operation (`*_operation`) settled for an event loop's
+        caller, as the blocking call would settle it: the loop awaits its commit, and never
+        waits on the database itself (an escrow found expired is settled in a worker thread)."""
+        await self._group.settle_async(op)
+        if isinstance(op.error, rules.Expired):
+            raise await asyncio.to_thread(self._expired_now, op.error)
+        return _outcome(op)
 
     def _settle_many(self, agent_id: str, op: str, operations: list[Operation], key: str | None) -> dict:
         """A caller's batch in one transaction of its own, idempotent under `key` as a whole."""
@@ -282,3 +306,9 @@ def _item_result(op: Operation) -> dict:
     if op.error is not None:
         return refused(op.error)
     return {"ok": True, "receipt": op.result}
+
+
+def _outcome(op: Operation) -> dict:
+    if op.error is not None:
+        raise op.error
+    return op.result

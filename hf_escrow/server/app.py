@@ -1,7 +1,11 @@
 """The HTTP face of the ledger: both seed dialects, the faucet, MCP and health, on one app.
 
-Endpoints are plain `def`s: FastAPI runs them in its thread pool, and the ledger's
-transactions are short and blocking by design.
+Most endpoints are plain `def`s: FastAPI runs them in its thread pool, and the ledger's
+transactions are short and blocking by design. The settlement routes (hold, capture,
+void, deduct), the hot path, are `async`: the event loop hands the operation to the
+ledger's group committer and awaits its commit, with no trip to the thread pool, and
+answers with the JSON it built (`_json`), so that FastAPI's response validation is not
+run again over a dict the ledger built.
 """
 
 
@@ -132,10 +136,11 @@ def _hf_routes(ledger: Ledger, Agent) -> APIRouter:
         return _batch_view(ledger.deduct_many(agent_id, items, idempotency_key=idempotency_key))
 
     @router.post("/escrow/{escrow_id}/deduct")
-    def deduct(escrow_id: str, body: bodies.Deduct, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
+    async def deduct(escrow_id: str, body: bodies.Deduct, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
         """As the seller: take `amount_usdc` for work delivered."""
-        return receipt_view(ledger.deduct(agent_id, escrow_id, body.amount_usdc, reason=body.reason,
-                                          usage=_usage(body.usage), idempotency_key=idempotency_key))
+        return _json(receipt_view(await ledger.settle_async(ledger.deduct_operation(
+            agent_id, escrow_id, body.amount_usdc, reason=body.reason, usage=_usage(body.usage),
+            idempotency_key=idempotency_key))))
 
     @router.post("/escrow/{escrow_id}/release")
     def release(escrow_id: str, body: bodies.Release, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
@@ -203,18 +208,21 @@ def _hold_routes(ledger: Ledger, Agent) -> APIRouter:
         """As the buyer: revoke every spend token of the escrow at once."""
         return ledger.revoke_spend_tokens(agent_id, escrow_id)
 
+    async def hold(agent_id: str, target: str, body: bodies.HoldByEscrow, idempotency_key: str | None) -> Response:
+        return _json(with_usdc(await ledger.settle_async(ledger.hold_operation(
+            agent_id, target, body.amount_usdc, ttl_seconds=body.ttl_seconds, idempotency_key=idempotency_key))),
+            status_code=201)
+
     @router.post("/holds", status_code=201)
-    def hold_by_token(body: bodies.HoldByToken, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
+    async def hold_by_token(body: bodies.HoldByToken, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
         """As the escrow's seller: reserve `amount_usdc` of the escrow the spend token opens."""
-        return with_usdc(ledger.hold(agent_id, body.spend_token, body.amount_usdc, ttl_seconds=body.ttl_seconds,
-                                     idempotency_key=idempotency_key))
+        return await hold(agent_id, body.spend_token, body, idempotency_key)
 
     @router.post("/escrow/{escrow_id:path}/holds", status_code=201)
-    def hold_by_escrow(escrow_id: str, body: bodies.HoldByEscrow, agent_id: Agent,
-                       idempotency_key: KeyHeader = None) -> dict:
+    async def hold_by_escrow(escrow_id: str, body: bodies.HoldByEscrow, agent_id: Agent,
+                             idempotency_key: KeyHeader = None) -> dict:
         """As buyer or seller: reserve `amount_usdc` of the escrow's remainder."""
-        return with_usdc(ledger.hold(agent_id, escrow_id, body.amount_usdc, ttl_seconds=body.ttl_seconds,
-                                     idempotency_key=idempotency_key))
+        return await hold(agent_id, escrow_id, body, idempotency_key)
 
     @router.get("/escrow/{escrow_id:path}/holds")
     def escrow_holds(escrow_id: str, agent_id: Agent) -> list[dict]:
@@ -234,15 +242,17 @@ def _hold_routes(ledger: Ledger, Agent) -> APIRouter:
         return with_usdc(ledger.get_hold(agent_id, hold_id))
 
     @router.post("/holds/{hold_id:path}/capture")
-    def capture(hold_id: str, body: bodies.Capture, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
+    async def capture(hold_id: str, body: bodies.Capture, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
         """As the hold's maker: pay the seller `amount_usdc` out of the hold; `final` frees the rest."""
-        return receipt_view(ledger.capture(agent_id, hold_id, body.amount_usdc, final=body.final,
-                                           usage=_usage(body.usage), idempotency_key=idempotency_key))
+        return _json(receipt_view(await ledger.settle_async(ledger.capture_operation(
+            agent_id, hold_id, body.amount_usdc, final=body.final, usage=_usage(body.usage),
+            idempotency_key=idempotency_key))))
 
     @router.post("/holds/{hold_id:path}/void")
-    def void(hold_id: str, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
+    async def void(hold_id: str, agent_id: Agent, idempotency_key: KeyHeader = None) -> dict:
         """As the hold's maker: free the hold's open part back to the escrow."""
-        return receipt_view(ledger.void(agent_id, hold_id, idempotency_key=idempotency_key))
+        return _json(receipt_view(await ledger.settle_async(ledger.void_operation(
+            agent_id, hold_id, idempotency_key=idempotency_key))))
 
     return router
 
@@ -433,6 +443,11 @@ def _meta_tokens(meta: dict, name: str) -> int:
 def _batch_view(result: dict) -> dict:
     """A batch's answer: each item's receipt as a single call's, or its error alone."""
     return {"results": [dict(r, receipt=receipt_view(r["receipt"])) if r.get("ok") else r for r in result["results"]]}
+
+
+def _json(data: dict, status_code: int = 200) -> JSONResponse:
+    """`data` as FastAPI would answer it from the route (the same encoder), less its validation pass."""
+    return JSONResponse(data, status_code=status_code)
 
 
 def _usage(usage: bodies.Usage | None) -> dict | None:
