@@ -89,6 +89,19 @@ def _isolated_home(tmp_path_factory, monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _close_embedded_ledgers():
+    """The process-wide embedded ledgers a test opened (`connect(database_url=...)`) are closed
+    after it, so that a long run does not pile up SQLite descriptors from finished tests."""
+    from hf_escrow import client
+    before = set(client._LEDGERS)
+    yield
+    with client._LEDGERS_LOCK:
+        opened = [client._LEDGERS.pop(url) for url in set(client._LEDGERS) - before]
+    for ledger in opened:
+        ledger.close()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A random 1-layer chat model, built once for the session."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import select
+import selectors
 import socket
 import subprocess
 import sys
@@ -68,10 +68,13 @@ def _raw_request(port: int, head: bytes, body_chunks=()) -> tuple[bytes, int]:
     """Send a request over a plain socket, chunk after chunk until an answer is there to
     read; returns (the answer, body bytes sent before it came)."""
     sent = 0
-    with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S) as sock:
+    # selectors, not select.select: a long test run may hold descriptors above select()'s 1024
+    with socket.create_connection(("127.0.0.1", port), timeout=SOCKET_TIMEOUT_S) as sock, \
+            selectors.DefaultSelector() as answered:
+        answered.register(sock, selectors.EVENT_READ)
         sock.sendall(head)
         for chunk in body_chunks:
-            if select.select([sock], [], [], 0)[0]:
+            if answered.select(0):
                 break
             try:
                 sock.sendall(chunk)
