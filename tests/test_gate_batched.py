@@ -13,30 +13,23 @@ from decimal import Decimal
 
 import pytest
 
-import hf_escrow
 from hf_escrow import Forbidden, InsufficientFunds, StateConflict, ValidationError
-from hf_escrow.client import embedded_ledger
 from hf_escrow.gate import Gate
 
 from .helpers import assert_audit_clean
 from .liveserver import free_port
+from .test_gate import World as GateWorld, counted
 
 PRICE = Decimal("0.001")
 NEVER_MS = 3_600_000     # flushes are made by hand (or by close)
 
 
-class World:
-    def __init__(self, url: str):
-        self.ledger = embedded_ledger(url)
-        self.seller = hf_escrow.connect(agent="seller", database_url=url)
-        self.seller.register()
-        self.buyer = hf_escrow.connect(agent="buyer", database_url=url)
-        self.buyer.register()
-        self.ledger.deposit("buyer", "10")
-        self.gate = Gate(self.seller, lease_calls=16, flush_ms=NEVER_MS)
+class World(GateWorld):
+    """test_gate's world, its gate on the batched path."""
 
-    def escrow(self, amount: str):
-        return self.buyer.create_escrow("seller", amount, ttl_seconds=600)
+    def __init__(self, url: str):
+        super().__init__(url)
+        self.gate = Gate(self.seller, lease_calls=16, flush_ms=NEVER_MS)
 
 
 @pytest.fixture
@@ -53,21 +46,9 @@ def any_world(db_url):
     world.gate.close()
 
 
-def shouting(world: World, **options):
-    runs = []
-
-    @world.gate.paid(price=PRICE, **options)
-    def shout(text: str) -> str:
-        runs.append(text)
-        if text == "boom":
-            raise ValueError("model crashed")
-        return text.upper()
-    return shout, runs
-
-
 def test_calls_are_paid_by_the_lease_once_each_and_the_rest_freed(any_world):
     world = any_world
-    shout, runs = shouting(world, with_receipt=True)
+    shout, runs = counted(world, with_receipt=True)
     e = world.escrow("0.050")
     answer, receipt = shout("hi", request={"X-Escrow-Token": e.spend_token})
     assert answer == "HI" and receipt["charged_usdc"] == "0.001000" and receipt["settled"] is False
@@ -89,7 +70,7 @@ def test_calls_are_paid_by_the_lease_once_each_and_the_rest_freed(any_world):
 
 
 def test_a_revoke_or_a_cancel_stops_calls_after_one_flush(world):
-    shout, runs = shouting(world)
+    shout, runs = counted(world)
     revoked, cancelled = world.escrow("0.050"), world.escrow("0.050")
     for e in (revoked, cancelled):
         shout("a", request={"X-Escrow-Token": e.spend_token})
@@ -108,7 +89,7 @@ def test_a_revoke_or_a_cancel_stops_calls_after_one_flush(world):
 
 
 def test_an_escrow_too_small_refuses_with_the_price(world):
-    shout, runs = shouting(world)
+    shout, runs = counted(world)
     e = world.escrow("0.002")
     for _ in range(2):
         shout("a", request={"X-Escrow-Token": e.spend_token})

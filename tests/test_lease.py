@@ -21,33 +21,22 @@ from pathlib import Path
 
 import pytest
 
-import hf_escrow
 from hf_escrow import Forbidden, InsufficientFunds, StateConflict, TransportError
 from hf_escrow import challenge
-from hf_escrow.client import embedded_ledger
 from hf_escrow.ledger.schema import holds
 from hf_escrow.seller.till import Till
 from sqlalchemy import func, select
 
 from . import lease_workers
 from .helpers import assert_audit_clean
+from .test_gate import World as GateWorld
 
 WORST = 1_000            # micro-USDC: a call's worst case in these tests
 NEVER_MS = 3_600_000     # a flush timer that never fires during a test: flushes are made by hand
 
 
-class World:
-    def __init__(self, url: str):
-        self.url = url
-        self.ledger = embedded_ledger(url)
-        self.seller = hf_escrow.connect(agent="seller", database_url=url)
-        self.seller.register()
-        self.buyer = hf_escrow.connect(agent="buyer", database_url=url)
-        self.buyer.register()
-        self.ledger.deposit("buyer", "10")
-
-    def escrow(self, amount: str = "1"):
-        return self.buyer.create_escrow("seller", amount, ttl_seconds=600)
+class World(GateWorld):
+    """test_gate's world: a seller, a funded buyer, escrows of the amount asked."""
 
     def paid_micro(self, escrow_id: str) -> int:
         return self.ledger.get("buyer", escrow_id)["paid_micro"]
