@@ -49,7 +49,7 @@ from .._exceptions import (
     EscrowError, Forbidden, InsufficientFunds, RateLimited, StateConflict, ValidationError,
 )
 from ..challenge import check_token
-from ..money import parse_usdc, to_usdc
+from ..money import to_usdc
 from ..pricing import MAX_TOKENS_PER_CALL   # the ledger's limit on one capture's tokens; the rest waits a flush
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class _Segment:
 
     def __init__(self, hold: Any):
         self.hold_id: str = hold.id
-        self.amount = parse_usdc(hold.amount)
+        self.amount = hold.amount_micro
         self.captured = 0           # confirmed by the ledger
         self.owed = 0               # delivered, not yet in a capture
         self.owed_calls = 0
@@ -527,7 +527,7 @@ class Leases:
                 lease.refusal = result.error
             return
         receipt = result.receipt
-        segment.captured += parse_usdc(receipt.gross, allow_zero=True)
+        segment.captured += receipt.gross_micro
         if receipt.escrow.status != "active" and lease.refusal is None:
             from .till import _refused
             lease.refusal = _refused(StateConflict(f"escrow {lease.escrow_id} is {receipt.escrow.status}; "
