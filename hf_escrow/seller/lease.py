@@ -51,6 +51,7 @@ from .._exceptions import (
 from ..challenge import check_token
 from ..money import to_usdc
 from ..pricing import MAX_TOKENS_PER_CALL   # the ledger's limit on one capture's tokens; the rest waits a flush
+from .till import _refused, _too_little   # a lease refuses as the till's tab does
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +302,6 @@ class Leases:
 
     def _hold(self, token: str, amount: int, least: int, what: str) -> Any:
         """A hold of `amount`, or of what the escrow has free when that still covers `least`."""
-        from .till import _refused, _too_little
         try:
             self._counted()
             return self.seller.hold(token, to_usdc(amount), ttl_seconds=self.till.hold_ttl_s)
@@ -529,7 +529,6 @@ class Leases:
         receipt = result.receipt
         segment.captured += receipt.gross_micro
         if receipt.escrow.status != "active" and lease.refusal is None:
-            from .till import _refused
             lease.refusal = _refused(StateConflict(f"escrow {lease.escrow_id} is {receipt.escrow.status}; "
                                                    "it pays for no new call"))
         if final or (receipt.hold is not None and receipt.hold.status != "open"):
