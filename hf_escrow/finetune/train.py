@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -275,6 +276,23 @@ def _arguments(spec: JobSpec, output_dir: Path, **extra: Any):
         logging_steps=max(1, min(25, t.max_steps if t.max_steps > 0 else 25)), **extra)
 
 
+# accelerate keeps one process-wide state that each new Trainer resets: a Trainer made while
+# another one runs (a verifier scoring in the process where a seller trains, as the notebooks
+# do) breaks the running one mid-step. One Trainer at a time; a training lets go of its turn
+# while it hands a stage out, since the stage's buyer may be verifying the last one.
+_ONE_TRAINER = threading.Lock()
+
+
+def _letting_go(on_stage: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    def hand_out(stage: Any) -> bool:
+        _ONE_TRAINER.release()
+        try:
+            return on_stage(stage)
+        finally:
+            _ONE_TRAINER.acquire()
+    return hand_out
+
+
 def train_adapter(spec: JobSpec, output_dir: str | Path, *, train_path: str | Path | None = None,
                   base_model: str | Path | None = None, progress: Any = None, log: Log | None = None,
                   on_stage: Callable[[Stage], bool] | None = None) -> TrainResult:
@@ -290,9 +308,9 @@ def train_adapter(spec: JobSpec, output_dir: str | Path, *, train_path: str | Pa
         >>> result.score, result.sha256[:8]                                   # doctest: +SKIP
         (0.99, '3b1f0c2e')
     """
-    with cpu_threads(spec.training.threads):
+    with _ONE_TRAINER, cpu_threads(spec.training.threads):
         return _train(spec, Path(output_dir), train_path, base_model, progress, log or (lambda message: None),
-                      on_stage)
+                      on_stage and _letting_go(on_stage))
 
 
 def _train(spec: JobSpec, output_dir: Path, train_path: str | Path | None, base_model: str | Path | None,
@@ -365,7 +383,7 @@ def evaluate_adapter(spec: JobSpec, adapter_dir: str | Path, data_path: str | Pa
         >>> evaluate_adapter(spec, "runs/esc_1/adapter", "jobs/data/held_out.jsonl").score   # doctest: +SKIP
         0.9875
     """
-    with cpu_threads(spec.training.threads):
+    with _ONE_TRAINER, cpu_threads(spec.training.threads):
         return _evaluate(spec, Path(adapter_dir), Path(data_path), base_model, log or (lambda message: None))
 
 
