@@ -8,7 +8,9 @@ On PostgreSQL it also drives `hf-escrow serve --workers 1/2/4` with the same HTT
 A capture is timed on a hold made beforehand (the work's price known at the end). The
 ceilings are measured in the same run: raw SQLite commits/s (one INSERT per commit, WAL,
 synchronous=FULL, same file system) and `pgbench -N` on a scratch database created for
-the run and dropped after it. Every loop is bounded in count; the whole run takes a
+the run and dropped after it. The floors (`floors.py`) say where a capture's time goes:
+its SQL with no Python around it, its CPU with no fsync, a request that runs no route, and
+the event loop's hop to the committer thread. Every loop is bounded in count; the whole run takes a
 couple of minutes on two cores.
 """
 
@@ -29,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _table import median, show  # noqa: E402
+from floors import http_floor_ms, loop_hop_ms, replayed_sql_per_s, unsynced_captures_per_s  # noqa: E402
 from ledger import fresh_pg, raw_sqlite_commits_per_s  # noqa: E402
 
 import hf_escrow  # noqa: E402
@@ -129,7 +132,8 @@ def http_figures(db: str, ledger: Ledger, seller: str, key: str, token: str, cap
             client.capture(hold_id, "0.0005", final=True)
             latencies.append((time.perf_counter() - t) * 1000)
         client.close()
-        return {"rate": http_rate(url, ledger, seller, key, token, captures, clients), "p50_ms": median(latencies)}
+        return {"rate": http_rate(url, ledger, seller, key, token, captures, clients), "p50_ms": median(latencies),
+                "floor_ms": http_floor_ms(url, min(captures, 200))}
     finally:
         proc.terminate()
         proc.wait(10)
@@ -211,7 +215,10 @@ def main() -> None:
         grouped = threaded(lambda n, h: ledger.capture(seller, h, "0.0005", final=True), holds, THREADS)
         per_tx = args.captures / max(1, ledger._group.transactions - grouped_before)
         http = http_figures(db, ledger, seller, keys[seller], token, args.http_captures, args.http_clients)
+        blocking_ms, awaited_ms = loop_hop_ms(ledger, seller, make_holds(ledger, seller, token, args.captures))
         ledger.close()
+        replayed, statements = replayed_sql_per_s(Path(tmp), args.captures)
+        unsynced = unsynced_captures_per_s(Path(tmp), args.captures)
     embedded_p50 = median(latencies)
     rows += [
         ("raw SQLite commits/s (WAL, synchronous=FULL)", f"{raw:.0f}", "the SQLite ceiling"),
@@ -226,6 +233,13 @@ def main() -> None:
         ("  / embedded single captures/s", ratio(http["rate"], single), "goal >= 0.5"),
         ("HTTP capture p50 (ms), one client", f"{http['p50_ms']:.2f}", ""),
         ("  HTTP added latency over embedded, p50 (ms)", f"{http['p50_ms'] - embedded_p50:.2f}", "goal <= 1 ms"),
+        ("floor: a capture's own SQL replayed by bare sqlite3, commits/s", f"{replayed:.0f}",
+         f"{statements} statements; {ratio(replayed, raw)} of raw: no Python at all"),
+        ("floor: embedded single captures/s, fsync off", f"{unsynced:.0f}",
+         f"{1e6 / unsynced:.0f} us of CPU a capture"),
+        ("floor: GET /healthz p50 (ms), same client and server", f"{http['floor_ms']:.2f}", "before any route runs"),
+        ("floor: capture awaited on the event loop, p50 (ms)", f"{awaited_ms:.2f}",
+         f"+{awaited_ms - blocking_ms:.2f} over blocking: the committer thread's hop"),
     ]
     pg = fresh_pg("")
     if pg:
