@@ -21,13 +21,15 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
-import statistics
 import time
 from pathlib import Path
 from typing import Callable
 
 import httpx
 from sqlalchemy import event
+
+from _table import median
+from ledger import setup_pair
 
 from hf_escrow.ledger import Ledger
 
@@ -41,23 +43,14 @@ def p50_ms(fn: Callable[[], object], count: int) -> float:
         start = time.perf_counter()
         fn()
         latencies.append((time.perf_counter() - start) * 1000)
-    return statistics.median(latencies)
+    return median(latencies)
 
 
 def _funded(ledger: Ledger, tag: str, count: int) -> tuple[str, list[str]]:
-    buyer, seller = f"buyer-{tag}", f"seller-{tag}"
-    for name in (buyer, seller):
-        ledger.register(name)
-    ledger.deposit(buyer, "100")
-    token = ledger.create_escrow(buyer, seller, "90", ttl_seconds=3600)["spend_token"]
+    """A seller and `count` holds of 0.001 USDC on one escrow."""
+    buyer, seller = setup_pair(ledger, tag, count)
+    token = ledger.create_escrow(buyer, seller, str(count), ttl_seconds=3600)["spend_token"]
     return seller, [ledger.hold(seller, token, "0.001", ttl_seconds=600)["id"] for _ in range(count)]
-
-
-def _drop_connections(ledger: Ledger) -> None:
-    """Close every connection the ledger holds, so that the next ones pass the listeners added since."""
-    ledger._writer.close()
-    ledger._reader.close()
-    ledger.engine.dispose()
 
 
 def _traced(ledger: Ledger, run: Callable[[], None]) -> list[list[str]]:
@@ -67,17 +60,20 @@ def _traced(ledger: Ledger, run: Callable[[], None]) -> list[list[str]]:
     right after it: a repeat of the statement just before is one of those and is dropped."""
     statements: list[str] = []
 
+    def keep(text: str) -> None:
+        if len(statements) < MAX_TRACED_STATEMENTS:
+            statements.append(text)
+
     def on_connect(dbapi_connection, _record):
-        dbapi_connection.set_trace_callback(
-            lambda text: len(statements) < MAX_TRACED_STATEMENTS and statements.append(text))
+        dbapi_connection.set_trace_callback(keep)
 
     event.listen(ledger.engine, "connect", on_connect)
-    _drop_connections(ledger)
+    ledger.close()  # the next connections pass the listener
     try:
         run()
     finally:
         event.remove(ledger.engine, "connect", on_connect)
-        _drop_connections(ledger)
+        ledger.close()  # the traced connections go: nothing after this is traced
     transactions, current, previous = [], None, None
     for text in statements:
         if text.startswith("BEGIN IMMEDIATE"):
@@ -96,7 +92,7 @@ def replayed_sql_per_s(tmp: Path, count: int) -> tuple[float, int]:
     source, copy = tmp / "traced.db", tmp / "replayed.db"
     ledger = Ledger(f"sqlite:///{source}")
     seller, holds = _funded(ledger, "traced", count)
-    _drop_connections(ledger)  # the last close checkpoints: the file alone is the database
+    ledger.close()  # the last close checkpoints: the file alone is the database (the ledger reopens on use)
     shutil.copy(source, copy)
     transactions = _traced(ledger, lambda: [ledger.capture(seller, hold_id, "0.0005", final=True)
                                             for hold_id in holds])
@@ -122,7 +118,7 @@ def unsynced_captures_per_s(tmp: Path, count: int) -> float:
     ledger = Ledger(f"sqlite:///{tmp / 'unsynced.db'}")
     event.listen(ledger.engine, "connect", lambda dbapi_connection, _: dbapi_connection.execute(
         "PRAGMA synchronous=OFF"))
-    _drop_connections(ledger)
+    ledger.close()  # the next connections pass the listener
     seller, holds = _funded(ledger, "unsynced", count)
     start = time.perf_counter()
     for hold_id in holds:
@@ -134,8 +130,8 @@ def unsynced_captures_per_s(tmp: Path, count: int) -> float:
 
 def loop_hop_ms(ledger: Ledger, seller: str, holds: list[str]) -> tuple[float, float]:
     """(blocking capture p50, capture awaited on an event loop p50), on alternate holds."""
-    blocking, awaited = holds[0::2], holds[1::2]
-    blocking_ms = p50_ms(lambda: ledger.capture(seller, blocking.pop(), "0.0005", final=True), len(blocking))
+    blocking, awaited = iter(holds[0::2]), holds[1::2]
+    blocking_ms = p50_ms(lambda: ledger.capture(seller, next(blocking), "0.0005", final=True), len(holds[0::2]))
 
     async def on_loop() -> float:
         latencies = []
@@ -143,7 +139,7 @@ def loop_hop_ms(ledger: Ledger, seller: str, holds: list[str]) -> tuple[float, f
             start = time.perf_counter()
             await ledger.settle_async(ledger.capture_operation(seller, hold_id, "0.0005", final=True))
             latencies.append((time.perf_counter() - start) * 1000)
-        return statistics.median(latencies)
+        return median(latencies)
 
     try:
         import uvloop  # as `hf-escrow serve` runs its loop, where installed
